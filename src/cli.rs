@@ -1,0 +1,407 @@
+//! The command line: parse, dispatch, print. Decisions belong to the library modules; this file
+//! turns their results into text, JSON and exit codes.
+
+use crate::clock::{now_ms, now_secs, rfc3339, short_duration};
+use crate::config::{self, Config, ConfigError, Credential};
+use crate::provider::{self, HttpClient};
+use crate::redact::fingerprint;
+use crate::refresh::{self, Outcome, RefreshError, SkipReason};
+use crate::schedule;
+use crate::sink;
+use crate::store::{Status, Store, StoreError, TokenState};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Exit codes, documented in README "Exit codes". Stable: scripts branch on them.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Anything else that went wrong: database, files, I/O.
+    pub const FAILURE: u8 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// The configuration file is invalid.
+    pub const CONFIG: u8 = 3;
+    /// No such credential in the configuration, or no token stored for it yet.
+    pub const UNKNOWN: u8 = 4;
+    /// The credential needs re-authorization (the provider rejected its grant).
+    pub const NEEDS_REAUTH: u8 = 5;
+    /// The stored access token has expired.
+    pub const EXPIRED: u8 = 6;
+    /// A temporary failure (provider down, rate limited, answer rejected, busy): try again later.
+    pub const TEMPORARY: u8 = 7;
+}
+
+/// Longest stdin `tokend import` reads; a token answer is a few hundred bytes.
+const MAX_IMPORT_BYTES: u64 = 1024 * 1024;
+
+#[derive(Parser, Debug)]
+#[command(name = "tokend", version, about = "Keeps OAuth 2.0 tokens fresh and never loses a rotated refresh token")]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, short = 'c', env = "TOKEND_CONFIG", global = true, default_value = "/etc/tokend/tokend.toml")]
+    pub config: PathBuf,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it with a full filter.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate the configuration (and every secret it names); exit 3 naming each problem.
+    Check,
+    /// Store a token-endpoint JSON answer read from stdin (e.g. what curl printed at first authorization).
+    Import {
+        name: String,
+        /// When the answer was issued (unix seconds or RFC 3339), if it has no created_at and was not just obtained.
+        #[arg(long)]
+        issued_at: Option<String>,
+    },
+    /// Show every credential: status, expiry, next refresh, generation, last error.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the current access token; exit non-zero (and say why) if it is expired or needs re-authorization.
+    Show { name: String },
+    /// Refresh a credential now, under its lease, and update its sinks.
+    Refresh { name: String },
+    /// Forget a credential's stored token and remove its sink files.
+    Remove { name: String },
+}
+
+/// An error for the user: one line and an exit code.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        CliError::new(exit::CONFIG, e.to_string())
+    }
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        CliError::new(exit::FAILURE, e.to_string())
+    }
+}
+
+impl From<RefreshError> for CliError {
+    fn from(e: RefreshError) -> Self {
+        let code = match e {
+            RefreshError::Busy { .. } => exit::TEMPORARY,
+            _ => exit::FAILURE,
+        };
+        CliError::new(code, e.to_string())
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Check => check(&cli.config),
+        Command::Import { name, issued_at } => import(&config::load(&cli.config)?, &name, issued_at.as_deref()),
+        Command::List { json } => list(&config::load(&cli.config)?, json),
+        Command::Show { name } => show(&config::load(&cli.config)?, &name),
+        Command::Refresh { name } => refresh_now(&config::load(&cli.config)?, &name).await,
+        Command::Remove { name } => remove(&config::load(&cli.config)?, &name),
+    }
+}
+
+fn check(path: &std::path::Path) -> Result<(), CliError> {
+    let config = config::load(path)?;
+    println!(
+        "{}: ok, {} credential(s), database {}",
+        path.display(),
+        config.credentials.len(),
+        config.daemon.database.display()
+    );
+    for c in &config.credentials {
+        let sinks: Vec<String> =
+            c.sinks.iter().map(|s| format!("{} ({})", s.path.display(), s.format.as_str())).collect();
+        println!(
+            "  {} [{}] {} sinks: {}",
+            c.name,
+            c.provider(),
+            c.endpoint.token_url,
+            if sinks.is_empty() { "none".to_string() } else { sinks.join(", ") }
+        );
+    }
+    Ok(())
+}
+
+fn credential<'a>(config: &'a Config, name: &str) -> Result<&'a Credential, CliError> {
+    config
+        .credential(name)
+        .ok_or_else(|| CliError::new(exit::UNKNOWN, format!("no credential \"{name}\" in {}", config.path.display())))
+}
+
+fn open_store(config: &Config) -> Result<Store, CliError> {
+    Ok(Store::open(&config.daemon.database)?)
+}
+
+fn import(config: &Config, name: &str, issued_at: Option<&str>) -> Result<(), CliError> {
+    let cred = credential(config, name)?;
+    let mut input = Vec::new();
+    std::io::stdin()
+        .take(MAX_IMPORT_BYTES + 1)
+        .read_to_end(&mut input)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read stdin: {e}")))?;
+    if input.len() as u64 > MAX_IMPORT_BYTES {
+        return Err(CliError::new(
+            exit::FAILURE,
+            format!("stdin: more than {MAX_IMPORT_BYTES} bytes; expected one token answer"),
+        ));
+    }
+    let answer = provider::parse_token_json(&input).map_err(|e| CliError::new(exit::FAILURE, format!("stdin: {e}")))?;
+    let issued = match issued_at {
+        None => now_secs(),
+        Some(t) => parse_time(t).ok_or_else(|| {
+            CliError::new(exit::USAGE, format!("--issued-at \"{t}\" is neither unix seconds nor an RFC 3339 time"))
+        })?,
+    };
+    if answer.created_at.is_none() && issued_at.is_none() {
+        tracing::info!(
+            credential = name,
+            "answer has no created_at; taking now as its issue time (use --issued-at if it is older)"
+        );
+    }
+    let token = refresh::new_token(&answer, issued, name);
+    let state = open_store(config)?.import(name, cred.provider().as_str(), &token, now_secs())?;
+    refresh::write_sinks(cred, &state);
+    println!(
+        "imported {name}: generation {}, access token {}, {}, {}",
+        state.generation,
+        fingerprint(state.access_token.expose()),
+        match state.expires_at {
+            Some(t) => format!("expires {}", rfc3339(t)),
+            None => "no expiry".to_string(),
+        },
+        if state.refresh_token.is_some() { "refresh token stored" } else { "no refresh token" },
+    );
+    Ok(())
+}
+
+fn parse_time(t: &str) -> Option<i64> {
+    if let Ok(n) = t.trim().parse::<i64>() {
+        return Some(n);
+    }
+    let when = humantime::parse_rfc3339_weak(t.trim()).ok()?;
+    i64::try_from(when.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs()).ok()
+}
+
+/// One row of `tokend list`.
+#[derive(serde::Serialize)]
+struct Row {
+    name: String,
+    provider: String,
+    status: String,
+    expires_at: Option<String>,
+    expires_in_secs: Option<i64>,
+    next_refresh_at: Option<String>,
+    generation: Option<i64>,
+    attempts_in_flight: i64,
+    last_error: Option<String>,
+}
+
+/// When `state` is next due under `cred`'s policy, in unix ms; `None` when it is never refreshed.
+pub fn next_refresh_ms(cred: Option<&Credential>, state: &TokenState) -> Option<i64> {
+    if state.status == Status::NeedsReauth {
+        return None;
+    }
+    let expires_at = state.expires_at?;
+    let policy = cred.map_or(schedule::RefreshAt::Default, |c| c.refresh_at);
+    Some(schedule::due_at_ms(
+        state.created_at,
+        expires_at,
+        policy,
+        schedule::jitter_unit(&state.name, state.generation),
+    ))
+}
+
+fn display_status(state: &TokenState, now: i64) -> &'static str {
+    match (state.status, state.expires_at) {
+        (Status::NeedsReauth, _) => "needs_reauth",
+        (Status::Active, Some(t)) if t <= now => "expired",
+        (Status::Active, _) => "active",
+    }
+}
+
+fn list(config: &Config, json: bool) -> Result<(), CliError> {
+    let store = open_store(config)?;
+    let states = store.list()?;
+    let now = now_secs();
+    let mut rows = Vec::new();
+    for cred in &config.credentials {
+        let row = match states.iter().find(|s| s.name == cred.name) {
+            Some(state) => row_for(Some(cred), state, now),
+            None => Row {
+                name: cred.name.clone(),
+                provider: cred.provider().to_string(),
+                status: "no_token".into(),
+                expires_at: None,
+                expires_in_secs: None,
+                next_refresh_at: None,
+                generation: None,
+                attempts_in_flight: 0,
+                last_error: None,
+            },
+        };
+        rows.push(row);
+    }
+    for state in states.iter().filter(|s| config.credential(&s.name).is_none()) {
+        let mut row = row_for(None, state, now);
+        row.status = "not_in_config".into();
+        rows.push(row);
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+        println!("{text}");
+        return Ok(());
+    }
+    let table: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.provider.clone(),
+                r.status.clone(),
+                r.expires_in_secs.map_or("-".into(), short_duration),
+                r.next_refresh_at.clone().unwrap_or_else(|| "-".into()),
+                r.generation.map_or("-".into(), |g| g.to_string()),
+                r.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "PROVIDER", "STATUS", "EXPIRES IN", "NEXT REFRESH", "GEN", "LAST ERROR"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &table {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for r in std::iter::once(&header).chain(&table) {
+        let cells: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+fn row_for(cred: Option<&Credential>, state: &TokenState, now: i64) -> Row {
+    Row {
+        name: state.name.clone(),
+        provider: state.provider.clone(),
+        status: display_status(state, now).into(),
+        expires_at: state.expires_at.map(rfc3339),
+        expires_in_secs: state.expires_at.map(|t| t - now),
+        next_refresh_at: match next_refresh_ms(cred, state) {
+            Some(ms) => Some(rfc3339(ms.div_euclid(1000))),
+            None if state.status == Status::Active && state.expires_at.is_none() => Some("never".into()),
+            None => None,
+        },
+        generation: Some(state.generation),
+        attempts_in_flight: state.attempts_in_flight,
+        last_error: state.last_error.clone(),
+    }
+}
+
+fn show(config: &Config, name: &str) -> Result<(), CliError> {
+    credential(config, name)?;
+    let state = open_store(config)?.get(name)?.ok_or_else(|| {
+        CliError::new(exit::UNKNOWN, format!("no token stored for {name}; run `tokend import {name}` first"))
+    })?;
+    if state.status == Status::NeedsReauth {
+        return Err(CliError::new(
+            exit::NEEDS_REAUTH,
+            format!(
+                "{name} needs re-authorization: {}",
+                state.last_error.as_deref().unwrap_or("the provider rejected its grant")
+            ),
+        ));
+    }
+    if let Some(t) = state.expires_at.filter(|t| *t <= now_secs()) {
+        return Err(CliError::new(exit::EXPIRED, format!("{name}: access token expired at {}", rfc3339(t))));
+    }
+    println!("{}", state.access_token.expose());
+    Ok(())
+}
+
+async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
+    let cred = credential(config, name)?;
+    let http = HttpClient::new(config.daemon.http).map_err(|e| CliError::new(exit::FAILURE, e))?;
+    let store = Mutex::new(open_store(config)?);
+    let generation =
+        store.lock().map_err(|_| CliError::new(exit::FAILURE, "store lock poisoned"))?.get(name)?.map(|s| s.generation);
+    // Wait as long as another holder may legitimately keep the lease, then a little more.
+    let lease_wait = config.daemon.http.total_timeout + Duration::from_secs(35);
+    let started = now_ms();
+    match refresh::refresh(&store, &http, cred, generation, lease_wait).await? {
+        Outcome::Refreshed { state, .. } => {
+            println!(
+                "refreshed {name}: generation {}, expires {}, took {} ms",
+                state.generation,
+                state.expires_at.map_or("never".into(), rfc3339),
+                now_ms() - started
+            );
+            Ok(())
+        }
+        Outcome::AlreadyRefreshed(state) => {
+            println!("{name} was refreshed by another process meanwhile: generation {}", state.generation);
+            Ok(())
+        }
+        Outcome::Failed { failure, state } => {
+            let code = if state.status == Status::NeedsReauth { exit::NEEDS_REAUTH } else { exit::TEMPORARY };
+            Err(CliError::new(code, format!("{name}: refresh failed: {}", failure.reason())))
+        }
+        Outcome::Skipped { reason, .. } => {
+            let code = match reason {
+                SkipReason::NoToken => exit::UNKNOWN,
+                SkipReason::NeedsReauth => exit::NEEDS_REAUTH,
+                SkipReason::NotRefreshable => exit::FAILURE,
+            };
+            Err(CliError::new(code, format!("{name}: not refreshed: {}", reason.text())))
+        }
+    }
+}
+
+fn remove(config: &Config, name: &str) -> Result<(), CliError> {
+    let existed = open_store(config)?.remove(name)?;
+    let mut removed_files = Vec::new();
+    if let Some(cred) = config.credential(name) {
+        for s in &cred.sinks {
+            if sink::remove(s).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))? {
+                removed_files.push(s.path.display().to_string());
+            }
+        }
+    }
+    if !existed && removed_files.is_empty() {
+        return Err(CliError::new(exit::UNKNOWN, format!("no token stored for {name}")));
+    }
+    println!(
+        "removed {name}{}",
+        if removed_files.is_empty() { String::new() } else { format!(" and {}", removed_files.join(", ")) }
+    );
+    Ok(())
+}

@@ -1,0 +1,767 @@
+//! The configuration file: TOML → typed, validated [`Config`]. Unknown keys are errors (a typo must
+//! not silently disable a setting), and every problem names the file, the credential, the field
+//! and what is wrong, one line each. Secrets are read here, from the file itself, a file, an
+//! environment variable or a systemd credential, and carried as [`Secret`] from then on.
+//!
+//! Relative paths in the file are resolved against the directory of the file itself, so a config
+//! works the same whatever the working directory (systemd starts services in `/`).
+
+use crate::provider::{self, ClientAuth, Endpoint, GrantKind, ProviderKind};
+use crate::redact::Secret;
+use crate::schedule::RefreshAt;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use url::Url;
+
+/// Default sink file mode: only the daemon's user may read a token.
+pub const DEFAULT_SINK_MODE: u32 = 0o600;
+const DEFAULT_CONCURRENCY: usize = 8;
+/// Longest credential name; it becomes part of environment variable names and file names.
+const MAX_NAME_LEN: usize = 64;
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub file: PathBuf,
+    /// `credential "nb"` / `[daemon]` / `line 3, column 7`, whatever locates the problem.
+    pub place: String,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.place)?;
+        if let Some(field) = &self.field {
+            write!(f, ": field \"{field}\"")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// All problems found in one configuration file; `Display` prints one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub daemon: DaemonConfig,
+    pub credentials: Vec<Credential>,
+}
+
+impl Config {
+    pub fn credential(&self, name: &str) -> Option<&Credential> {
+        self.credentials.iter().find(|c| c.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub database: PathBuf,
+    /// Refreshes in flight at once, across all providers.
+    pub concurrency: usize,
+    pub http: provider::HttpLimits,
+}
+
+/// One credential: who to ask, how, when, and where its token goes.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub name: String,
+    pub endpoint: Endpoint,
+    pub refresh_at: RefreshAt,
+    /// Refreshes in flight at once for this credential's provider.
+    pub provider_concurrency: usize,
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl Credential {
+    pub fn provider(&self) -> ProviderKind {
+        self.endpoint.kind
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkFormat {
+    Raw,
+    Json,
+    Env,
+}
+
+impl SinkFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkFormat::Raw => "raw",
+            SinkFormat::Json => "json",
+            SinkFormat::Env => "env",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    pub path: PathBuf,
+    pub format: SinkFormat,
+    pub mode: u32,
+}
+
+// ---- the file as written ------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    provider: BTreeMap<String, RawProviderDefaults>,
+    #[serde(default)]
+    credential: Vec<RawCredential>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    database: Option<PathBuf>,
+    concurrency: Option<i64>,
+    connect_timeout: Option<String>,
+    request_timeout: Option<String>,
+    max_answer_bytes: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProviderDefaults {
+    refresh_at: Option<String>,
+    concurrency: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    name: Option<String>,
+    provider: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    client_secret_env: Option<String>,
+    client_secret_credential: Option<String>,
+    api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
+    api_key_env: Option<String>,
+    api_key_credential: Option<String>,
+    slug: Option<String>,
+    base_url: Option<String>,
+    token_url: Option<String>,
+    auth: Option<String>,
+    scope: Option<String>,
+    refresh_at: Option<String>,
+    #[serde(default)]
+    sink: Vec<RawSink>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    path: Option<PathBuf>,
+    format: Option<String>,
+    mode: Option<RawMode>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawMode {
+    Int(i64),
+    Text(String),
+}
+
+// ---- loading --------------------------------------------------------------------------------
+
+/// Where secrets named by `*_env` and `*_credential` are looked up; the process environment in
+/// production, a map in tests.
+pub trait Environment {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Environment for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Environment for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// Reads and validates `path` with the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, &ProcessEnv)
+}
+
+pub fn load_with(path: &Path, env: &dyn Environment) -> Result<Config, ConfigError> {
+    let problem = |place: &str, message: String| {
+        ConfigError(vec![ConfigProblem { file: path.to_path_buf(), place: place.to_string(), field: None, message }])
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| problem("cannot read", e.to_string()))?;
+    parse_with(path, &text, env)
+}
+
+/// Validates configuration `text` as if read from `path`.
+pub fn parse_with(path: &Path, text: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let place = match e.span() {
+            Some(span) => {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}")
+            }
+            None => "syntax".to_string(),
+        };
+        ConfigError(vec![ConfigProblem {
+            file: path.to_path_buf(),
+            place,
+            field: None,
+            message: e.message().trim().replace('\n', " "),
+        }])
+    })?;
+    Validator { file: path.to_path_buf(), base_dir: base_dir(path), env, problems: Vec::new() }.config(raw)
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+struct Validator<'a> {
+    file: PathBuf,
+    base_dir: PathBuf,
+    env: &'a dyn Environment,
+    problems: Vec<ConfigProblem>,
+}
+
+impl Validator<'_> {
+    fn report(&mut self, place: &str, field: Option<&str>, message: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            file: self.file.clone(),
+            place: place.to_string(),
+            field: field.map(str::to_string),
+            message: message.into(),
+        });
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+    }
+
+    fn config(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let daemon = self.daemon(raw.daemon);
+        let mut defaults = BTreeMap::new();
+        for (name, d) in raw.provider {
+            let place = format!("[provider.{name}]");
+            let Ok(kind) = name.parse::<ProviderKind>() else {
+                self.report(&place, None, format!("unknown provider \"{name}\"; expected one of {}", provider_names()));
+                continue;
+            };
+            let refresh_at = d.refresh_at.and_then(|t| self.refresh_at(&place, &t));
+            let concurrency = d.concurrency.and_then(|n| self.positive(&place, "concurrency", n, 10_000));
+            defaults.insert(kind, (refresh_at, concurrency));
+        }
+        let mut credentials = Vec::new();
+        let mut seen = HashSet::new();
+        if raw.credential.is_empty() {
+            self.report("configuration", None, "no [[credential]] defined; there is nothing to keep fresh");
+        }
+        for (index, rc) in raw.credential.into_iter().enumerate() {
+            if let Some(c) = self.credential(index, rc, &defaults, daemon.concurrency) {
+                if seen.insert(c.name.clone()) {
+                    credentials.push(c);
+                } else {
+                    self.report(
+                        &format!("credential \"{}\"", c.name),
+                        Some("name"),
+                        "is used by an earlier credential; names must be unique",
+                    );
+                }
+            }
+        }
+        let mut sink_paths = HashSet::new();
+        for c in &credentials {
+            for s in &c.sinks {
+                if !sink_paths.insert(s.path.clone()) {
+                    let place = format!("credential \"{}\"", c.name);
+                    self.report(
+                        &place,
+                        Some("sink.path"),
+                        format!("{} is already the path of another sink", s.path.display()),
+                    );
+                }
+            }
+        }
+        if self.problems.is_empty() {
+            Ok(Config { path: self.file, daemon, credentials })
+        } else {
+            Err(ConfigError(self.problems))
+        }
+    }
+
+    fn daemon(&mut self, raw: RawDaemon) -> DaemonConfig {
+        let place = "[daemon]";
+        let database = match raw.database {
+            Some(p) if p.as_os_str().is_empty() => {
+                self.report(place, Some("database"), "is empty");
+                PathBuf::new()
+            }
+            Some(p) => self.resolve(&p),
+            None => default_database(self.env),
+        };
+        let concurrency =
+            raw.concurrency.and_then(|n| self.positive(place, "concurrency", n, 10_000)).unwrap_or(DEFAULT_CONCURRENCY);
+        let mut http = provider::HttpLimits::default();
+        if let Some(t) = raw.connect_timeout {
+            http.connect_timeout = self.duration(place, "connect_timeout", &t).unwrap_or(http.connect_timeout);
+        }
+        if let Some(t) = raw.request_timeout {
+            http.total_timeout = self.duration(place, "request_timeout", &t).unwrap_or(http.total_timeout);
+        }
+        if let Some(n) = raw.max_answer_bytes {
+            http.max_answer_bytes =
+                self.positive(place, "max_answer_bytes", n, 16 * 1024 * 1024).unwrap_or(http.max_answer_bytes);
+        }
+        DaemonConfig { database, concurrency, http }
+    }
+
+    fn positive(&mut self, place: &str, field: &str, n: i64, max: usize) -> Option<usize> {
+        match usize::try_from(n) {
+            Ok(v) if (1..=max).contains(&v) => Some(v),
+            _ => {
+                self.report(place, Some(field), format!("is {n}; expected 1 to {max}"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, place: &str, field: &str, text: &str) -> Option<Duration> {
+        match humantime::parse_duration(text) {
+            Ok(d) if d >= Duration::from_millis(100) && d <= Duration::from_secs(600) => Some(d),
+            Ok(_) => {
+                self.report(place, Some(field), format!("\"{text}\" is out of range; expected 100ms to 10m"));
+                None
+            }
+            Err(_) => {
+                self.report(place, Some(field), format!("\"{text}\" is not a duration like \"10s\""));
+                None
+            }
+        }
+    }
+
+    fn refresh_at(&mut self, place: &str, text: &str) -> Option<RefreshAt> {
+        RefreshAt::parse(text).map_err(|e| self.report(place, Some("refresh_at"), e)).ok()
+    }
+
+    fn credential(
+        &mut self,
+        index: usize,
+        raw: RawCredential,
+        defaults: &BTreeMap<ProviderKind, (Option<RefreshAt>, Option<usize>)>,
+        global_concurrency: usize,
+    ) -> Option<Credential> {
+        let before = self.problems.len();
+        let Some(name) = raw.name.clone() else {
+            self.report(&format!("credential #{}", index + 1), Some("name"), "is missing");
+            return None;
+        };
+        let place = format!("credential \"{name}\"");
+        if name.is_empty()
+            || name.len() > MAX_NAME_LEN
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            self.report(
+                &place,
+                Some("name"),
+                format!(
+                    "use 1 to {MAX_NAME_LEN} letters, digits, '-' or '_' (it becomes part of file and variable names)"
+                ),
+            );
+        }
+        let kind = match raw.provider.as_deref() {
+            None => {
+                self.report(&place, Some("provider"), format!("is missing; expected one of {}", provider_names()));
+                return None;
+            }
+            Some(p) => match p.parse::<ProviderKind>() {
+                Ok(k) => k,
+                Err(()) => {
+                    self.report(
+                        &place,
+                        Some("provider"),
+                        format!("\"{p}\" is not a provider; expected one of {}", provider_names()),
+                    );
+                    return None;
+                }
+            },
+        };
+
+        let token_url = self.token_url(&place, kind, &raw);
+        let api_key =
+            self.secret(&place, "api_key", raw.api_key, raw.api_key_file, raw.api_key_env, raw.api_key_credential);
+        let client_secret = self.secret(
+            &place,
+            "client_secret",
+            raw.client_secret,
+            raw.client_secret_file,
+            raw.client_secret_env,
+            raw.client_secret_credential,
+        );
+        let grant = match (kind, api_key) {
+            (ProviderKind::WildApricot, Some(key)) => GrantKind::ApiKey(key),
+            (_, Some(_)) => {
+                self.report(&place, Some("api_key"), "only wildapricot credentials take an API key");
+                GrantKind::RefreshToken
+            }
+            (_, None) => GrantKind::RefreshToken,
+        };
+        let is_api_key = matches!(grant, GrantKind::ApiKey(_));
+        let client_id = raw.client_id.clone().unwrap_or_default();
+        if !is_api_key {
+            if raw.client_id.as_deref().is_none_or(str::is_empty) {
+                self.report(&place, Some("client_id"), "is missing");
+            }
+            if client_secret.is_none() && kind != ProviderKind::OAuth2 {
+                self.report(
+                    &place,
+                    Some("client_secret"),
+                    "is missing; give one of client_secret, client_secret_file, client_secret_env, client_secret_credential",
+                );
+            }
+        } else if client_secret.is_some() {
+            self.report(
+                &place,
+                Some("client_secret"),
+                "an API-key credential authenticates with api_key alone; remove client_secret",
+            );
+        }
+
+        if raw.slug.is_some() && kind != ProviderKind::NationBuilder {
+            self.report(
+                &place,
+                Some("slug"),
+                format!("only nationbuilder credentials have a slug, this one is {kind}"),
+            );
+        }
+        if raw.base_url.is_some() && kind != ProviderKind::Nudge {
+            self.report(
+                &place,
+                Some("base_url"),
+                format!("only nudge credentials have a base_url, this one is {kind}; use token_url"),
+            );
+        }
+        let auth = match (kind, raw.auth.as_deref()) {
+            (_, None) => kind.default_auth(),
+            (ProviderKind::OAuth2, Some(a)) => a.parse().unwrap_or_else(|()| {
+                self.report(
+                    &place,
+                    Some("auth"),
+                    format!("\"{a}\" is not a client authentication; expected basic, body or json"),
+                );
+                kind.default_auth()
+            }),
+            (_, Some(a)) if a.parse::<ClientAuth>().ok() == Some(kind.default_auth()) => kind.default_auth(),
+            (_, Some(a)) => {
+                self.report(
+                    &place,
+                    Some("auth"),
+                    format!(
+                        "{kind} always uses \"{}\" client authentication, not \"{a}\"",
+                        kind.default_auth().as_str()
+                    ),
+                );
+                kind.default_auth()
+            }
+        };
+
+        let (default_refresh_at, provider_concurrency) = defaults.get(&kind).copied().unwrap_or((None, None));
+        let refresh_at = match raw.refresh_at.as_deref() {
+            Some(t) => self.refresh_at(&place, t).unwrap_or(RefreshAt::Default),
+            None => default_refresh_at.unwrap_or(RefreshAt::Default),
+        };
+        let sinks = raw.sink.into_iter().enumerate().filter_map(|(i, s)| self.sink(&place, i, s)).collect();
+
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Credential {
+            name,
+            endpoint: Endpoint { kind, token_url: token_url?, client_id, client_secret, auth, scope: raw.scope, grant },
+            refresh_at,
+            provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
+            sinks,
+        })
+    }
+
+    fn token_url(&mut self, place: &str, kind: ProviderKind, raw: &RawCredential) -> Option<Url> {
+        let parsed = match (&raw.token_url, kind) {
+            (Some(u), _) => Url::parse(u).map_err(|e| ("token_url", format!("\"{u}\" is not a URL ({e})"))),
+            (None, ProviderKind::NationBuilder) => match &raw.slug {
+                Some(slug) => provider::nationbuilder::default_token_url(slug).map_err(|e| ("slug", e)),
+                None => Err(("slug", "is missing; nationbuilder needs the nation slug (or a token_url)".to_string())),
+            },
+            (None, ProviderKind::Nudge) => {
+                let base = raw.base_url.as_deref().unwrap_or(provider::nudge::DEFAULT_BASE_URL);
+                let base = if base.ends_with('/') { base.to_string() } else { format!("{base}/") };
+                Url::parse(&base)
+                    .map_err(|e| ("base_url", format!("\"{base}\" is not a URL ({e})")))
+                    .and_then(|b| provider::nudge::default_token_url(&b).map_err(|e| ("base_url", e)))
+            }
+            (None, ProviderKind::WildApricot) => {
+                Ok(Url::parse(provider::wildapricot::DEFAULT_TOKEN_URL).expect("constant URL parses"))
+            }
+            (None, ProviderKind::OAuth2) => {
+                Err(("token_url", "is missing; oauth2 credentials must name their token endpoint".to_string()))
+            }
+        };
+        let field = if raw.token_url.is_some() { "token_url" } else { "base_url" };
+        match parsed {
+            Ok(url) => match provider::check_token_url(&url) {
+                Ok(()) => Some(url),
+                Err(e) => {
+                    self.report(place, Some(if kind == ProviderKind::Nudge { field } else { "token_url" }), e);
+                    None
+                }
+            },
+            Err((field, e)) => {
+                self.report(place, Some(field), e);
+                None
+            }
+        }
+    }
+
+    /// Exactly one of `<field>`, `<field>_file`, `<field>_env`, `<field>_credential`, or none.
+    fn secret(
+        &mut self,
+        place: &str,
+        field: &str,
+        inline: Option<String>,
+        file: Option<PathBuf>,
+        env: Option<String>,
+        credential: Option<String>,
+    ) -> Option<Secret> {
+        let given = [inline.is_some(), file.is_some(), env.is_some(), credential.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            self.report(
+                place,
+                Some(field),
+                format!("give only one of {field}, {field}_file, {field}_env, {field}_credential"),
+            );
+            return None;
+        }
+        let value = if let Some(v) = inline {
+            Some(v)
+        } else if let Some(f) = file {
+            let path = self.resolve(&f);
+            self.read_secret_file(place, &format!("{field}_file"), &path)
+        } else if let Some(var) = env {
+            let v = self.env.var(&var);
+            if v.is_none() {
+                self.report(place, Some(&format!("{field}_env")), format!("environment variable {var} is not set"));
+            }
+            v
+        } else if let Some(cred) = credential {
+            match self.env.var("CREDENTIALS_DIRECTORY") {
+                Some(dir) if !cred.contains('/') => {
+                    let path = Path::new(&dir).join(&cred);
+                    self.read_secret_file(place, &format!("{field}_credential"), &path)
+                }
+                Some(_) => {
+                    self.report(
+                        place,
+                        Some(&format!("{field}_credential")),
+                        format!("\"{cred}\" must be a bare credential name, without '/'"),
+                    );
+                    None
+                }
+                None => {
+                    self.report(
+                        place,
+                        Some(&format!("{field}_credential")),
+                        format!(
+                            "$CREDENTIALS_DIRECTORY is not set; \"{cred}\" needs LoadCredential= in the systemd unit"
+                        ),
+                    );
+                    None
+                }
+            }
+        } else {
+            return None;
+        };
+        let value = value?;
+        let trimmed = value.trim_end_matches(['\n', '\r']);
+        if trimmed.is_empty() {
+            self.report(place, Some(field), "is empty");
+            return None;
+        }
+        Some(Secret::new(trimmed))
+    }
+
+    fn read_secret_file(&mut self, place: &str, field: &str, path: &Path) -> Option<String> {
+        match std::fs::read_to_string(path) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.report(place, Some(field), format!("cannot read {}: {e}", path.display()));
+                None
+            }
+        }
+    }
+
+    fn sink(&mut self, cred_place: &str, index: usize, raw: RawSink) -> Option<SinkConfig> {
+        let place = format!("{cred_place}: sink #{}", index + 1);
+        let Some(path) = raw.path else {
+            self.report(&place, Some("path"), "is missing");
+            return None;
+        };
+        if path.as_os_str().is_empty() || path.file_name().is_none() {
+            self.report(&place, Some("path"), format!("\"{}\" does not name a file", path.display()));
+            return None;
+        }
+        let format = match raw.format.as_deref() {
+            None | Some("raw") => SinkFormat::Raw,
+            Some("json") => SinkFormat::Json,
+            Some("env") => SinkFormat::Env,
+            Some(other) => {
+                self.report(
+                    &place,
+                    Some("format"),
+                    format!("\"{other}\" is not a sink format; expected raw, json or env"),
+                );
+                return None;
+            }
+        };
+        let mode = match raw.mode {
+            None => DEFAULT_SINK_MODE,
+            Some(RawMode::Int(n)) => match u32::try_from(n) {
+                Ok(m) if m <= 0o777 => m,
+                _ => {
+                    self.report(
+                        &place,
+                        Some("mode"),
+                        format!("{n} is not a file mode; write it in octal, as \"0640\" or 0o640"),
+                    );
+                    return None;
+                }
+            },
+            Some(RawMode::Text(t)) => match u32::from_str_radix(t.trim_start_matches("0o"), 8) {
+                Ok(m) if m <= 0o777 => m,
+                _ => {
+                    self.report(&place, Some("mode"), format!("\"{t}\" is not an octal file mode like \"0640\""));
+                    return None;
+                }
+            },
+        };
+        if mode & 0o007 != 0 {
+            self.report(
+                &place,
+                Some("mode"),
+                format!("{mode:04o} lets every local user at the token; grant a group instead (e.g. 0640)"),
+            );
+            return None;
+        }
+        if mode & 0o400 == 0 {
+            self.report(&place, Some("mode"), format!("{mode:04o} does not let the owner read the file"));
+            return None;
+        }
+        Some(SinkConfig { path: self.resolve(&path), format, mode })
+    }
+}
+
+fn provider_names() -> String {
+    ProviderKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// `$STATE_DIRECTORY/tokend.db` under systemd (`StateDirectory=`), else `./tokend.db`.
+fn default_database(env: &dyn Environment) -> PathBuf {
+    match env.var("STATE_DIRECTORY") {
+        // systemd joins several state directories with ':'; the first is ours.
+        Some(dirs) if !dirs.is_empty() => PathBuf::from(dirs.split(':').next().unwrap_or(&dirs)).join("tokend.db"),
+        _ => PathBuf::from("tokend.db"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let env: BTreeMap<String, String> = [("NB_SECRET".to_string(), "from-env".to_string())].into();
+        parse_with(Path::new("/etc/tokend/tokend.toml"), text, &env)
+    }
+
+    #[test]
+    fn minimal_nationbuilder() {
+        let c = parse(
+            r#"
+            [[credential]]
+            name = "nb"
+            provider = "nationbuilder"
+            slug = "mynation"
+            client_id = "cid"
+            client_secret_env = "NB_SECRET"
+            [[credential.sink]]
+            path = "nb.token"
+            "#,
+        )
+        .unwrap();
+        let nb = &c.credentials[0];
+        assert_eq!(nb.endpoint.token_url.as_str(), "https://mynation.nationbuilder.com/oauth/token");
+        assert_eq!(nb.endpoint.client_secret.as_ref().unwrap().expose(), "from-env");
+        assert_eq!(nb.endpoint.auth, ClientAuth::Json);
+        assert_eq!(nb.sinks[0].path, PathBuf::from("/etc/tokend/nb.token"));
+        assert_eq!(nb.sinks[0].mode, 0o600);
+        assert_eq!(c.daemon.database, PathBuf::from("tokend.db"));
+    }
+
+    #[test]
+    fn nudge_base_url_and_wildapricot_api_key() {
+        let c = parse(
+            r#"
+            [provider.nudge]
+            refresh_at = "80%"
+            concurrency = 2
+            [[credential]]
+            name = "n"
+            provider = "nudge"
+            base_url = "https://staging.justanudge.co"
+            client_id = "a"
+            client_secret = "b"
+            [[credential]]
+            name = "wa-key"
+            provider = "wildapricot"
+            api_key = "k"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.credentials[0].endpoint.token_url.as_str(),
+            "https://staging.justanudge.co/api/oauth/zapier/token"
+        );
+        assert_eq!(c.credentials[0].refresh_at, RefreshAt::Elapsed(0.8));
+        assert_eq!(c.credentials[0].provider_concurrency, 2);
+        assert_eq!(c.credentials[1].endpoint.token_url.as_str(), "https://oauth.wildapricot.org/auth/token");
+        assert!(matches!(c.credentials[1].endpoint.grant, GrantKind::ApiKey(_)));
+    }
+}

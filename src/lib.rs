@@ -1,0 +1,28 @@
+//! tokend keeps OAuth 2.0 access tokens fresh on servers and never loses a rotated refresh token.
+//!
+//! Data flows one way: `config` → `store` → `schedule` → `refresh` (via `provider`) → `store` → `sink`.
+//! Each module has one job:
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`config`] | TOML → typed, validated [`config::Config`]; secrets from inline/file/env/systemd credentials |
+//! | [`store`] | SQLite schema, migrations, leases, the atomic rotation commit |
+//! | [`provider`] | build each provider's token request, send it, classify the answer |
+//! | [`schedule`] | when a credential is due; backoff; jitter (pure, no I/O) |
+//! | [`refresh`] | one refresh, the five durable steps — the invariant lives there |
+//! | [`sink`] | atomic token files (raw / json / env) |
+//! | [`cli`] | subcommands and their output |
+//! | [`mock_provider`] | a loopback OAuth token endpoint for `tokend dev` and the tests |
+//! | [`redact`] | secrets wrapped so they print only as fingerprints |
+//! | [`clock`] | wall-clock time as unix seconds/milliseconds |
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod mock_provider;
+pub mod provider;
+pub mod redact;
+pub mod refresh;
+pub mod schedule;
+pub mod sink;
+pub mod store;

@@ -1,0 +1,442 @@
+//! A loopback OAuth 2.0 token endpoint: the demo provider of `tokend dev` and the strict peer of
+//! the tests. **Not a real authorization server** — it listens on 127.0.0.1 only, keeps
+//! everything in memory, and exists to show and prove tokend's behaviour.
+//!
+//! Its semantics are NationBuilder's, the strictest of the providers tokend serves: a refresh
+//! token is revoked the moment it is spent, and any reuse is answered with `invalid_grant`.
+//! Every request is recorded (method, path, headers, body) so tests can assert request shapes
+//! field by field, and faults can be queued to exercise every failure class.
+//!
+//! The HTTP/1.1 handling is deliberately minimal (one request per connection,
+//! `Connection: close`, `Content-Length` bodies only): full control over the bytes on the wire is
+//! what lets it drop connections mid-answer or trickle bytes like a slow-loris server.
+
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Headers larger than this are refused; token requests are a few hundred bytes.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// One request as it arrived.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    /// Header names lower-cased, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RecordedRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as a form, if it is one.
+    pub fn form(&self) -> Option<BTreeMap<String, String>> {
+        if !self.header("content-type")?.starts_with("application/x-www-form-urlencoded") {
+            return None;
+        }
+        Some(url::form_urlencoded::parse(&self.body).into_owned().collect())
+    }
+
+    /// The body as JSON, if it is JSON.
+    pub fn json(&self) -> Option<Value> {
+        if !self.header("content-type")?.starts_with("application/json") {
+            return None;
+        }
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    /// A body field, whatever the encoding.
+    pub fn field(&self, name: &str) -> Option<String> {
+        if let Some(form) = self.form() {
+            return form.get(name).cloned();
+        }
+        self.json()?.get(name)?.as_str().map(str::to_string)
+    }
+
+    /// Decoded HTTP Basic credentials.
+    pub fn basic_auth(&self) -> Option<(String, String)> {
+        let value = self.header("authorization")?.strip_prefix("Basic ")?;
+        let decoded = String::from_utf8(base64_decode(value.trim())?).ok()?;
+        let (user, pass) = decoded.split_once(':')?;
+        Some((user.to_string(), pass.to_string()))
+    }
+}
+
+/// Minimal standard base64 decoding, enough to read Basic auth in tests.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut buf, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = u32::try_from(ALPHABET.iter().position(|a| *a == c)?).ok()?;
+        buf = (buf << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((buf >> bits) & 0xff).ok()?);
+        }
+    }
+    Some(out)
+}
+
+/// What the next request gets instead of a normal answer.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// This status, body and extra headers; the refresh token is not spent.
+    Answer { status: u16, body: String, headers: Vec<(String, String)> },
+    /// Close the connection without answering, before rotating: the token is still valid.
+    DropBeforeRotate,
+    /// Rotate (revoke the spent token, issue a new pair), then close without answering: the
+    /// client never learns the new token — the loss scenario a crash between 3 and 4 produces.
+    DropAfterRotate,
+    /// Send this many bytes of `x` as a 200 body.
+    Huge(usize),
+    /// Send a valid answer one byte every `interval`.
+    SlowLoris(Duration),
+    /// Wait this long, then answer normally.
+    Delay(Duration),
+}
+
+/// How the provider issues tokens.
+#[derive(Debug, Clone)]
+pub struct MockSettings {
+    pub expires_in: i64,
+    /// NationBuilder sends `created_at`, Wild Apricot and Nudge do not.
+    pub send_created_at: bool,
+    /// Rotate refresh tokens (NationBuilder); false keeps the same refresh token forever.
+    pub rotate: bool,
+    /// Delay before every answer, so that concurrent requests overlap.
+    pub delay: Duration,
+}
+
+impl Default for MockSettings {
+    fn default() -> Self {
+        Self { expires_in: 3600, send_created_at: true, rotate: true, delay: Duration::ZERO }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    settings: MockSettings,
+    requests: Vec<RecordedRequest>,
+    faults: VecDeque<Fault>,
+    /// Live refresh token → chain label.
+    live: HashMap<String, String>,
+    revoked: HashSet<String>,
+    /// Refresh tokens rotated by a `DropAfterRotate` whose answer never arrived.
+    lost_in_transit: Vec<String>,
+    issued: u64,
+    refreshes: u64,
+}
+
+/// A running mock provider; stops when dropped.
+pub struct MockProvider {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MockProvider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MockProvider {
+    /// Starts on 127.0.0.1 with an OS-chosen port, on the current tokio runtime.
+    pub async fn start(settings: MockSettings) -> std::io::Result<MockProvider> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), settings).await
+    }
+
+    /// Starts on `addr`, which must be a loopback address.
+    pub async fn start_on(addr: SocketAddr, settings: MockSettings) -> std::io::Result<MockProvider> {
+        if !addr.ip().is_loopback() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the mock provider listens on loopback only",
+            ));
+        }
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State { settings, ..State::default() }));
+        let accept_state = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = accept_state.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, state).await;
+                });
+            }
+        });
+        Ok(MockProvider { addr, state, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Issues a first token pair for `chain` as an authorization would, and returns the answer
+    /// JSON (what `tokend import` reads).
+    pub fn authorize(&self, chain: &str) -> Value {
+        let mut state = self.state();
+        issue(&mut state, chain, true)
+    }
+
+    pub fn set_settings(&self, settings: MockSettings) {
+        self.state().settings = settings;
+    }
+
+    pub fn push_fault(&self, fault: Fault) {
+        self.state().faults.push_back(fault);
+    }
+
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state().requests.clone()
+    }
+
+    /// Successful refresh-token grants answered so far.
+    pub fn refreshes(&self) -> u64 {
+        self.state().refreshes
+    }
+
+    /// The live refresh token of `chain`, if the chain is alive.
+    pub fn live_refresh_token(&self, chain: &str) -> Option<String> {
+        self.state().live.iter().find(|(_, c)| c.as_str() == chain).map(|(t, _)| t.clone())
+    }
+
+    pub fn is_revoked(&self, refresh_token: &str) -> bool {
+        self.state().revoked.contains(refresh_token)
+    }
+
+    /// Refresh tokens whose rotation answer was dropped on purpose.
+    pub fn lost_in_transit(&self) -> Vec<String> {
+        self.state().lost_in_transit.clone()
+    }
+}
+
+fn issue(state: &mut State, chain: &str, with_refresh: bool) -> Value {
+    state.issued += 1;
+    let n = state.issued;
+    let access = format!("at{n}x{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+    let mut answer = json!({
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": state.settings.expires_in,
+        "scope": "default",
+    });
+    if with_refresh {
+        let refresh = format!("rt{n}x{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        state.live.insert(refresh.clone(), chain.to_string());
+        answer["refresh_token"] = Value::String(refresh);
+    }
+    if state.settings.send_created_at {
+        answer["created_at"] = json!(crate::clock::now_secs());
+    }
+    answer
+}
+
+enum Reply {
+    Json(u16, Value),
+    Raw { status: u16, body: Vec<u8>, headers: Vec<(String, String)> },
+    Drop,
+    Slow(Duration, Value),
+}
+
+/// Decides the answer to one request. Runs under the state lock: rotation is atomic.
+fn answer(state: &mut State, request: &RecordedRequest, fault: Option<Fault>) -> Reply {
+    match fault {
+        Some(Fault::Answer { status, body, headers }) => {
+            return Reply::Raw { status, body: body.into_bytes(), headers };
+        }
+        Some(Fault::DropBeforeRotate) => return Reply::Drop,
+        Some(Fault::Huge(n)) => return Reply::Raw { status: 200, body: vec![b'x'; n], headers: vec![] },
+        _ => {}
+    }
+    if request.method != "POST" {
+        return Reply::Json(405, json!({"error": "invalid_request", "error_description": "POST only"}));
+    }
+    let grant = request.field("grant_type").unwrap_or_default();
+    let reply = match grant.as_str() {
+        "refresh_token" => {
+            let Some(spent) = request.field("refresh_token") else {
+                return Reply::Json(
+                    400,
+                    json!({"error": "invalid_request", "error_description": "refresh_token missing"}),
+                );
+            };
+            let Some(chain) = state.live.get(&spent).cloned() else {
+                let why = if state.revoked.contains(&spent) {
+                    "refresh token already used (revoked)"
+                } else {
+                    "unknown refresh token"
+                };
+                return Reply::Json(400, json!({"error": "invalid_grant", "error_description": why}));
+            };
+            state.refreshes += 1;
+            if state.settings.rotate {
+                state.live.remove(&spent);
+                state.revoked.insert(spent.clone());
+                issue(state, &chain, true)
+            } else {
+                let mut a = issue(state, &chain, false);
+                a["refresh_token"] = Value::String(spent.clone());
+                a
+            }
+        }
+        "client_credentials" => issue(state, "client_credentials", false),
+        other => return Reply::Json(400, json!({"error": "unsupported_grant_type", "error_description": other})),
+    };
+    match fault {
+        Some(Fault::DropAfterRotate) => {
+            if let Some(t) = reply.get("refresh_token").and_then(Value::as_str) {
+                state.lost_in_transit.push(t.to_string());
+            }
+            Reply::Drop
+        }
+        Some(Fault::SlowLoris(interval)) => Reply::Slow(interval, reply),
+        _ => Reply::Json(200, reply),
+    }
+}
+
+async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+    let Some(request) = read_request(&mut stream).await? else { return Ok(()) };
+    let (fault, delay) = {
+        let mut s = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.requests.push(request.clone());
+        (s.faults.pop_front(), s.settings.delay)
+    };
+    let delay = match &fault {
+        Some(Fault::Delay(d)) => delay + *d,
+        _ => delay,
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let reply = {
+        let mut s = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        answer(&mut s, &request, fault)
+    };
+    match reply {
+        Reply::Drop => Ok(()),
+        Reply::Json(status, value) => write_response(&mut stream, status, value.to_string().as_bytes(), &[]).await,
+        Reply::Raw { status, body, headers } => write_response(&mut stream, status, &body, &headers).await,
+        Reply::Slow(interval, value) => {
+            let body = value.to_string();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            stream.write_all(head.as_bytes()).await?;
+            for b in body.as_bytes() {
+                stream.write_all(&[*b]).await?;
+                tokio::time::sleep(interval).await;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<RecordedRequest>> {
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > MAX_HEAD_BYTES {
+            return Ok(None);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or_default().split_whitespace();
+    let method = first.next().unwrap_or_default().to_string();
+    let path = first.next().unwrap_or_default().to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_BODY_BYTES);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let mut chunk = vec![0u8; length - body.len()];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(length);
+    Ok(Some(RecordedRequest { method, path, headers, body }))
+}
+
+async fn write_response(
+    stream: &mut TcpStream,
+    status: u16,
+    body: &[u8],
+    headers: &[(String, String)],
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.flush().await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64_decode;
+
+    #[test]
+    fn base64_roundtrip_of_known_value() {
+        // From Wild Apricot's docs: Basic QVBJS0VZOm85c2U4N3Jnb2l5c29lcjk4MDcwOS0=
+        assert_eq!(
+            base64_decode("QVBJS0VZOm85c2U4N3Jnb2l5c29lcjk4MDcwOS0=").unwrap(),
+            b"APIKEY:o9se87rgoiysoer980709-"
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! Token answers (RFC 6749 §5.1) and error answers (§5.2), classified the one way DESIGN.md's
+//! "Failure classes" table says. Parsing is strict about what tokend will store or write into a
+//! file — a token with a newline in it could inject lines into an env sink — and lenient about
+//! what providers vary on (numbers as strings, scope as a list, extra fields).
+
+use super::RawAnswer;
+use crate::redact::{Secret, scrub};
+use serde::Deserialize;
+use serde_json::Value;
+use std::time::Duration;
+
+/// A longer `expires_in` than ten years is a provider bug or an attack, not a lifetime.
+pub const MAX_EXPIRES_IN_SECS: i64 = 10 * 365 * 86_400;
+/// Tokens are opaque but printable; bounded so one answer cannot bloat the store or a sink.
+const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// When a 429 or 5xx gives no hint, wait this long before the next try (the scheduler's backoff
+/// may stretch it further).
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// A provider can ask for at most this much patience through headers; more is clamped.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// How much of an error body is kept in `last_error`.
+const MAX_REASON_CHARS: usize = 200;
+
+/// A successful token answer, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenAnswer {
+    pub access_token: Secret,
+    pub token_type: String,
+    pub refresh_token: Option<Secret>,
+    pub expires_in: Option<i64>,
+    pub scope: Option<String>,
+    /// The provider's issue time (NationBuilder sends it), unix seconds, not yet trusted.
+    pub created_at: Option<i64>,
+}
+
+/// Why a refresh did not produce a token, in the classes that decide what happens next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Connect error, timeout, 5xx, 429: try again later, no sooner than `retry_after`.
+    Transient { reason: String, retry_after: Option<Duration> },
+    /// The provider rejected the grant or the client (`invalid_grant`, 400/401…): the credential
+    /// needs a human. Retrying would only hammer the provider.
+    Permanent { reason: String },
+    /// The endpoint answered something tokend will not store (garbage 2xx, redirect, 404…): the
+    /// stored state is kept untouched and the attempt is retried with backoff, loudly.
+    Rejected { reason: String },
+}
+
+impl Failure {
+    pub fn reason(&self) -> &str {
+        match self {
+            Failure::Transient { reason, .. } | Failure::Permanent { reason } | Failure::Rejected { reason } => reason,
+        }
+    }
+}
+
+/// Raw JSON shape; every field loose so that type problems get our own precise message.
+#[derive(Deserialize)]
+struct WireAnswer {
+    access_token: Option<Value>,
+    token_type: Option<Value>,
+    refresh_token: Option<Value>,
+    expires_in: Option<Value>,
+    scope: Option<Value>,
+    created_at: Option<Value>,
+    error: Option<Value>,
+    error_description: Option<Value>,
+}
+
+/// Parses a token-endpoint JSON answer (what `tokend import` reads, and the body of a 2xx).
+pub fn parse_token_json(body: &[u8]) -> Result<TokenAnswer, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("answer is not UTF-8 ({e})"))?;
+    let wire: WireAnswer =
+        serde_json::from_str(text).map_err(|e| format!("answer is not a JSON token object: {}", json_error(&e)))?;
+    if let Some(error) = wire.error.as_ref().and_then(Value::as_str) {
+        let desc = wire.error_description.as_ref().and_then(Value::as_str).unwrap_or("");
+        return Err(format!("answer is an OAuth error: {error} {desc}").trim_end().to_string());
+    }
+    let access_token = token_field(wire.access_token.as_ref(), "access_token")?
+        .ok_or_else(|| "answer has no \"access_token\"".to_string())?;
+    let refresh_token = token_field(wire.refresh_token.as_ref(), "refresh_token")?;
+    let token_type = match &wire.token_type {
+        None | Some(Value::Null) => "Bearer".to_string(),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_graphic()) => {
+            s.clone()
+        }
+        Some(other) => return Err(format!("\"token_type\" must be a short word, got {}", describe(other))),
+    };
+    let expires_in = match integer_field(wire.expires_in.as_ref(), "expires_in")? {
+        None => None,
+        Some(n) if (1..=MAX_EXPIRES_IN_SECS).contains(&n) => Some(n),
+        Some(n) => return Err(format!("\"expires_in\" is {n}; expected 1 to {MAX_EXPIRES_IN_SECS} seconds")),
+    };
+    let created_at = match integer_field(wire.created_at.as_ref(), "created_at")? {
+        Some(n) if n < 0 => return Err(format!("\"created_at\" is {n}; expected a unix timestamp")),
+        other => other,
+    };
+    let scope = match &wire.scope {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+            Some(items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "))
+        }
+        Some(other) => return Err(format!("\"scope\" must be a string, got {}", describe(other))),
+    };
+    if scope.as_ref().is_some_and(|s| s.chars().any(char::is_control)) {
+        return Err("\"scope\" contains control characters".into());
+    }
+    Ok(TokenAnswer { access_token, token_type, refresh_token, expires_in, scope, created_at })
+}
+
+fn json_error(e: &serde_json::Error) -> String {
+    // serde_json's messages quote at most a field name or a type, never a whole value.
+    e.to_string()
+}
+
+fn describe(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn token_field(v: Option<&Value>, name: &str) -> Result<Option<Secret>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Err(format!("\"{name}\" is empty")),
+        Some(Value::String(s)) if s.len() > MAX_TOKEN_LEN => {
+            Err(format!("\"{name}\" is longer than {MAX_TOKEN_LEN} bytes"))
+        }
+        Some(Value::String(s)) if !s.chars().all(|c| c.is_ascii_graphic()) => {
+            Err(format!("\"{name}\" contains whitespace, control or non-ASCII characters"))
+        }
+        Some(Value::String(s)) => Ok(Some(Secret::new(s.clone()))),
+        Some(other) => Err(format!("\"{name}\" must be a string, got {}", describe(other))),
+    }
+}
+
+fn integer_field(v: Option<&Value>, name: &str) -> Result<Option<i64>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            n.as_i64().map(Some).ok_or_else(|| format!("\"{name}\" must be a whole number of seconds, got {n}"))
+        }
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| format!("\"{name}\" must be a whole number of seconds, got a non-numeric string")),
+        Some(other) => Err(format!("\"{name}\" must be a number, got {}", describe(other))),
+    }
+}
+
+/// Classifies an answer. `secrets` are scrubbed out of any provider text kept in the reason.
+pub fn interpret(answer: &RawAnswer, now_secs: i64, secrets: &[&str]) -> Result<TokenAnswer, Failure> {
+    let status = answer.status;
+    let body_text = || {
+        let text = String::from_utf8_lossy(&answer.body);
+        let text: String = text.chars().take(MAX_REASON_CHARS).map(|c| if c.is_control() { ' ' } else { c }).collect();
+        scrub(text.trim(), secrets)
+    };
+    match status {
+        200..=299 => parse_token_json(&answer.body).map_err(|reason| {
+            let reason = scrub(&reason, secrets);
+            if oauth_error_code(&answer.body).is_some_and(is_grant_dead) {
+                Failure::Permanent { reason: format!("HTTP {status} with {reason}") }
+            } else {
+                Failure::Rejected { reason: format!("HTTP {status} but {reason}; stored token kept") }
+            }
+        }),
+        429 => Err(Failure::Transient {
+            reason: format!("rate limited (HTTP 429): {}", body_text()),
+            retry_after: Some(wait_hint(answer, now_secs).unwrap_or(DEFAULT_RETRY_AFTER)),
+        }),
+        408 | 500..=599 => Err(Failure::Transient {
+            reason: format!("HTTP {status}: {}", body_text()),
+            retry_after: wait_hint(answer, now_secs),
+        }),
+        300..=399 => Err(Failure::Rejected {
+            reason: format!(
+                "token endpoint redirected (HTTP {status}) to {}; redirects are not followed with credentials, set token_url to the final address",
+                answer.location.as_deref().unwrap_or("nowhere")
+            ),
+        }),
+        400 | 401 => {
+            let code = oauth_error_code(&answer.body).unwrap_or("no OAuth error code");
+            Err(Failure::Permanent { reason: format!("HTTP {status} {code}: {}", body_text()) })
+        }
+        _ => match oauth_error_code(&answer.body) {
+            Some(code) if is_grant_dead(code) => {
+                Err(Failure::Permanent { reason: format!("HTTP {status} {code}: {}", body_text()) })
+            }
+            _ => Err(Failure::Rejected { reason: format!("HTTP {status}: {}; stored token kept", body_text()) }),
+        },
+    }
+}
+
+/// The RFC 6749 §5.2 codes that mean the grant or the client is dead: only a human can help.
+fn is_grant_dead(code: &str) -> bool {
+    matches!(code, "invalid_grant" | "invalid_client" | "unauthorized_client" | "unsupported_grant_type")
+}
+
+fn oauth_error_code(body: &[u8]) -> Option<&str> {
+    #[derive(Deserialize)]
+    struct ErrorOnly<'a> {
+        #[serde(borrow)]
+        error: Option<&'a str>,
+    }
+    serde_json::from_slice::<ErrorOnly>(body).ok()?.error
+}
+
+/// How long the provider asked us to wait: `Retry-After` (seconds or HTTP date), else the
+/// `X-RateLimit-Reset` of an exhausted budget. Clamped to [`MAX_RETRY_AFTER`].
+pub fn wait_hint(answer: &RawAnswer, now_secs: i64) -> Option<Duration> {
+    let from_retry_after = answer.retry_after.as_deref().and_then(|v| {
+        let v = v.trim();
+        if let Ok(secs) = v.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        let when = humantime::parse_rfc3339_weak(v).ok().or_else(|| httpdate_to_system_time(v))?;
+        let when = when.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+        Some(Duration::from_secs(when.saturating_sub(u64::try_from(now_secs).unwrap_or(0))))
+    });
+    let wait = from_retry_after.or_else(|| rate_limit_reset_in(answer, now_secs, false))?;
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// Time until `X-RateLimit-Reset`. With `only_if_exhausted`, only when `X-RateLimit-Remaining`
+/// is 0 (a successful answer that spent the last request); otherwise whenever the budget is not
+/// explicitly positive (a 429 that only names the reset time).
+pub fn rate_limit_reset_in(answer: &RawAnswer, now_secs: i64, only_if_exhausted: bool) -> Option<Duration> {
+    let remaining = answer.ratelimit_remaining.as_deref().and_then(|v| v.trim().parse::<u64>().ok());
+    let exhausted = if only_if_exhausted { remaining == Some(0) } else { remaining.is_none_or(|r| r == 0) };
+    if !exhausted {
+        return None;
+    }
+    let reset: i64 = answer.ratelimit_reset.as_deref()?.trim().parse().ok()?;
+    // Nudge sends an epoch timestamp; some APIs send seconds-until. Anything before 2001 is a delta.
+    let secs = if reset > 1_000_000_000 { reset - now_secs } else { reset };
+    Some(Duration::from_secs(u64::try_from(secs.max(0)).unwrap_or(0)).min(MAX_RETRY_AFTER))
+}
+
+/// `Retry-After: Wed, 21 Oct 2015 07:28:00 GMT` (RFC 9110 IMF-fixdate).
+fn httpdate_to_system_time(v: &str) -> Option<std::time::SystemTime> {
+    let parts: Vec<&str> = v.split_whitespace().collect();
+    let [_, day, month, year, time, "GMT"] = parts.as_slice() else { return None };
+    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        .iter()
+        .position(|m| m == month)?
+        + 1;
+    humantime::parse_rfc3339(&format!("{year}-{month:02}-{:0>2}T{time}Z", day)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(status: u16, body: &str) -> RawAnswer {
+        RawAnswer {
+            status,
+            body: body.as_bytes().to_vec(),
+            retry_after: None,
+            ratelimit_remaining: None,
+            ratelimit_reset: None,
+            location: None,
+        }
+    }
+
+    #[test]
+    fn parses_nationbuilder_answer() {
+        let a = parse_token_json(br#"{"access_token":"AT1","refresh_token":"RT1","token_type":"Bearer","expires_in":86400,"scope":"default","created_at":1632773996}"#).unwrap();
+        assert_eq!(a.access_token.expose(), "AT1");
+        assert_eq!(a.refresh_token.unwrap().expose(), "RT1");
+        assert_eq!(a.expires_in, Some(86400));
+        assert_eq!(a.created_at, Some(1_632_773_996));
+        assert_eq!(a.scope.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn parses_wild_apricot_answer_without_created_at() {
+        let a = parse_token_json(br#"{"access_token":"2YotnFZFEjr1zCsicMWpAA","token_type":"Bearer","expires_in":1800,"refresh_token":"tGzv3JOkF0XG5Qx2TlKWIA","permissions":[{"accountId":123}]}"#).unwrap();
+        assert_eq!(a.created_at, None);
+        assert_eq!(a.expires_in, Some(1800));
+    }
+
+    #[test]
+    fn v1_answer_has_no_lifetime() {
+        let a = parse_token_json(
+            br#"{"access_token":"v1tok","token_type":"bearer","scope":"default","created_at":1632773996}"#,
+        )
+        .unwrap();
+        assert_eq!((a.expires_in, a.refresh_token), (None, None));
+    }
+
+    #[test]
+    fn lenient_where_providers_vary() {
+        let a = parse_token_json(br#"{"access_token":"x1","expires_in":"3600","scope":["read","write"]}"#).unwrap();
+        assert_eq!(a.expires_in, Some(3600));
+        assert_eq!(a.scope.as_deref(), Some("read write"));
+        assert_eq!(a.token_type, "Bearer");
+    }
+
+    #[test]
+    fn each_bad_answer_gets_its_own_message() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"\xff\xfe", "not UTF-8"),
+            (b"<html>oops</html>", "not a JSON token object"),
+            (br#"{"token_type":"Bearer"}"#, "no \"access_token\""),
+            (br#"{"access_token":""}"#, "\"access_token\" is empty"),
+            (br#"{"access_token":42}"#, "\"access_token\" must be a string, got a number"),
+            (br#"{"access_token":"a b"}"#, "contains whitespace"),
+            (br#"{"access_token":"a\nTOKEND_X=1"}"#, "contains whitespace"),
+            (br#"{"access_token":"a","expires_in":-5}"#, "\"expires_in\" is -5"),
+            (br#"{"access_token":"a","expires_in":0}"#, "\"expires_in\" is 0"),
+            (br#"{"access_token":"a","expires_in":99999999999}"#, "\"expires_in\" is 99999999999"),
+            (br#"{"access_token":"a","expires_in":1.5}"#, "whole number"),
+            (br#"{"access_token":"a","expires_in":"soon"}"#, "non-numeric string"),
+            (br#"{"access_token":"a","created_at":-1}"#, "\"created_at\" is -1"),
+            (br#"{"access_token":"a","access_token":"b"}"#, "duplicate field"),
+            (br#"{"access_token":"a","scope":7}"#, "\"scope\" must be a string"),
+            (br#"{"error":"invalid_grant","error_description":"revoked"}"#, "OAuth error: invalid_grant revoked"),
+            (br#"[1,2]"#, "not a JSON token object"),
+        ];
+        for (body, expected) in cases {
+            let err = parse_token_json(body).unwrap_err();
+            assert!(err.contains(expected), "{:?}: got {err:?}, want {expected:?}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn failure_classes() {
+        let now = 1_700_000_000;
+        assert!(matches!(interpret(&raw(503, "down"), now, &[]), Err(Failure::Transient { .. })));
+        assert!(matches!(
+            interpret(&raw(400, r#"{"error":"invalid_grant"}"#), now, &[]),
+            Err(Failure::Permanent { .. })
+        ));
+        assert!(matches!(
+            interpret(&raw(401, r#"{"error":"invalid_client"}"#), now, &[]),
+            Err(Failure::Permanent { .. })
+        ));
+        assert!(matches!(interpret(&raw(200, "not json"), now, &[]), Err(Failure::Rejected { .. })));
+        assert!(matches!(
+            interpret(&raw(200, r#"{"error":"invalid_grant"}"#), now, &[]),
+            Err(Failure::Permanent { .. })
+        ));
+        assert!(matches!(interpret(&raw(302, ""), now, &[]), Err(Failure::Rejected { .. })));
+        assert!(matches!(interpret(&raw(404, "nope"), now, &[]), Err(Failure::Rejected { .. })));
+        let mut limited = raw(429, "slow down");
+        limited.retry_after = Some("17".into());
+        assert_eq!(
+            interpret(&limited, now, &[]),
+            Err(Failure::Transient {
+                reason: "rate limited (HTTP 429): slow down".into(),
+                retry_after: Some(Duration::from_secs(17))
+            })
+        );
+        let mut nudge = raw(429, "");
+        nudge.ratelimit_remaining = Some("0".into());
+        nudge.ratelimit_reset = Some((now + 120).to_string());
+        let Err(Failure::Transient { retry_after, .. }) = interpret(&nudge, now, &[]) else { panic!() };
+        assert_eq!(retry_after, Some(Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn retry_after_http_date() {
+        let mut a = raw(503, "");
+        a.retry_after = Some("Wed, 15 Nov 2023 22:15:00 GMT".into());
+        // 2023-11-15T22:13:20Z is 1700086400
+        assert_eq!(wait_hint(&a, 1_700_086_400), Some(Duration::from_secs(100)));
+    }
+
+    #[test]
+    fn error_bodies_are_scrubbed_of_secrets() {
+        let err = interpret(
+            &raw(400, r#"{"error":"invalid_grant","error_description":"token RT-secret-1 revoked"}"#),
+            0,
+            &["RT-secret-1"],
+        )
+        .unwrap_err();
+        assert!(!err.reason().contains("RT-secret-1"), "{}", err.reason());
+    }
+}

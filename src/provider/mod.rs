@@ -1,0 +1,247 @@
+//! Providers: build the token request in each provider's documented shape, send it, and turn the
+//! answer into a [`TokenAnswer`] or a classified [`Failure`]. One file per provider; no store, no
+//! files. The shapes come from the providers' own docs (see README "Providers").
+
+mod answer;
+mod http;
+pub mod nationbuilder;
+pub mod nudge;
+pub mod oauth2;
+pub mod wildapricot;
+
+pub use answer::{Failure, TokenAnswer, interpret, parse_token_json, rate_limit_reset_in, wait_hint};
+pub use http::{HttpClient, HttpLimits, RawAnswer};
+
+use crate::redact::Secret;
+use std::fmt;
+use std::str::FromStr;
+use url::Url;
+
+/// The providers tokend knows. `OAuth2` is any RFC 6749 token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProviderKind {
+    NationBuilder,
+    Nudge,
+    WildApricot,
+    OAuth2,
+}
+
+impl ProviderKind {
+    pub const ALL: [ProviderKind; 4] =
+        [ProviderKind::NationBuilder, ProviderKind::Nudge, ProviderKind::WildApricot, ProviderKind::OAuth2];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::NationBuilder => "nationbuilder",
+            ProviderKind::Nudge => "nudge",
+            ProviderKind::WildApricot => "wildapricot",
+            ProviderKind::OAuth2 => "oauth2",
+        }
+    }
+
+    /// How the client authenticates when the configuration does not say (only `oauth2` may choose).
+    pub fn default_auth(self) -> ClientAuth {
+        match self {
+            ProviderKind::NationBuilder => ClientAuth::Json,
+            ProviderKind::Nudge => ClientAuth::Body,
+            ProviderKind::WildApricot | ProviderKind::OAuth2 => ClientAuth::Basic,
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ProviderKind {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or(())
+    }
+}
+
+/// Where the client id and secret travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// HTTP Basic `client_id:client_secret`, form body (RFC 6749 §2.3.1, the recommended way).
+    Basic,
+    /// `client_id` and `client_secret` as form fields.
+    Body,
+    /// Everything, credentials included, as one JSON object (NationBuilder's shape).
+    Json,
+}
+
+impl ClientAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::Basic => "basic",
+            ClientAuth::Body => "body",
+            ClientAuth::Json => "json",
+        }
+    }
+}
+
+impl FromStr for ClientAuth {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "basic" => Ok(ClientAuth::Basic),
+            "body" => Ok(ClientAuth::Body),
+            "json" => Ok(ClientAuth::Json),
+            _ => Err(()),
+        }
+    }
+}
+
+/// How a credential obtains a new access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantKind {
+    /// Spend the stored refresh token (rotated by most providers).
+    RefreshToken,
+    /// Wild Apricot API key: ask again with `client_credentials`, Basic `APIKEY:<key>`.
+    ApiKey(Secret),
+}
+
+/// Everything needed to talk to one credential's token endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub kind: ProviderKind,
+    pub token_url: Url,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub auth: ClientAuth,
+    pub scope: Option<String>,
+    pub grant: GrantKind,
+}
+
+/// A token request ready to send: the one value every provider file produces.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub url: Url,
+    pub basic_auth: Option<(String, Secret)>,
+    pub body: RequestBody,
+}
+
+/// The body encodings providers ask for.
+#[derive(Debug, Clone)]
+pub enum RequestBody {
+    /// `application/x-www-form-urlencoded`.
+    Form(Vec<(&'static str, String)>),
+    /// `application/json`, sent with `Accept: application/json` (NationBuilder answers 406 without).
+    Json(serde_json::Map<String, serde_json::Value>),
+}
+
+impl RequestBody {
+    /// The value of one field, whatever the encoding; used by tests and the mock provider.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        match self {
+            RequestBody::Form(pairs) => pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str()),
+            RequestBody::Json(map) => map.get(name).and_then(|v| v.as_str()),
+        }
+    }
+}
+
+/// Builds the request that obtains a new token for `endpoint`, spending `refresh_token` when the
+/// grant is [`GrantKind::RefreshToken`]. Returns `None` for a refresh-token grant without one.
+pub fn token_request(endpoint: &Endpoint, refresh_token: Option<&str>) -> Option<TokenRequest> {
+    match &endpoint.grant {
+        GrantKind::ApiKey(key) => Some(wildapricot::api_key_request(endpoint, key)),
+        GrantKind::RefreshToken => {
+            let refresh_token = refresh_token?;
+            Some(match endpoint.kind {
+                ProviderKind::NationBuilder => nationbuilder::refresh_request(endpoint, refresh_token),
+                ProviderKind::Nudge => nudge::refresh_request(endpoint, refresh_token),
+                ProviderKind::WildApricot => wildapricot::refresh_request(endpoint, refresh_token),
+                ProviderKind::OAuth2 => oauth2::refresh_request(endpoint, refresh_token),
+            })
+        }
+    }
+}
+
+/// Builds a body-carrying request in the shape `auth` asks for, with `fields` first and the client
+/// credentials placed where `auth` says. Shared by the providers whose shapes are plain RFC 6749.
+pub(crate) fn rfc6749_request(
+    endpoint: &Endpoint,
+    auth: ClientAuth,
+    fields: Vec<(&'static str, String)>,
+) -> TokenRequest {
+    let secret = endpoint.client_secret.clone();
+    match auth {
+        ClientAuth::Basic => TokenRequest {
+            url: endpoint.token_url.clone(),
+            basic_auth: Some((endpoint.client_id.clone(), secret.unwrap_or_else(|| Secret::new("")))),
+            body: RequestBody::Form(fields),
+        },
+        ClientAuth::Body => {
+            let mut pairs = fields;
+            pairs.push(("client_id", endpoint.client_id.clone()));
+            if let Some(s) = secret {
+                pairs.push(("client_secret", s.expose().to_string()));
+            }
+            TokenRequest { url: endpoint.token_url.clone(), basic_auth: None, body: RequestBody::Form(pairs) }
+        }
+        ClientAuth::Json => {
+            let mut map = serde_json::Map::new();
+            for (k, v) in fields {
+                map.insert(k.to_string(), serde_json::Value::String(v));
+            }
+            map.insert("client_id".into(), endpoint.client_id.clone().into());
+            if let Some(s) = secret {
+                map.insert("client_secret".into(), s.expose().to_string().into());
+            }
+            TokenRequest { url: endpoint.token_url.clone(), basic_auth: None, body: RequestBody::Json(map) }
+        }
+    }
+}
+
+/// True for hosts where plain HTTP is acceptable: the loopback range, `::1` and `localhost`.
+pub fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+/// Token URLs must be HTTPS, except on loopback where tests and `tokend dev` live.
+pub fn check_token_url(url: &Url) -> Result<(), String> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(url) => Ok(()),
+        "http" => Err(format!(
+            "{url} uses plain http; tokens and secrets would cross the network unencrypted (http is allowed only for 127.0.0.0/8, ::1 and localhost)"
+        )),
+        other => Err(format!("{url} has scheme \"{other}\"; a token endpoint must be https")),
+    }
+}
+
+/// After a *successful* answer: if the provider says the budget is spent, how long until it resets.
+pub fn rate_limit_reset_in_if_exhausted(answer: &RawAnswer, now_secs: i64) -> Option<std::time::Duration> {
+    rate_limit_reset_in(answer, now_secs, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_or_loopback_http() {
+        let ok = [
+            "https://x.example/t",
+            "http://127.0.0.1:9/t",
+            "http://127.9.9.9/t",
+            "http://[::1]:8/t",
+            "http://localhost/t",
+        ];
+        for u in ok {
+            assert!(check_token_url(&Url::parse(u).unwrap()).is_ok(), "{u}");
+        }
+        let bad = ["http://example.com/t", "http://10.0.0.1/t", "ftp://localhost/t", "http://127.0.0.1.evil.com/t"];
+        for u in bad {
+            assert!(check_token_url(&Url::parse(u).unwrap()).is_err(), "{u}");
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! NationBuilder: `POST https://{slug}.nationbuilder.com/oauth/token` with a JSON body carrying the
+//! grant and the client credentials, `Content-Type` and `Accept: application/json` (406 without).
+//! V2 access tokens live 86400 s and the spent refresh token is revoked on use; V1 tokens have
+//! neither `expires_in` nor a refresh token and are stored and shared but never refreshed.
+
+use super::{ClientAuth, Endpoint, TokenRequest, rfc6749_request};
+use url::Url;
+
+/// NationBuilder V2 access token lifetime, for documentation and `tokend dev`.
+pub const LIFETIME_SECS: i64 = 86_400;
+
+pub fn default_token_url(slug: &str) -> Result<Url, String> {
+    let valid = !slug.is_empty()
+        && slug.len() <= 63
+        && slug.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !slug.starts_with('-');
+    if !valid {
+        return Err(format!(
+            "\"{slug}\" is not a nation slug (letters, digits and '-', as in https://SLUG.nationbuilder.com)"
+        ));
+    }
+    Url::parse(&format!("https://{slug}.nationbuilder.com/oauth/token")).map_err(|e| e.to_string())
+}
+
+pub fn refresh_request(endpoint: &Endpoint, refresh_token: &str) -> TokenRequest {
+    rfc6749_request(
+        endpoint,
+        ClientAuth::Json,
+        vec![("grant_type", "refresh_token".into()), ("refresh_token", refresh_token.into())],
+    )
+}

@@ -1,0 +1,282 @@
+//! One refresh, top to bottom. This is where tokend's one invariant lives:
+//!
+//! **A rotated refresh token is never lost.** Providers such as NationBuilder revoke the refresh
+//! token they were given as soon as they answer with a new one, so for every refresh:
+//!
+//! 1. take the credential's lease (one refresher per credential, across tasks and processes);
+//! 2. record the attempt — which refresh token is being spent, when — durably (1 and 2 are one
+//!    transaction, [`Store::begin_refresh`]);
+//! 3. POST to the token endpoint;
+//! 4. commit the answer — new access token, new refresh token, lifetime, generation + 1 — in one
+//!    SQLite transaction ([`Store::commit_rotation`]). Between the answer's last byte and this
+//!    commit there is no await point and no I/O but the commit itself, so the crash window is the
+//!    parse plus one fsync'd transaction;
+//! 5. only then write sinks, log, and release the lease.
+//!
+//! If the commit itself fails (disk full, read-only file system), the answer is written as a
+//! rescue file next to the database — the same JSON `tokend import` reads — and the failure is
+//! logged loudly with its path, so an operator can restore the chain by hand.
+
+use crate::clock::{now_ms, now_secs};
+use crate::config::Credential;
+use crate::provider::{self, Failure, HttpClient, TokenAnswer};
+use crate::redact::fingerprint;
+use crate::schedule::issue_time;
+use crate::sink;
+use crate::store::{Begin, LeaseHolder, NewToken, Status, Store, StoreError, TokenState};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A lease outlives the longest exchange by this margin, so that it is never reclaimed from a
+/// holder still waiting on a (timed-out-but-not-yet-noticed) answer.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// How often a waiter polls for a busy lease.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// How one refresh ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A new token is committed (and sinks written).
+    Refreshed { state: TokenState, rate_limited_for: Option<Duration> },
+    /// Another holder refreshed this credential while we waited for the lease; nothing was sent.
+    AlreadyRefreshed(TokenState),
+    /// The provider did not give a token; the stored state is unchanged except `last_error`, and
+    /// for [`Failure::Permanent`] the status is now `needs_reauth`.
+    Failed { failure: Failure, state: TokenState },
+    /// Nothing was sent: the credential cannot be refreshed as it stands.
+    Skipped { reason: SkipReason, state: Option<TokenState> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// No token stored: `tokend import` first.
+    NoToken,
+    /// Marked `needs_reauth`: a human must authorize again.
+    NeedsReauth,
+    /// No refresh token and no API key (e.g. NationBuilder V1 tokens).
+    NotRefreshable,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("credential {name} is being refreshed by process {pid}; gave up waiting")]
+    Busy { name: String, pid: u32 },
+    #[error(
+        "credential {name}: the provider issued a new token but it could not be stored ({source}); \
+         the answer was saved to {rescue} — run `tokend import {name} < {rescue}` once the database is writable"
+    )]
+    CommitFailed { name: String, source: StoreError, rescue: String },
+}
+
+/// Refreshes `credential` now. `expected_generation` is the generation the caller decided to
+/// refresh: if the stored one differs once the lease is ours, someone else already did it and
+/// nothing is sent. A busy lease is waited for up to `lease_wait`.
+pub async fn refresh(
+    store: &Mutex<Store>,
+    http: &HttpClient,
+    credential: &Credential,
+    expected_generation: Option<i64>,
+    lease_wait: Duration,
+) -> Result<Outcome, RefreshError> {
+    let name = credential.name.as_str();
+    let holder = LeaseHolder::new();
+    let lease_ttl = http.limits().total_timeout + LEASE_MARGIN;
+
+    // Steps 1 + 2: lease and attempt record, one durable transaction.
+    let give_up = tokio::time::Instant::now() + lease_wait;
+    let (state, attempt_id) = loop {
+        let begin = lock(store).begin_refresh(name, &holder, lease_ttl, now_ms())?;
+        match begin {
+            Begin::Leased { state, attempt_id } => break (state, attempt_id),
+            Begin::Missing => return Ok(Outcome::Skipped { reason: SkipReason::NoToken, state: None }),
+            Begin::Busy { pid, .. } if tokio::time::Instant::now() >= give_up => {
+                return Err(RefreshError::Busy { name: name.to_string(), pid });
+            }
+            Begin::Busy { .. } => tokio::time::sleep(LEASE_POLL).await,
+        }
+    };
+
+    let skip = |reason| (reason, "skipped: ".to_string() + reason_text(reason));
+    let decision = if expected_generation.is_some_and(|g| g != state.generation) {
+        Err(None)
+    } else if state.status == Status::NeedsReauth {
+        Err(Some(skip(SkipReason::NeedsReauth)))
+    } else {
+        provider::token_request(&credential.endpoint, state.refresh_token.as_ref().map(|t| t.expose()))
+            .ok_or(Some(skip(SkipReason::NotRefreshable)))
+    };
+    let request = match decision {
+        Ok(request) => request,
+        Err(skipped) => {
+            let why = skipped.as_ref().map_or("already refreshed by another holder", |(_, w)| w.as_str());
+            let mut store = lock(store);
+            store.cancel_attempt(attempt_id, why, now_ms())?;
+            store.release_lease(name, &holder)?;
+            return Ok(match skipped {
+                None => Outcome::AlreadyRefreshed(state),
+                Some((reason, _)) => Outcome::Skipped { reason, state: Some(state) },
+            });
+        }
+    };
+
+    // Step 3: the request. The lease is released whatever happens below, even if the commit fails.
+    let secrets = secrets_of(credential, &state);
+    let sent_at = now_secs();
+    let sent = http.send(&request).await;
+    let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    let interpreted = sent.and_then(|raw| {
+        let rate_limited_for = provider::rate_limit_reset_in_if_exhausted(&raw, now_secs());
+        provider::interpret(&raw, now_secs(), &secret_refs).map(|answer| (answer, rate_limited_for))
+    });
+
+    let outcome = match interpreted {
+        Ok((answer, rate_limited_for)) => {
+            // Step 4: commit before anything else happens. No await from here to the commit.
+            let token = new_token(&answer, sent_at, name);
+            let committed = lock(store).commit_rotation(name, attempt_id, state.generation, &token, now_ms());
+            let new_state = match committed {
+                Ok(s) => s,
+                Err(source) => {
+                    let rescue = write_rescue(lock(store).path(), name, &token);
+                    tracing::error!(
+                        credential = name,
+                        refresh_token = token.refresh_token.as_ref().map(|t| t.fingerprint()),
+                        rescue = %rescue,
+                        "ROTATED TOKEN NOT STORED: {source}"
+                    );
+                    let _ = lock(store).release_lease(name, &holder);
+                    return Err(RefreshError::CommitFailed { name: name.to_string(), source, rescue });
+                }
+            };
+            // Step 5: after the commit.
+            tracing::info!(
+                credential = name,
+                generation = new_state.generation,
+                expires_at = new_state.expires_at.map(crate::clock::rfc3339),
+                access_token = %fingerprint(new_state.access_token.expose()),
+                "refreshed"
+            );
+            write_sinks(credential, &new_state);
+            Outcome::Refreshed { state: new_state, rate_limited_for }
+        }
+        Err(failure) => {
+            let permanent = matches!(failure, Failure::Permanent { .. });
+            let mut guard = lock(store);
+            // Re-read before declaring the credential dead: if the stored refresh token is no
+            // longer the one we spent, someone else rotated it and this rejection is expected.
+            let current = guard.get(name)?;
+            let rotated_elsewhere = current.as_ref().is_some_and(|c| c.refresh_token != state.refresh_token);
+            let needs_reauth = permanent && !rotated_elsewhere;
+            guard.record_failure(name, attempt_id, failure.reason(), needs_reauth, now_ms())?;
+            drop(guard);
+            if needs_reauth {
+                tracing::error!(
+                    credential = name,
+                    reason = failure.reason(),
+                    "refresh rejected: credential needs re-authorization (tokend import)"
+                );
+            } else {
+                tracing::warn!(credential = name, reason = failure.reason(), "refresh failed; will retry");
+            }
+            let mut state = current.unwrap_or(state);
+            state.last_error = Some(failure.reason().to_string());
+            if needs_reauth {
+                state.status = Status::NeedsReauth;
+            }
+            Outcome::Failed { failure, state }
+        }
+    };
+    lock(store).release_lease(name, &holder)?;
+    Ok(outcome)
+}
+
+/// The token to store from an answer to a request sent at `sent_at` (unix seconds).
+pub fn new_token(answer: &TokenAnswer, sent_at: i64, name: &str) -> NewToken {
+    let issued = issue_time(answer.created_at, sent_at);
+    if let Some(skew) = issued.distrusted_skew {
+        tracing::warn!(
+            credential = name,
+            skew_secs = skew,
+            "provider created_at is far from local time; using the local send time instead"
+        );
+    }
+    NewToken {
+        access_token: answer.access_token.clone(),
+        refresh_token: answer.refresh_token.clone(),
+        token_type: answer.token_type.clone(),
+        scope: answer.scope.clone(),
+        expires_in: answer.expires_in,
+        created_at: issued.created_at,
+    }
+}
+
+/// Writes every sink of `credential`; a failing sink is logged and does not stop the others.
+pub fn write_sinks(credential: &Credential, state: &TokenState) {
+    for s in &credential.sinks {
+        if let Err(e) = sink::write(s, state) {
+            tracing::error!(credential = %credential.name, "{e}");
+        }
+    }
+}
+
+fn reason_text(reason: SkipReason) -> &'static str {
+    match reason {
+        SkipReason::NoToken => "no token stored",
+        SkipReason::NeedsReauth => "credential needs re-authorization",
+        SkipReason::NotRefreshable => "no refresh token or API key to renew with",
+    }
+}
+
+impl SkipReason {
+    pub fn text(self) -> &'static str {
+        reason_text(self)
+    }
+}
+
+fn secrets_of(credential: &Credential, state: &TokenState) -> Vec<String> {
+    let mut out = vec![state.access_token.expose().to_string()];
+    out.extend(state.refresh_token.iter().map(|t| t.expose().to_string()));
+    out.extend(credential.endpoint.client_secret.iter().map(|s| s.expose().to_string()));
+    if let provider::GrantKind::ApiKey(k) = &credential.endpoint.grant {
+        out.push(k.expose().to_string());
+    }
+    out
+}
+
+fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    // A panic while holding the store lock leaves SQLite consistent (transactions roll back), so
+    // a poisoned lock is safe to keep using.
+    store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Last resort when the rotation commit fails: keep the answer as importable JSON beside the
+/// database (mode 0600), then in the system temp dir. Returns where it went.
+fn write_rescue(db: &std::path::Path, name: &str, token: &NewToken) -> String {
+    let json = serde_json::json!({
+        "access_token": token.access_token.expose(),
+        "refresh_token": token.refresh_token.as_ref().map(|t| t.expose()),
+        "token_type": token.token_type,
+        "scope": token.scope,
+        "expires_in": token.expires_in,
+        "created_at": token.created_at,
+    });
+    let file_name = format!("tokend-rescue-{name}-{}.json", now_ms());
+    let beside = db.parent().map(|p| p.join(&file_name)).unwrap_or_else(|| PathBuf::from(&file_name));
+    for path in [beside, std::env::temp_dir().join(&file_name)] {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(json.to_string().as_bytes()).and_then(|()| f.sync_all()));
+        if written.is_ok() {
+            return path.display().to_string();
+        }
+    }
+    "nowhere (no writable location; see the error above)".to_string()
+}

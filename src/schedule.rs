@@ -1,0 +1,180 @@
+//! When is a credential due? Pure functions, no I/O, so the daemon, `tokend list` and the tests
+//! all compute the same answer.
+//!
+//! DESIGN.md "Time": `expires_at = created_at + expires_in`; refresh when 75 % of the lifetime has
+//! passed but at least 60 s before expiry, and never earlier than half the lifetime:
+//! `lead = min(max(25 % of lifetime, 60 s), 50 % of lifetime)`, then ±5 % jitter on the lead.
+//! The jitter is derived from the credential's name and generation rather than drawn at random,
+//! so that every process agrees on the due time and a restart does not reshuffle the schedule,
+//! while credentials imported together still spread out.
+
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+/// Share of the lifetime left when the default policy refreshes (refresh at 75 % elapsed).
+const DEFAULT_LEAD_FRACTION: f64 = 0.25;
+/// The default never cuts it closer than this to expiry, so a slow provider still has time.
+const MIN_LEAD_SECS: f64 = 60.0;
+/// …but never refreshes before half the lifetime, or 90 s tokens would be refreshed continuously.
+const MAX_LEAD_FRACTION: f64 = 0.5;
+/// An explicit "refresh N before expiry" is capped so that a refresh never fires in the first
+/// 10 % of a token's life, whatever the configuration says.
+const MAX_EXPLICIT_LEAD_FRACTION: f64 = 0.9;
+/// ±5 % on the lead spreads credentials that were issued in the same second.
+const JITTER_FRACTION: f64 = 0.05;
+/// A provider `created_at` further than this from our send time is distrusted (clock skew).
+pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
+/// Backoff after transient failures: 5 s, 10 s, 20 s … capped at 10 min, each ±20 %.
+const BACKOFF_BASE: Duration = Duration::from_secs(5);
+const BACKOFF_CAP: Duration = Duration::from_secs(600);
+const BACKOFF_JITTER: f64 = 0.2;
+
+/// The `refresh_at` setting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RefreshAt {
+    /// DESIGN.md's default formula.
+    Default,
+    /// Refresh once this fraction of the lifetime has elapsed (`"80%"` → 0.8).
+    Elapsed(f64),
+    /// Refresh this long before expiry (`"10m"`).
+    BeforeExpiry(Duration),
+}
+
+impl RefreshAt {
+    /// Parses `"75%"` or a duration such as `"10m"`, `"90s"`, `"1h 30m"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Some(pct) = text.strip_suffix('%') {
+            let pct: f64 = pct.trim().parse().map_err(|_| format!("\"{text}\" is not a percentage like \"75%\""))?;
+            if !(10.0..=99.0).contains(&pct) {
+                return Err(format!("\"{text}\": the percentage of lifetime elapsed must be between 10% and 99%"));
+            }
+            return Ok(RefreshAt::Elapsed(pct / 100.0));
+        }
+        let d = humantime::parse_duration(text).map_err(|_| {
+            format!("\"{text}\" is neither a percentage (\"75%\") nor a duration before expiry (\"10m\")")
+        })?;
+        if d < Duration::from_secs(1) {
+            return Err(format!("\"{text}\": refresh at least 1s before expiry"));
+        }
+        Ok(RefreshAt::BeforeExpiry(d))
+    }
+
+    /// How long before expiry to refresh a token that lives `lifetime_ms`, before jitter.
+    pub fn lead_ms(self, lifetime_ms: i64) -> i64 {
+        let life = lifetime_ms.max(0) as f64;
+        let lead = match self {
+            RefreshAt::Default => {
+                (life * DEFAULT_LEAD_FRACTION).max(MIN_LEAD_SECS * 1000.0).min(life * MAX_LEAD_FRACTION)
+            }
+            RefreshAt::Elapsed(f) => life * (1.0 - f),
+            RefreshAt::BeforeExpiry(d) => (d.as_millis() as f64).min(life * MAX_EXPLICIT_LEAD_FRACTION),
+        };
+        lead.round() as i64
+    }
+}
+
+/// A number in [-1, 1] fixed by the credential's name and generation.
+pub fn jitter_unit(name: &str, generation: i64) -> f64 {
+    let digest = Sha256::new().chain_update(name.as_bytes()).chain_update(generation.to_le_bytes()).finalize();
+    let n = u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    f64::from(n) / f64::from(u32::MAX) * 2.0 - 1.0
+}
+
+/// When a token issued at `created_at` (s) and expiring at `expires_at` (s) should be refreshed,
+/// in unix milliseconds. `jitter` is in [-1, 1] (see [`jitter_unit`]).
+pub fn due_at_ms(created_at: i64, expires_at: i64, policy: RefreshAt, jitter: f64) -> i64 {
+    let lifetime_ms = (expires_at - created_at).saturating_mul(1000);
+    let lead = policy.lead_ms(lifetime_ms) as f64;
+    let jittered = lead * (1.0 + JITTER_FRACTION * jitter.clamp(-1.0, 1.0));
+    expires_at.saturating_mul(1000) - jittered.round() as i64
+}
+
+/// The issue time tokend records: the provider's `created_at` when it is believable, else the local
+/// time the request was *sent* (never when the answer arrived: that would overestimate the life).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssueTime {
+    pub created_at: i64,
+    /// Set when the provider's value was ignored, to the skew in seconds (provider − local).
+    pub distrusted_skew: Option<i64>,
+}
+
+pub fn issue_time(provider_created_at: Option<i64>, sent_at_secs: i64) -> IssueTime {
+    match provider_created_at {
+        Some(p) if (p - sent_at_secs).abs() <= MAX_CLOCK_SKEW_SECS => {
+            IssueTime { created_at: p, distrusted_skew: None }
+        }
+        Some(p) => IssueTime { created_at: sent_at_secs, distrusted_skew: Some(p - sent_at_secs) },
+        None => IssueTime { created_at: sent_at_secs, distrusted_skew: None },
+    }
+}
+
+/// Delay before retry number `attempt` (1-based) after a transient failure; `unit_random` in [0, 1).
+/// The caller caps it further so that a retry is never scheduled past the token's own deadline.
+pub fn backoff(attempt: u32, unit_random: f64) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let capped = exp.min(BACKOFF_CAP);
+    capped.mul_f64(1.0 + BACKOFF_JITTER * (unit_random * 2.0 - 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn due_in_secs(lifetime: i64, policy: RefreshAt) -> f64 {
+        let created = 1_000_000;
+        (due_at_ms(created, created + lifetime, policy, 0.0) - created * 1000) as f64 / 1000.0
+    }
+
+    #[test]
+    fn default_lands_providers_where_design_says() {
+        assert_eq!(due_in_secs(86_400, RefreshAt::Default), 64_800.0); // NationBuilder ~18 h
+        assert_eq!(due_in_secs(3600, RefreshAt::Default), 2700.0); // Nudge ~45 min
+        assert_eq!(due_in_secs(1800, RefreshAt::Default), 1350.0); // Wild Apricot ~22 min
+        assert_eq!(due_in_secs(200, RefreshAt::Default), 140.0); // 60 s floor wins
+        assert_eq!(due_in_secs(90, RefreshAt::Default), 45.0); // half-life cap wins
+        assert_eq!(due_in_secs(20, RefreshAt::Default), 10.0); // tokend dev tokens
+    }
+
+    #[test]
+    fn explicit_policies() {
+        assert_eq!(RefreshAt::parse("80%").unwrap(), RefreshAt::Elapsed(0.8));
+        assert_eq!(due_in_secs(3600, RefreshAt::parse("80%").unwrap()), 2880.0);
+        assert_eq!(due_in_secs(3600, RefreshAt::parse("10m").unwrap()), 3000.0);
+        // 10 min before expiry of a 5 min token is capped to 90 % lead: refresh at 30 s.
+        assert_eq!(due_in_secs(300, RefreshAt::parse("10m").unwrap()), 30.0);
+        assert!(RefreshAt::parse("5%").unwrap_err().contains("between 10% and 99%"));
+        assert!(RefreshAt::parse("soon").unwrap_err().contains("neither a percentage"));
+    }
+
+    #[test]
+    fn jitter_stays_within_five_percent_of_lead_and_varies() {
+        let created = 0;
+        let values: Vec<i64> =
+            (0..200).map(|g| due_at_ms(created, 3600, RefreshAt::Default, jitter_unit("c", g))).collect();
+        let lead_ms = 900_000.0;
+        for v in &values {
+            let lead = (3_600_000 - v) as f64;
+            assert!((lead - lead_ms).abs() <= lead_ms * 0.05 + 1.0, "{lead}");
+        }
+        let distinct: std::collections::HashSet<_> = values.iter().collect();
+        assert!(distinct.len() > 150);
+        assert_eq!(jitter_unit("x", 3), jitter_unit("x", 3));
+    }
+
+    #[test]
+    fn skewed_created_at_is_distrusted() {
+        assert_eq!(issue_time(Some(1000), 1100), IssueTime { created_at: 1000, distrusted_skew: None });
+        assert_eq!(issue_time(Some(1000), 5000), IssueTime { created_at: 5000, distrusted_skew: Some(-4000) });
+        assert_eq!(issue_time(None, 5000).created_at, 5000);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1, 0.5), Duration::from_secs(5));
+        assert_eq!(backoff(3, 0.5), Duration::from_secs(20));
+        assert_eq!(backoff(30, 0.5), Duration::from_secs(600));
+        assert!(backoff(30, 0.999) <= Duration::from_secs(720));
+        assert!(backoff(1, 0.0) >= Duration::from_secs(4));
+    }
+}

@@ -1,0 +1,197 @@
+//! Token files for programs in any language. A reader must never see a partial file or a
+//! stale-but-valid-looking token, so every write is: temp file in the same directory (created
+//! exclusively, never following links) → write → fsync → rename over the target → fsync the
+//! directory. A watcher sees exactly one rename per new token. A symlink, a hard-linked file or
+//! anything but a regular file at the target is refused: nothing is ever written through it.
+
+use crate::clock::rfc3339;
+use crate::config::{SinkConfig, SinkFormat};
+use crate::store::TokenState;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[error("sink {path}: {message}")]
+pub struct SinkError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+fn sink_error(path: &Path, message: impl Into<String>) -> SinkError {
+    SinkError { path: path.to_path_buf(), message: message.into() }
+}
+
+/// `TOKEND_<NAME>_` with the name upper-cased and '-' turned into '_', for env sinks.
+pub fn env_prefix(credential: &str) -> String {
+    format!("TOKEND_{}_", credential.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// The bytes a sink of `format` holds for `state`.
+pub fn render(format: SinkFormat, state: &TokenState) -> Result<Vec<u8>, String> {
+    let token = state.access_token.expose();
+    Ok(match format {
+        // No trailing newline: `$(cat file)` and `-H "Authorization: Bearer $(cat file)"` need none,
+        // and a reader comparing bytes gets exactly the token.
+        SinkFormat::Raw => token.as_bytes().to_vec(),
+        SinkFormat::Json => {
+            let value = serde_json::json!({
+                "access_token": token,
+                "token_type": state.token_type,
+                "expires_at": state.expires_at.map(rfc3339),
+                "scope": state.scope,
+                "generation": state.generation,
+            });
+            let mut bytes = serde_json::to_vec_pretty(&value).map_err(|e| e.to_string())?;
+            bytes.push(b'\n');
+            bytes
+        }
+        SinkFormat::Env => {
+            // Single quotes keep `$` and friends literal for both `source` and systemd's
+            // EnvironmentFile=; the answer parser already guarantees no whitespace or controls.
+            if token.contains('\'') {
+                return Err("the access token contains a single quote, which an env file cannot carry safely".into());
+            }
+            let prefix = env_prefix(&state.name);
+            let expires = state.expires_at.map(rfc3339).unwrap_or_default();
+            format!("{prefix}ACCESS_TOKEN='{token}'\n{prefix}EXPIRES_AT='{expires}'\n").into_bytes()
+        }
+    })
+}
+
+/// Writes `state` into the sink atomically. Called only after the store commit.
+pub fn write(sink: &SinkConfig, state: &TokenState) -> Result<(), SinkError> {
+    let path = &sink.path;
+    let bytes = render(sink.format, state).map_err(|m| sink_error(path, m))?;
+    check_target(path)?;
+    let dir = parent_dir(path);
+    let file_name = path.file_name().ok_or_else(|| sink_error(path, "does not name a file"))?.to_string_lossy();
+    let tmp = dir.join(format!(".{file_name}.tokend-{:08x}", rand::random::<u32>()));
+    let result = write_new_file(&tmp, &bytes, sink.mode).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename into place: {e}"))?;
+        sync_dir(&dir)
+    });
+    if let Err(message) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(sink_error(path, message));
+    }
+    Ok(())
+}
+
+/// Removes a sink file (token expired, credential removed). A missing file is fine; a symlink is
+/// removed itself, never its target.
+pub fn remove(sink: &SinkConfig) -> Result<bool, SinkError> {
+    match std::fs::remove_file(&sink.path) {
+        Ok(()) => {
+            sync_dir(&parent_dir(&sink.path)).map_err(|m| sink_error(&sink.path, m))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(sink_error(&sink.path, format!("cannot remove: {e}"))),
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn check_target(path: &Path) -> Result<(), SinkError> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(sink_error(path, format!("cannot inspect: {e}"))),
+        Ok(meta) if meta.file_type().is_symlink() => {
+            Err(sink_error(path, "is a symbolic link; refusing to write a token through it"))
+        }
+        Ok(meta) if !meta.file_type().is_file() => Err(sink_error(path, "exists and is not a regular file")),
+        Ok(meta) if meta.nlink() > 1 => Err(sink_error(
+            path,
+            format!("has {} hard links; another name for this file would keep old tokens, refusing", meta.nlink()),
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+fn write_new_file(tmp: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    let mut file: File = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    // The umask may have taken bits away from `mode`; set it exactly.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot set mode {mode:04o}: {e}"))?;
+    file.write_all(bytes).map_err(|e| format!("cannot write: {e}"))?;
+    file.sync_all().map_err(|e| format!("cannot fsync: {e}"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("cannot fsync directory {}: {e}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redact::Secret;
+    use crate::store::Status;
+
+    fn state() -> TokenState {
+        TokenState {
+            name: "my-nation".into(),
+            provider: "nationbuilder".into(),
+            access_token: Secret::new("AT$1"),
+            refresh_token: None,
+            token_type: "Bearer".into(),
+            scope: Some("default".into()),
+            expires_in: Some(86400),
+            created_at: 1_632_773_996,
+            expires_at: Some(1_632_860_396),
+            generation: 7,
+            status: Status::Active,
+            last_error: None,
+            last_refresh_at: None,
+            attempts_in_flight: 0,
+        }
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(render(SinkFormat::Raw, &state()).unwrap(), b"AT$1");
+        let env = String::from_utf8(render(SinkFormat::Env, &state()).unwrap()).unwrap();
+        assert_eq!(env, "TOKEND_MY_NATION_ACCESS_TOKEN='AT$1'\nTOKEND_MY_NATION_EXPIRES_AT='2021-09-28T20:19:56Z'\n");
+        let json: serde_json::Value = serde_json::from_slice(&render(SinkFormat::Json, &state()).unwrap()).unwrap();
+        assert_eq!(json["access_token"], "AT$1");
+        assert_eq!(json["expires_at"], "2021-09-28T20:19:56Z");
+        assert_eq!(json["generation"], 7);
+        assert_eq!(json["token_type"], "Bearer");
+        assert_eq!(json["scope"], "default");
+    }
+
+    #[test]
+    fn writes_atomically_with_mode_and_refuses_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = SinkConfig { path: dir.path().join("t"), format: SinkFormat::Raw, mode: 0o640 };
+        write(&sink, &state()).unwrap();
+        assert_eq!(std::fs::read(&sink.path).unwrap(), b"AT$1");
+        assert_eq!(std::fs::metadata(&sink.path).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left behind");
+
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let link = SinkConfig { path: dir.path().join("l"), format: SinkFormat::Raw, mode: 0o600 };
+        std::os::unix::fs::symlink(&victim, &link.path).unwrap();
+        let err = write(&link, &state()).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+
+        let hard = SinkConfig { path: dir.path().join("h"), format: SinkFormat::Raw, mode: 0o600 };
+        std::fs::hard_link(&victim, &hard.path).unwrap();
+        assert!(write(&hard, &state()).unwrap_err().to_string().contains("hard links"));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+}

@@ -1,0 +1,682 @@
+//! The token store: one SQLite file (WAL, `synchronous=FULL`) holding every credential's token
+//! state, the attempts in flight and the leases. SQL lives here and nowhere else.
+//!
+//! Why each piece exists:
+//! - **Leases** (`lease` table) make sure one credential is refreshed by one holder at a time,
+//!   across tasks *and* processes: taken under `BEGIN IMMEDIATE` (the database write lock), with
+//!   the holder's pid and a deadline. A lease whose holder process is gone, or whose deadline has
+//!   passed, is reclaimed.
+//! - **Attempts** (`attempt` table) record which refresh token (by fingerprint) is about to be
+//!   spent, durably, *before* the request leaves. An attempt without a result after a crash is
+//!   the evidence that a rotation may have happened in the crash window.
+//! - **The rotation commit** writes the new access token, the new refresh token, the lifetime and
+//!   the generation in one transaction; `synchronous=FULL` makes it durable when `commit` returns.
+//!
+//! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] only ever grows.
+
+use crate::redact::{Secret, fingerprint};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use std::fs::OpenOptions;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Every schema change is appended here; index + 1 is the `user_version` it leads to.
+const MIGRATIONS: &[&str] = &[r"
+    CREATE TABLE credential (
+        name            TEXT PRIMARY KEY,
+        provider        TEXT NOT NULL,
+        access_token    TEXT NOT NULL,
+        refresh_token   TEXT,
+        token_type      TEXT NOT NULL,
+        scope           TEXT,
+        expires_in      INTEGER,
+        created_at      INTEGER NOT NULL,
+        expires_at      INTEGER,
+        generation      INTEGER NOT NULL,
+        status          TEXT NOT NULL CHECK (status IN ('active', 'needs_reauth')),
+        last_error      TEXT,
+        last_refresh_at INTEGER,
+        updated_at      INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE attempt (
+        id              INTEGER PRIMARY KEY,
+        credential      TEXT NOT NULL,
+        from_generation INTEGER NOT NULL,
+        spent_fp        TEXT,
+        holder          TEXT NOT NULL,
+        started_at_ms   INTEGER NOT NULL,
+        finished_at_ms  INTEGER,
+        result          TEXT
+    ) STRICT;
+    CREATE INDEX attempt_open ON attempt (credential) WHERE finished_at_ms IS NULL;
+    CREATE TABLE lease (
+        credential      TEXT PRIMARY KEY,
+        holder          TEXT NOT NULL,
+        pid             INTEGER NOT NULL,
+        deadline_ms     INTEGER NOT NULL
+    ) STRICT;
+"];
+
+/// How long a writer waits for another process's transaction before SQLite reports busy. The
+/// longest transaction tokend holds is one rotation commit (milliseconds), so hitting this means
+/// something is badly wrong rather than merely busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error("database {path}: {message}")]
+    Other { path: PathBuf, message: String },
+}
+
+/// `active` credentials are refreshed; `needs_reauth` ones wait for a human (`tokend import`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Active,
+    NeedsReauth,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::NeedsReauth => "needs_reauth",
+        }
+    }
+}
+
+/// A credential's stored token state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenState {
+    pub name: String,
+    pub provider: String,
+    pub access_token: Secret,
+    pub refresh_token: Option<Secret>,
+    pub token_type: String,
+    pub scope: Option<String>,
+    pub expires_in: Option<i64>,
+    pub created_at: i64,
+    /// `None` for tokens that never expire (NationBuilder V1, some API keys).
+    pub expires_at: Option<i64>,
+    pub generation: i64,
+    pub status: Status,
+    pub last_error: Option<String>,
+    pub last_refresh_at: Option<i64>,
+    pub attempts_in_flight: i64,
+}
+
+/// A token to store, from a refresh or an import.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub access_token: Secret,
+    /// `None` keeps the stored refresh token (RFC 6749 §6: the server may not issue a new one).
+    pub refresh_token: Option<Secret>,
+    pub token_type: String,
+    pub scope: Option<String>,
+    pub expires_in: Option<i64>,
+    pub created_at: i64,
+}
+
+impl NewToken {
+    pub fn expires_at(&self) -> Option<i64> {
+        self.expires_in.map(|e| self.created_at.saturating_add(e))
+    }
+}
+
+/// Who holds a lease: unique per refresh, with the process id for stale-lease detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub id: String,
+    pub pid: u32,
+}
+
+impl LeaseHolder {
+    pub fn new() -> Self {
+        let pid = std::process::id();
+        Self { id: format!("{pid}-{:016x}", rand::random::<u64>()), pid }
+    }
+}
+
+impl Default for LeaseHolder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What [`Store::begin_refresh`] found.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "built once per refresh and consumed at once; boxing buys nothing")]
+pub enum Begin {
+    /// The lease is ours and the attempt is recorded.
+    Leased { state: TokenState, attempt_id: i64 },
+    /// Another live holder is refreshing this credential.
+    Busy { pid: u32, deadline_ms: i64 },
+    /// No stored token under that name.
+    Missing,
+}
+
+/// An attempt that never got a result (its process died mid-refresh).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAttempt {
+    pub id: i64,
+    pub credential: String,
+    pub from_generation: i64,
+    pub spent_fp: Option<String>,
+    pub holder: String,
+    pub started_at_ms: i64,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const STATE_COLUMNS: &str = "name, provider, access_token, refresh_token, token_type, scope, expires_in, created_at, \
+     expires_at, generation, status, last_error, last_refresh_at, \
+     (SELECT count(*) FROM attempt a WHERE a.credential = c.name AND a.finished_at_ms IS NULL)";
+
+fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenState> {
+    let status: String = row.get(10)?;
+    Ok(TokenState {
+        name: row.get(0)?,
+        provider: row.get(1)?,
+        access_token: Secret::new(row.get::<_, String>(2)?),
+        refresh_token: row.get::<_, Option<String>>(3)?.map(Secret::new),
+        token_type: row.get(4)?,
+        scope: row.get(5)?,
+        expires_in: row.get(6)?,
+        created_at: row.get(7)?,
+        expires_at: row.get(8)?,
+        generation: row.get(9)?,
+        status: if status == "needs_reauth" { Status::NeedsReauth } else { Status::Active },
+        last_error: row.get(11)?,
+        last_refresh_at: row.get(12)?,
+        attempts_in_flight: row.get(13)?,
+    })
+}
+
+impl Store {
+    /// Opens (creating with mode 0600 if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let other = |message: String| StoreError::Other { path: path.to_path_buf(), message };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| other(format!("cannot create directory {}: {e}", dir.display())))?;
+        }
+        // Create the file ourselves so it is 0600 from its first byte; SQLite gives the -wal and
+        // -shm files the same mode as the database file.
+        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let meta = std::fs::metadata(path).map_err(|e| other(e.to_string()))?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(
+                        database = %path.display(),
+                        mode = format!("{:04o}", meta.permissions().mode() & 0o777),
+                        "database file is readable by other users; it holds refresh tokens, consider chmod 600"
+                    );
+                }
+            }
+            Err(e) => return Err(other(format!("cannot create: {e}"))),
+        }
+        let sql = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| {
+            if matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::NotADatabase)) {
+                other("is not a SQLite database (corrupt, or another file at this path); refusing to touch it".into())
+            } else {
+                sql(e)
+            }
+        })?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(other(format!("cannot switch to WAL journal (got {mode})")));
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(sql)?;
+        let mut store = Store { conn, path: path.to_path_buf() };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite { path: self.path.clone(), source }
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
+        let version = usize::try_from(version).unwrap_or(usize::MAX);
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Other {
+                path: self.path.clone(),
+                message: format!(
+                    "schema version {version} is newer than this tokend knows ({}); upgrade tokend",
+                    MIGRATIONS.len()
+                ),
+            });
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+            tx.execute_batch(migration).map_err(sql)?;
+            tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX)).map_err(sql)?;
+        }
+        tx.commit().map_err(sql)
+    }
+
+    pub fn schema_version(&self) -> Result<usize, StoreError> {
+        let v: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        Ok(usize::try_from(v).unwrap_or(usize::MAX))
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
+        self.conn
+            .query_row(&format!("SELECT {STATE_COLUMNS} FROM credential c WHERE name = ?1"), [name], state_from_row)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn list(&self) -> Result<Vec<TokenState>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {STATE_COLUMNS} FROM credential c ORDER BY name"))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], state_from_row).map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Stores a token obtained outside a refresh (first authorization): generation + 1, status
+    /// active, open attempts closed as superseded.
+    pub fn import(
+        &mut self,
+        name: &str,
+        provider: &str,
+        token: &NewToken,
+        now_secs: i64,
+    ) -> Result<TokenState, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+        tx.execute(
+            "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
+                 created_at, expires_at, generation, status, last_error, last_refresh_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, 'active', NULL, NULL, ?10)
+             ON CONFLICT (name) DO UPDATE SET provider = excluded.provider, access_token = excluded.access_token,
+                 refresh_token = excluded.refresh_token, token_type = excluded.token_type, scope = excluded.scope,
+                 expires_in = excluded.expires_in, created_at = excluded.created_at, expires_at = excluded.expires_at,
+                 generation = credential.generation + 1, status = 'active', last_error = NULL,
+                 updated_at = excluded.updated_at",
+            params![
+                name,
+                provider,
+                token.access_token.expose(),
+                token.refresh_token.as_ref().map(Secret::expose),
+                token.token_type,
+                token.scope,
+                token.expires_in,
+                token.created_at,
+                token.expires_at(),
+                now_secs
+            ],
+        )
+        .map_err(sql)?;
+        tx.execute(
+            "UPDATE attempt SET finished_at_ms = ?2, result = 'superseded by import' WHERE credential = ?1 AND finished_at_ms IS NULL",
+            params![name, now_secs * 1000],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        self.get(name)?.ok_or_else(|| StoreError::Other {
+            path: self.path.clone(),
+            message: format!("credential {name} vanished after import"),
+        })
+    }
+
+    /// Steps 1 and 2 of the invariant in one durable transaction: take the lease for `name` and
+    /// record the attempt to spend its current refresh token.
+    pub fn begin_refresh(
+        &mut self,
+        name: &str,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now_ms: i64,
+    ) -> Result<Begin, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+        let state = tx
+            .query_row(&format!("SELECT {STATE_COLUMNS} FROM credential c WHERE name = ?1"), [name], state_from_row)
+            .optional()
+            .map_err(sql)?;
+        let Some(state) = state else { return Ok(Begin::Missing) };
+        let current: Option<(String, u32, i64)> = tx
+            .query_row("SELECT holder, pid, deadline_ms FROM lease WHERE credential = ?1", [name], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()
+            .map_err(sql)?;
+        if let Some((other, pid, deadline_ms)) = current {
+            let ours = other == holder.id;
+            if !ours && deadline_ms > now_ms && process_alive(pid) {
+                return Ok(Begin::Busy { pid, deadline_ms });
+            }
+            if !ours {
+                tracing::warn!(
+                    credential = name,
+                    stale_pid = pid,
+                    "reclaiming a stale lease (holder gone or past its deadline)"
+                );
+            }
+        }
+        let deadline = now_ms.saturating_add(i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX));
+        tx.execute(
+            "INSERT INTO lease (credential, holder, pid, deadline_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (credential) DO UPDATE SET holder = excluded.holder, pid = excluded.pid, deadline_ms = excluded.deadline_ms",
+            params![name, holder.id, holder.pid, deadline],
+        )
+        .map_err(sql)?;
+        tx.execute(
+            "INSERT INTO attempt (credential, from_generation, spent_fp, holder, started_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, state.generation, state.refresh_token.as_ref().map(|t| fingerprint(t.expose())), holder.id, now_ms],
+        )
+        .map_err(sql)?;
+        let attempt_id = tx.last_insert_rowid();
+        tx.commit().map_err(sql)?;
+        Ok(Begin::Leased { state, attempt_id })
+    }
+
+    /// Step 4: the rotation commit. One transaction: new tokens, lifetime, generation + 1, status
+    /// active, attempt closed. Durable (fsync'd WAL) when this returns `Ok`.
+    pub fn commit_rotation(
+        &mut self,
+        name: &str,
+        attempt_id: i64,
+        from_generation: i64,
+        token: &NewToken,
+        now_ms: i64,
+    ) -> Result<TokenState, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+        // No generation predicate: the provider has already rotated, so this answer is the only
+        // valid token there is and must be stored whatever happened meanwhile.
+        let previous: Option<i64> = tx
+            .query_row("SELECT generation FROM credential WHERE name = ?1", [name], |r| r.get(0))
+            .optional()
+            .map_err(sql)?;
+        let now_secs = now_ms.div_euclid(1000);
+        let changed = tx
+            .execute(
+                "UPDATE credential SET access_token = ?2, refresh_token = COALESCE(?3, refresh_token), token_type = ?4,
+                     scope = COALESCE(?5, scope), expires_in = ?6, created_at = ?7, expires_at = ?8,
+                     generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = ?9, updated_at = ?9
+                 WHERE name = ?1",
+                params![
+                    name,
+                    token.access_token.expose(),
+                    token.refresh_token.as_ref().map(Secret::expose),
+                    token.token_type,
+                    token.scope,
+                    token.expires_in,
+                    token.created_at,
+                    token.expires_at(),
+                    now_secs
+                ],
+            )
+            .map_err(sql)?;
+        if changed == 0 {
+            // Removed while we were refreshing: re-create, the new refresh token must not be lost.
+            tx.execute(
+                "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
+                     created_at, expires_at, generation, status, last_refresh_at, updated_at)
+                 VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
+                params![
+                    name,
+                    token.access_token.expose(),
+                    token.refresh_token.as_ref().map(Secret::expose),
+                    token.token_type,
+                    token.scope,
+                    token.expires_in,
+                    token.created_at,
+                    token.expires_at(),
+                    from_generation + 1,
+                    now_secs
+                ],
+            )
+            .map_err(sql)?;
+        }
+        tx.execute(
+            "UPDATE attempt SET finished_at_ms = ?2, result = 'refreshed' WHERE id = ?1",
+            params![attempt_id, now_ms],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        if previous.is_some_and(|g| g != from_generation) {
+            tracing::warn!(credential = name, expected = from_generation, found = ?previous, "credential changed during a leased refresh");
+        }
+        self.get(name)?.ok_or_else(|| StoreError::Other {
+            path: self.path.clone(),
+            message: format!("credential {name} vanished after commit"),
+        })
+    }
+
+    /// Closes an attempt that produced no token. `needs_reauth` marks the credential dead until a
+    /// human imports a new token; otherwise only `last_error` is updated.
+    pub fn record_failure(
+        &mut self,
+        name: &str,
+        attempt_id: i64,
+        reason: &str,
+        needs_reauth: bool,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+        tx.execute(
+            "UPDATE credential SET last_error = ?2, updated_at = ?3,
+                 status = CASE WHEN ?4 THEN 'needs_reauth' ELSE status END
+             WHERE name = ?1",
+            params![name, reason, now_ms.div_euclid(1000), needs_reauth],
+        )
+        .map_err(sql)?;
+        tx.execute(
+            "UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1",
+            params![attempt_id, now_ms, if needs_reauth { "needs_reauth" } else { "failed" }],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Closes an attempt that was abandoned before any request was sent.
+    pub fn cancel_attempt(&mut self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1",
+                params![attempt_id, now_ms, why],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Step 5's last act. Only the holder's own lease is removed.
+    pub fn release_lease(&mut self, name: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM lease WHERE credential = ?1 AND holder = ?2", params![name, holder.id])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Attempts with no result whose holder is not alive: rotations that may have happened in a
+    /// crash window.
+    pub fn abandoned_attempts(&self) -> Result<Vec<OpenAttempt>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, credential, from_generation, spent_fp, holder, started_at_ms FROM attempt WHERE finished_at_ms IS NULL ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(OpenAttempt {
+                    id: r.get(0)?,
+                    credential: r.get(1)?,
+                    from_generation: r.get(2)?,
+                    spent_fp: r.get(3)?,
+                    holder: r.get(4)?,
+                    started_at_ms: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        let all = rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))?;
+        Ok(all.into_iter().filter(|a| !holder_alive(&a.holder)).collect())
+    }
+
+    /// Removes a credential's token, leases and attempts. Returns whether it existed.
+    pub fn remove(&mut self, name: &str) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+        let n = tx.execute("DELETE FROM credential WHERE name = ?1", [name]).map_err(sql)?;
+        tx.execute("DELETE FROM lease WHERE credential = ?1", [name]).map_err(sql)?;
+        tx.execute("DELETE FROM attempt WHERE credential = ?1", [name]).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(n > 0)
+    }
+}
+
+/// The pid is the part of a holder id before the first '-'.
+fn holder_alive(holder: &str) -> bool {
+    holder.split('-').next().and_then(|p| p.parse().ok()).is_some_and(process_alive)
+}
+
+/// Whether a process with this pid exists. A process owned by another user (EPERM) counts as
+/// alive: we must not steal a lease from a live refresher we merely cannot signal.
+#[allow(unsafe_code)]
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(access: &str, refresh: Option<&str>, created_at: i64) -> NewToken {
+        NewToken {
+            access_token: Secret::new(access),
+            refresh_token: refresh.map(Secret::new),
+            token_type: "Bearer".into(),
+            scope: Some("default".into()),
+            expires_in: Some(3600),
+            created_at,
+        }
+    }
+
+    #[test]
+    fn import_begin_commit_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("sub").join("t.db");
+        let mut store = Store::open(&db).unwrap();
+        assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len());
+
+        let s = store.import("nb", "nationbuilder", &token("a1", Some("r1"), 1000), 1000).unwrap();
+        assert_eq!((s.generation, s.expires_at, s.status), (1, Some(4600), Status::Active));
+
+        let me = LeaseHolder::new();
+        let Begin::Leased { state, attempt_id } =
+            store.begin_refresh("nb", &me, Duration::from_secs(60), 2_000_000).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(state.refresh_token.as_ref().unwrap().expose(), "r1");
+        assert_eq!(store.get("nb").unwrap().unwrap().attempts_in_flight, 1);
+
+        let other = LeaseHolder { id: format!("{}-other", std::process::id()), pid: std::process::id() };
+        assert!(matches!(
+            store.begin_refresh("nb", &other, Duration::from_secs(60), 2_000_001).unwrap(),
+            Begin::Busy { .. }
+        ));
+
+        let s = store.commit_rotation("nb", attempt_id, 1, &token("a2", Some("r2"), 2000), 2_000_500).unwrap();
+        assert_eq!(
+            (s.generation, s.access_token.expose(), s.refresh_token.as_ref().unwrap().expose()),
+            (2, "a2", "r2")
+        );
+        assert_eq!(s.attempts_in_flight, 0);
+        store.release_lease("nb", &me).unwrap();
+        assert!(matches!(
+            store.begin_refresh("nb", &other, Duration::from_secs(60), 2_000_600).unwrap(),
+            Begin::Leased { .. }
+        ));
+    }
+
+    #[test]
+    fn missing_refresh_token_in_answer_keeps_the_stored_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("t.db")).unwrap();
+        store.import("c", "oauth2", &token("a1", Some("r1"), 1000), 1000).unwrap();
+        let me = LeaseHolder::new();
+        let Begin::Leased { attempt_id, .. } = store.begin_refresh("c", &me, Duration::from_secs(60), 1).unwrap()
+        else {
+            panic!()
+        };
+        let s = store.commit_rotation("c", attempt_id, 1, &token("a2", None, 2000), 2).unwrap();
+        assert_eq!(s.refresh_token.unwrap().expose(), "r1");
+    }
+
+    #[test]
+    fn stale_lease_of_dead_process_is_reclaimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("t.db")).unwrap();
+        store.import("c", "oauth2", &token("a1", Some("r1"), 1000), 1000).unwrap();
+        // pid_max is at most 2^22 on Linux: this pid cannot exist.
+        let dead = LeaseHolder { id: "99999999-dead".into(), pid: 99_999_999 };
+        assert!(matches!(store.begin_refresh("c", &dead, Duration::from_secs(600), 1).unwrap(), Begin::Leased { .. }));
+        assert_eq!(store.abandoned_attempts().unwrap().len(), 1);
+        let me = LeaseHolder::new();
+        assert!(matches!(store.begin_refresh("c", &me, Duration::from_secs(60), 2).unwrap(), Begin::Leased { .. }));
+    }
+
+    #[test]
+    fn needs_reauth_persists_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        {
+            let mut store = Store::open(&db).unwrap();
+            store.import("c", "oauth2", &token("a1", Some("r1"), 1000), 1000).unwrap();
+            let me = LeaseHolder::new();
+            let Begin::Leased { attempt_id, .. } = store.begin_refresh("c", &me, Duration::from_secs(60), 1).unwrap()
+            else {
+                panic!()
+            };
+            store.record_failure("c", attempt_id, "invalid_grant", true, 2).unwrap();
+        }
+        let store = Store::open(&db).unwrap();
+        let s = store.get("c").unwrap().unwrap();
+        assert_eq!((s.status, s.last_error.as_deref()), (Status::NeedsReauth, Some("invalid_grant")));
+    }
+
+    #[test]
+    fn garbage_file_is_refused_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        std::fs::write(&db, vec![0x42u8; 8192]).unwrap();
+        let err = Store::open(&db).err().unwrap().to_string();
+        assert!(err.contains("is not a SQLite database"), "{err}");
+        assert_eq!(std::fs::read(&db).unwrap(), vec![0x42u8; 8192]);
+    }
+}
