@@ -177,10 +177,13 @@ fn import(config: &Config, name: &str, issued_at: Option<&str>) -> Result<(), Cl
     }
     let answer = provider::parse_token_json(&input).map_err(|e| CliError::new(exit::FAILURE, format!("stdin: {e}")))?;
     let issued = match issued_at {
-        None => now_secs(),
-        Some(t) => parse_time(t).ok_or_else(|| {
-            CliError::new(exit::USAGE, format!("--issued-at \"{t}\" is neither unix seconds nor an RFC 3339 time"))
-        })?,
+        None => schedule::imported_issue_time(answer.created_at, now_secs()),
+        Some(t) => {
+            let at = parse_time(t).ok_or_else(|| {
+                CliError::new(exit::USAGE, format!("--issued-at \"{t}\" is neither unix seconds nor an RFC 3339 time"))
+            })?;
+            schedule::IssueTime { created_at: at, distrusted_skew: None }
+        }
     };
     if answer.created_at.is_none() && issued_at.is_none() {
         tracing::info!(
@@ -371,8 +374,8 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
             println!("{name} was refreshed by another process meanwhile: generation {}", state.generation);
             Ok(())
         }
-        Outcome::Failed { failure, state } => {
-            let code = if state.status == Status::NeedsReauth { exit::NEEDS_REAUTH } else { exit::TEMPORARY };
+        Outcome::Failed { failure, needs_reauth } => {
+            let code = if needs_reauth { exit::NEEDS_REAUTH } else { exit::TEMPORARY };
             Err(CliError::new(code, format!("{name}: refresh failed: {}", failure.reason())))
         }
         Outcome::Skipped { reason, .. } => {

@@ -21,7 +21,7 @@ use crate::clock::{now_ms, now_secs};
 use crate::config::Credential;
 use crate::provider::{self, Failure, HttpClient, TokenAnswer};
 use crate::redact::fingerprint;
-use crate::schedule::issue_time;
+use crate::schedule::{IssueTime, issue_time};
 use crate::sink;
 use crate::store::{Begin, LeaseHolder, NewToken, Status, Store, StoreError, TokenState};
 use std::io::Write;
@@ -44,8 +44,9 @@ pub enum Outcome {
     /// Another holder refreshed this credential while we waited for the lease; nothing was sent.
     AlreadyRefreshed(TokenState),
     /// The provider did not give a token; the stored state is unchanged except `last_error`, and
-    /// for [`Failure::Permanent`] the status is now `needs_reauth`.
-    Failed { failure: Failure, state: TokenState },
+    /// the status when `needs_reauth` (a [`Failure::Permanent`] not explained by a rotation
+    /// elsewhere).
+    Failed { failure: Failure, needs_reauth: bool },
     /// Nothing was sent: the credential cannot be refreshed as it stands.
     Skipped { reason: SkipReason, state: Option<TokenState> },
 }
@@ -93,7 +94,6 @@ pub async fn refresh(
         let begin = lock(store).begin_refresh(name, &holder, lease_ttl, now_ms())?;
         match begin {
             Begin::Leased { state, attempt_id } => break (state, attempt_id),
-            Begin::Missing => return Ok(Outcome::Skipped { reason: SkipReason::NoToken, state: None }),
             Begin::Busy { pid, .. } if tokio::time::Instant::now() >= give_up => {
                 return Err(RefreshError::Busy { name: name.to_string(), pid });
             }
@@ -101,31 +101,31 @@ pub async fn refresh(
         }
     };
 
-    let skip = |reason| (reason, "skipped: ".to_string() + reason_text(reason));
-    let decision = if expected_generation.is_some_and(|g| g != state.generation) {
-        Err(None)
-    } else if state.status == Status::NeedsReauth {
-        Err(Some(skip(SkipReason::NeedsReauth)))
-    } else {
-        provider::token_request(&credential.endpoint, state.refresh_token.as_ref().map(|t| t.expose()))
-            .ok_or(Some(skip(SkipReason::NotRefreshable)))
+    let generation = state.as_ref().map_or(0, |s| s.generation);
+    let spent = state.as_ref().and_then(|s| s.refresh_token.clone());
+    let request = match (&state, expected_generation) {
+        (Some(s), Some(g)) if s.generation != g => Err(None),
+        (Some(s), _) if s.status == Status::NeedsReauth => Err(Some(SkipReason::NeedsReauth)),
+        (None, _) if credential.endpoint.grant == provider::GrantKind::RefreshToken => Err(Some(SkipReason::NoToken)),
+        _ => provider::token_request(&credential.endpoint, spent.as_ref().map(|t| t.expose()))
+            .ok_or(Some(SkipReason::NotRefreshable)),
     };
-    let request = match decision {
+    let request = match request {
         Ok(request) => request,
         Err(skipped) => {
-            let why = skipped.as_ref().map_or("already refreshed by another holder", |(_, w)| w.as_str());
+            let why = skipped.map_or("already refreshed by another holder", SkipReason::text);
             let mut store = lock(store);
             store.cancel_attempt(attempt_id, why, now_ms())?;
             store.release_lease(name, &holder)?;
-            return Ok(match skipped {
-                None => Outcome::AlreadyRefreshed(state),
-                Some((reason, _)) => Outcome::Skipped { reason, state: Some(state) },
+            return Ok(match (skipped, state) {
+                (None, Some(state)) => Outcome::AlreadyRefreshed(state),
+                (reason, state) => Outcome::Skipped { reason: reason.unwrap_or(SkipReason::NoToken), state },
             });
         }
     };
 
     // Step 3: the request. The lease is released whatever happens below, even if the commit fails.
-    let secrets = secrets_of(credential, &state);
+    let secrets = secrets_of(credential, spent.as_ref());
     let sent_at = now_secs();
     let sent = http.send(&request).await;
     let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
@@ -137,8 +137,15 @@ pub async fn refresh(
     let outcome = match interpreted {
         Ok((answer, rate_limited_for)) => {
             // Step 4: commit before anything else happens. No await from here to the commit.
-            let token = new_token(&answer, sent_at, name);
-            let committed = lock(store).commit_rotation(name, attempt_id, state.generation, &token, now_ms());
+            let token = new_token(&answer, issue_time(answer.created_at, sent_at), name);
+            let committed = lock(store).commit_rotation(
+                name,
+                credential.provider().as_str(),
+                attempt_id,
+                generation,
+                &token,
+                now_ms(),
+            );
             let new_state = match committed {
                 Ok(s) => s,
                 Err(source) => {
@@ -170,7 +177,7 @@ pub async fn refresh(
             // Re-read before declaring the credential dead: if the stored refresh token is no
             // longer the one we spent, someone else rotated it and this rejection is expected.
             let current = guard.get(name)?;
-            let rotated_elsewhere = current.as_ref().is_some_and(|c| c.refresh_token != state.refresh_token);
+            let rotated_elsewhere = current.as_ref().is_some_and(|c| c.refresh_token != spent);
             let needs_reauth = permanent && !rotated_elsewhere;
             guard.record_failure(name, attempt_id, failure.reason(), needs_reauth, now_ms())?;
             drop(guard);
@@ -183,21 +190,15 @@ pub async fn refresh(
             } else {
                 tracing::warn!(credential = name, reason = failure.reason(), "refresh failed; will retry");
             }
-            let mut state = current.unwrap_or(state);
-            state.last_error = Some(failure.reason().to_string());
-            if needs_reauth {
-                state.status = Status::NeedsReauth;
-            }
-            Outcome::Failed { failure, state }
+            Outcome::Failed { failure, needs_reauth }
         }
     };
     lock(store).release_lease(name, &holder)?;
     Ok(outcome)
 }
 
-/// The token to store from an answer to a request sent at `sent_at` (unix seconds).
-pub fn new_token(answer: &TokenAnswer, sent_at: i64, name: &str) -> NewToken {
-    let issued = issue_time(answer.created_at, sent_at);
+/// The token to store from an answer issued at `issued` (see [`crate::schedule::issue_time`]).
+pub fn new_token(answer: &TokenAnswer, issued: IssueTime, name: &str) -> NewToken {
     if let Some(skew) = issued.distrusted_skew {
         tracing::warn!(
             credential = name,
@@ -224,23 +225,18 @@ pub fn write_sinks(credential: &Credential, state: &TokenState) {
     }
 }
 
-fn reason_text(reason: SkipReason) -> &'static str {
-    match reason {
-        SkipReason::NoToken => "no token stored",
-        SkipReason::NeedsReauth => "credential needs re-authorization",
-        SkipReason::NotRefreshable => "no refresh token or API key to renew with",
-    }
-}
-
 impl SkipReason {
     pub fn text(self) -> &'static str {
-        reason_text(self)
+        match self {
+            SkipReason::NoToken => "no token stored",
+            SkipReason::NeedsReauth => "credential needs re-authorization",
+            SkipReason::NotRefreshable => "no refresh token or API key to renew with",
+        }
     }
 }
 
-fn secrets_of(credential: &Credential, state: &TokenState) -> Vec<String> {
-    let mut out = vec![state.access_token.expose().to_string()];
-    out.extend(state.refresh_token.iter().map(|t| t.expose().to_string()));
+fn secrets_of(credential: &Credential, refresh_token: Option<&crate::redact::Secret>) -> Vec<String> {
+    let mut out: Vec<String> = refresh_token.iter().map(|t| t.expose().to_string()).collect();
     out.extend(credential.endpoint.client_secret.iter().map(|s| s.expose().to_string()));
     if let provider::GrantKind::ApiKey(k) = &credential.endpoint.grant {
         out.push(k.expose().to_string());

@@ -109,6 +109,18 @@ pub fn issue_time(provider_created_at: Option<i64>, sent_at_secs: i64) -> IssueT
     }
 }
 
+/// The issue time of an imported answer, obtained at some earlier moment: a past `created_at` is
+/// believed (the answer may be hours old), one in the future beyond the skew allowance is not.
+pub fn imported_issue_time(provider_created_at: Option<i64>, now_secs: i64) -> IssueTime {
+    match provider_created_at {
+        Some(p) if p - now_secs > MAX_CLOCK_SKEW_SECS => {
+            IssueTime { created_at: now_secs, distrusted_skew: Some(p - now_secs) }
+        }
+        Some(p) => IssueTime { created_at: p, distrusted_skew: None },
+        None => IssueTime { created_at: now_secs, distrusted_skew: None },
+    }
+}
+
 /// Delay before retry number `attempt` (1-based) after a transient failure; `unit_random` in [0, 1).
 /// The caller caps it further so that a retry is never scheduled past the token's own deadline.
 pub fn backoff(attempt: u32, unit_random: f64) -> Duration {
@@ -167,6 +179,8 @@ mod tests {
         assert_eq!(issue_time(Some(1000), 1100), IssueTime { created_at: 1000, distrusted_skew: None });
         assert_eq!(issue_time(Some(1000), 5000), IssueTime { created_at: 5000, distrusted_skew: Some(-4000) });
         assert_eq!(issue_time(None, 5000).created_at, 5000);
+        assert_eq!(imported_issue_time(Some(1000), 5000).created_at, 1000);
+        assert_eq!(imported_issue_time(Some(9000), 5000), IssueTime { created_at: 5000, distrusted_skew: Some(4000) });
     }
 
     #[test]

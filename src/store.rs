@@ -149,12 +149,11 @@ impl Default for LeaseHolder {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant, reason = "built once per refresh and consumed at once; boxing buys nothing")]
 pub enum Begin {
-    /// The lease is ours and the attempt is recorded.
-    Leased { state: TokenState, attempt_id: i64 },
+    /// The lease is ours and the attempt is recorded. `state` is `None` when nothing is stored
+    /// yet (an API-key credential's first token).
+    Leased { state: Option<TokenState>, attempt_id: i64 },
     /// Another live holder is refreshing this credential.
     Busy { pid: u32, deadline_ms: i64 },
-    /// No stored token under that name.
-    Missing,
 }
 
 /// An attempt that never got a result (its process died mid-refresh).
@@ -357,7 +356,6 @@ impl Store {
             .query_row(&format!("SELECT {STATE_COLUMNS} FROM credential c WHERE name = ?1"), [name], state_from_row)
             .optional()
             .map_err(sql)?;
-        let Some(state) = state else { return Ok(Begin::Missing) };
         let current: Option<(String, u32, i64)> = tx
             .query_row("SELECT holder, pid, deadline_ms FROM lease WHERE credential = ?1", [name], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -386,7 +384,13 @@ impl Store {
         .map_err(sql)?;
         tx.execute(
             "INSERT INTO attempt (credential, from_generation, spent_fp, holder, started_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![name, state.generation, state.refresh_token.as_ref().map(|t| fingerprint(t.expose())), holder.id, now_ms],
+            params![
+                name,
+                state.as_ref().map_or(0, |s| s.generation),
+                state.as_ref().and_then(|s| s.refresh_token.as_ref()).map(|t| fingerprint(t.expose())),
+                holder.id,
+                now_ms
+            ],
         )
         .map_err(sql)?;
         let attempt_id = tx.last_insert_rowid();
@@ -399,6 +403,7 @@ impl Store {
     pub fn commit_rotation(
         &mut self,
         name: &str,
+        provider: &str,
         attempt_id: i64,
         from_generation: i64,
         token: &NewToken,
@@ -434,11 +439,12 @@ impl Store {
             )
             .map_err(sql)?;
         if changed == 0 {
-            // Removed while we were refreshing: re-create, the new refresh token must not be lost.
+            // First token of an API-key credential, or removed while we were refreshing: create the
+            // row, the new token must not be lost.
             tx.execute(
                 "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
                      created_at, expires_at, generation, status, last_refresh_at, updated_at)
-                 VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
+                 VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
                 params![
                     name,
                     token.access_token.expose(),
@@ -449,7 +455,8 @@ impl Store {
                     token.created_at,
                     token.expires_at(),
                     from_generation + 1,
-                    now_secs
+                    now_secs,
+                    provider
                 ],
             )
             .map_err(sql)?;
@@ -602,7 +609,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(state.refresh_token.as_ref().unwrap().expose(), "r1");
+        assert_eq!(state.unwrap().refresh_token.unwrap().expose(), "r1");
         assert_eq!(store.get("nb").unwrap().unwrap().attempts_in_flight, 1);
 
         let other = LeaseHolder { id: format!("{}-other", std::process::id()), pid: std::process::id() };
@@ -611,7 +618,9 @@ mod tests {
             Begin::Busy { .. }
         ));
 
-        let s = store.commit_rotation("nb", attempt_id, 1, &token("a2", Some("r2"), 2000), 2_000_500).unwrap();
+        let s = store
+            .commit_rotation("nb", "nationbuilder", attempt_id, 1, &token("a2", Some("r2"), 2000), 2_000_500)
+            .unwrap();
         assert_eq!(
             (s.generation, s.access_token.expose(), s.refresh_token.as_ref().unwrap().expose()),
             (2, "a2", "r2")
@@ -634,7 +643,7 @@ mod tests {
         else {
             panic!()
         };
-        let s = store.commit_rotation("c", attempt_id, 1, &token("a2", None, 2000), 2).unwrap();
+        let s = store.commit_rotation("c", "oauth2", attempt_id, 1, &token("a2", None, 2000), 2).unwrap();
         assert_eq!(s.refresh_token.unwrap().expose(), "r1");
     }
 
