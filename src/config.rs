@@ -429,6 +429,8 @@ impl Validator<'_> {
             raw.client_secret_env,
             raw.client_secret_credential,
         );
+        let (api_key_failed, client_secret_failed) = (api_key.is_err(), client_secret.is_err());
+        let (api_key, client_secret) = (api_key.unwrap_or(None), client_secret.unwrap_or(None));
         let grant = match (kind, api_key) {
             (ProviderKind::WildApricot, Some(key)) => GrantKind::ApiKey(key),
             (_, Some(_)) => {
@@ -437,13 +439,13 @@ impl Validator<'_> {
             }
             (_, None) => GrantKind::RefreshToken,
         };
-        let is_api_key = matches!(grant, GrantKind::ApiKey(_));
+        let is_api_key = matches!(grant, GrantKind::ApiKey(_)) || api_key_failed;
         let client_id = raw.client_id.clone().unwrap_or_default();
         if !is_api_key {
             if raw.client_id.as_deref().is_none_or(str::is_empty) {
                 self.report(&place, Some("client_id"), "is missing");
             }
-            if client_secret.is_none() && kind != ProviderKind::OAuth2 {
+            if client_secret.is_none() && !client_secret_failed && kind != ProviderKind::OAuth2 {
                 self.report(
                     &place,
                     Some("client_secret"),
@@ -553,6 +555,7 @@ impl Validator<'_> {
     }
 
     /// Exactly one of `<field>`, `<field>_file`, `<field>_env`, `<field>_credential`, or none.
+    /// `Err(())` means a source was given but failed, and the problem is already reported.
     fn secret(
         &mut self,
         place: &str,
@@ -561,7 +564,7 @@ impl Validator<'_> {
         file: Option<PathBuf>,
         env: Option<String>,
         credential: Option<String>,
-    ) -> Option<Secret> {
+    ) -> Result<Option<Secret>, ()> {
         let given = [inline.is_some(), file.is_some(), env.is_some(), credential.is_some()];
         if given.iter().filter(|g| **g).count() > 1 {
             self.report(
@@ -569,7 +572,7 @@ impl Validator<'_> {
                 Some(field),
                 format!("give only one of {field}, {field}_file, {field}_env, {field}_credential"),
             );
-            return None;
+            return Err(());
         }
         let value = if let Some(v) = inline {
             Some(v)
@@ -608,15 +611,15 @@ impl Validator<'_> {
                 }
             }
         } else {
-            return None;
+            return Ok(None);
         };
-        let value = value?;
+        let value = value.ok_or(())?;
         let trimmed = value.trim_end_matches(['\n', '\r']);
         if trimmed.is_empty() {
             self.report(place, Some(field), "is empty");
-            return None;
+            return Err(());
         }
-        Some(Secret::new(trimmed))
+        Ok(Some(Secret::new(trimmed)))
     }
 
     fn read_secret_file(&mut self, place: &str, field: &str, path: &Path) -> Option<String> {
