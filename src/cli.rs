@@ -3,6 +3,7 @@
 
 use crate::clock::{now_ms, now_secs, rfc3339, short_duration};
 use crate::config::{self, Config, ConfigError, Credential};
+use crate::daemon::{self, DaemonError};
 use crate::provider::{self, HttpClient};
 use crate::redact::fingerprint;
 use crate::refresh::{self, Outcome, RefreshError, SkipReason};
@@ -82,6 +83,18 @@ pub enum Command {
     Refresh { name: String },
     /// Forget a credential's stored token and remove its sink files.
     Remove { name: String },
+    /// Run the daemon: keep every credential fresh, write sinks, obey signals (SIGHUP reload,
+    /// SIGUSR1 refresh all, SIGTERM stop).
+    Run,
+    /// Self-contained demo: loopback demo providers, three credentials, rotating token files.
+    Dev {
+        /// Lifetime of the demo tokens, in seconds.
+        #[arg(long, default_value_t = 20)]
+        lifetime: u64,
+        /// Keep the demo folder when stopping.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 /// An error for the user: one line and an exit code.
@@ -127,7 +140,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Show { name } => show(&config::load(&cli.config)?, &name),
         Command::Refresh { name } => refresh_now(&config::load(&cli.config)?, &name).await,
         Command::Remove { name } => remove(&config::load(&cli.config)?, &name),
+        Command::Run => run_daemon(&cli.config).await,
+        Command::Dev { lifetime, keep } => crate::dev::run(Duration::from_secs(lifetime), keep)
+            .await
+            .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
     }
+}
+
+async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let _signals = daemon::signals::forward(tx)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot install signal handlers: {e}")))?;
+    daemon::run(config_path, rx, |_| {}).await.map_err(|e| match e {
+        DaemonError::Config(e) => CliError::from(e),
+        other => CliError::new(exit::FAILURE, other.to_string()),
+    })
 }
 
 fn check(path: &std::path::Path) -> Result<(), CliError> {
@@ -194,6 +221,7 @@ fn import(config: &Config, name: &str, issued_at: Option<&str>) -> Result<(), Cl
     let token = refresh::new_token(&answer, issued, name);
     let state = open_store(config)?.import(name, cred.provider().as_str(), &token, now_secs())?;
     refresh::write_sinks(cred, &state);
+    daemon::notify_store_changed(&config.daemon.database);
     println!(
         "imported {name}: generation {}, access token {}, {}, {}",
         state.generation,
@@ -360,7 +388,9 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
     // Wait as long as another holder may legitimately keep the lease, then a little more.
     let lease_wait = config.daemon.http.total_timeout + Duration::from_secs(35);
     let started = now_ms();
-    match refresh::refresh(&store, &http, cred, generation, lease_wait).await? {
+    let outcome = refresh::refresh(&store, &http, cred, generation, lease_wait).await;
+    daemon::notify_store_changed(&config.daemon.database);
+    match outcome? {
         Outcome::Refreshed { state, .. } => {
             println!(
                 "refreshed {name}: generation {}, expires {}, took {} ms",
@@ -391,6 +421,7 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
 
 fn remove(config: &Config, name: &str) -> Result<(), CliError> {
     let existed = open_store(config)?.remove(name)?;
+    daemon::notify_store_changed(&config.daemon.database);
     let mut removed_files = Vec::new();
     if let Some(cred) = config.credential(name) {
         for s in &cred.sinks {

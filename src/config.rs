@@ -18,6 +18,8 @@ use url::Url;
 
 /// Default sink file mode: only the daemon's user may read a token.
 pub const DEFAULT_SINK_MODE: u32 = 0o600;
+/// A hook that takes longer is killed; refreshing never waits for hooks anyway.
+const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONCURRENCY: usize = 8;
 /// Longest credential name; it becomes part of environment variable names and file names.
 const MAX_NAME_LEN: usize = 64;
@@ -84,6 +86,45 @@ pub struct Credential {
     /// Refreshes in flight at once for this credential's provider.
     pub provider_concurrency: usize,
     pub sinks: Vec<SinkConfig>,
+    /// Extra refreshes on a cron schedule (tokens without expiry that should still be re-issued).
+    pub refresh_cron: Option<CronSchedule>,
+    pub hooks: Hooks,
+}
+
+/// A parsed cron expression (croner syntax, the one tokio-cron-scheduler uses), evaluated in UTC.
+#[derive(Debug, Clone)]
+pub struct CronSchedule {
+    pub text: String,
+    cron: croner::Cron,
+}
+
+impl CronSchedule {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cron: croner::Cron = text.parse().map_err(|e| format!("\"{text}\" is not a cron expression ({e})"))?;
+        Ok(Self { text: text.to_string(), cron })
+    }
+
+    /// The first occurrence strictly after `after_ms` (unix ms), if any.
+    pub fn next_after_ms(&self, after_ms: i64) -> Option<i64> {
+        let after = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(after_ms)?;
+        self.cron.find_next_occurrence(&after, false).ok().map(|t| t.timestamp_millis())
+    }
+}
+
+impl PartialEq for CronSchedule {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+/// Commands run after a refresh or a failure. argv, never a shell string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hooks {
+    pub on_refresh: Option<Vec<String>>,
+    pub on_failure: Option<Vec<String>>,
+    pub timeout: Duration,
+    /// Pass the access token to hooks as TOKEND_ACCESS_TOKEN (off unless asked).
+    pub pass_token: bool,
 }
 
 impl Credential {
@@ -114,6 +155,8 @@ pub struct SinkConfig {
     pub path: PathBuf,
     pub format: SinkFormat,
     pub mode: u32,
+    /// Group owning the file (name, gid), so readers can be added to it.
+    pub group: Option<(String, u32)>,
 }
 
 // ---- the file as written ------------------------------------------------------------------
@@ -166,6 +209,11 @@ struct RawCredential {
     auth: Option<String>,
     scope: Option<String>,
     refresh_at: Option<String>,
+    refresh_cron: Option<String>,
+    on_refresh: Option<Vec<String>>,
+    on_failure: Option<Vec<String>>,
+    hook_timeout: Option<String>,
+    hook_token: Option<bool>,
     #[serde(default)]
     sink: Vec<RawSink>,
 }
@@ -176,6 +224,7 @@ struct RawSink {
     path: Option<PathBuf>,
     format: Option<String>,
     mode: Option<RawMode>,
+    group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -242,11 +291,14 @@ pub fn parse_with(path: &Path, text: &str, env: &dyn Environment) -> Result<Conf
     Validator { file: path.to_path_buf(), base_dir: base_dir(path), env, problems: Vec::new() }.config(raw)
 }
 
+/// The directory relative paths are resolved against, made absolute so that paths in the config
+/// mean the same thing whatever the working directory, and match file-watch event paths.
 fn base_dir(path: &Path) -> PathBuf {
-    match path.parent() {
+    let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
-    }
+    };
+    std::path::absolute(&dir).unwrap_or(dir)
 }
 
 struct Validator<'a> {
@@ -504,6 +556,25 @@ impl Validator<'_> {
             None => default_refresh_at.unwrap_or(RefreshAt::Default),
         };
         let sinks = raw.sink.into_iter().enumerate().filter_map(|(i, s)| self.sink(&place, i, s)).collect();
+        let refresh_cron = raw
+            .refresh_cron
+            .as_deref()
+            .and_then(|t| CronSchedule::parse(t).map_err(|e| self.report(&place, Some("refresh_cron"), e)).ok());
+        let mut hook = |field: &str, argv: Option<Vec<String>>| match argv {
+            Some(argv) if argv.first().is_none_or(String::is_empty) => {
+                self.report(&place, Some(field), "must be a non-empty list: [\"/path/to/program\", \"arg\", ...]");
+                None
+            }
+            other => other,
+        };
+        let on_refresh = hook("on_refresh", raw.on_refresh);
+        let on_failure = hook("on_failure", raw.on_failure);
+        let hook_timeout = match raw.hook_timeout {
+            Some(t) => self.duration(&place, "hook_timeout", &t).unwrap_or(DEFAULT_HOOK_TIMEOUT),
+            None => DEFAULT_HOOK_TIMEOUT,
+        };
+        let hooks =
+            Hooks { on_refresh, on_failure, timeout: hook_timeout, pass_token: raw.hook_token.unwrap_or(false) };
 
         if self.problems.len() > before {
             return None;
@@ -514,6 +585,8 @@ impl Validator<'_> {
             refresh_at,
             provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
             sinks,
+            refresh_cron,
+            hooks,
         })
     }
 
@@ -688,7 +761,21 @@ impl Validator<'_> {
             self.report(&place, Some("mode"), format!("{mode:04o} does not let the owner read the file"));
             return None;
         }
-        Some(SinkConfig { path: self.resolve(&path), format, mode })
+        let group = match raw.group {
+            None => None,
+            Some(name) => match nix::unistd::Group::from_name(&name) {
+                Ok(Some(g)) => Some((name, g.gid.as_raw())),
+                Ok(None) => {
+                    self.report(&place, Some("group"), format!("no group named \"{name}\" on this system"));
+                    return None;
+                }
+                Err(e) => {
+                    self.report(&place, Some("group"), format!("cannot look up group \"{name}\": {e}"));
+                    return None;
+                }
+            },
+        };
+        Some(SinkConfig { path: self.resolve(&path), format, mode, group })
     }
 }
 

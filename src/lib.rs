@@ -11,7 +11,11 @@
 //! | [`schedule`] | when a credential is due; backoff; jitter (pure, no I/O) |
 //! | [`refresh`] | one refresh, the five durable steps — the invariant lives there |
 //! | [`sink`] | atomic token files (raw / json / env) |
+//! | [`daemon`] | `tokend run`: timers, signals, file watches, config reload — wiring only |
+//! | [`hooks`] | `on_refresh` / `on_failure` commands, with a timeout |
+//! | [`timer`] | sleeping until a wall-clock time (survives suspend and clock steps) |
 //! | [`cli`] | subcommands and their output |
+//! | [`dev`] | `tokend dev`: the self-contained demo |
 //! | [`mock_provider`] | a loopback OAuth token endpoint for `tokend dev` and the tests |
 //! | [`redact`] | secrets wrapped so they print only as fingerprints |
 //! | [`clock`] | wall-clock time as unix seconds/milliseconds |
@@ -19,6 +23,9 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
+pub mod dev;
+pub mod hooks;
 pub mod mock_provider;
 pub mod provider;
 pub mod redact;
@@ -26,3 +33,4 @@ pub mod refresh;
 pub mod schedule;
 pub mod sink;
 pub mod store;
+pub mod timer;

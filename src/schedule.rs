@@ -24,9 +24,14 @@ const MAX_EXPLICIT_LEAD_FRACTION: f64 = 0.9;
 const JITTER_FRACTION: f64 = 0.05;
 /// A provider `created_at` further than this from our send time is distrusted (clock skew).
 pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
-/// Backoff after transient failures: 5 s, 10 s, 20 s … capped at 10 min, each ±20 %.
-const BACKOFF_BASE: Duration = Duration::from_secs(5);
+/// Backoff after transient failures: base, 2×base, 4×base … capped at 10 min, each ±20 %. The
+/// base is 1/40 of the token's lifetime, between 250 ms and 5 s, so a 20 s token gets several
+/// retries before it expires and a 24 h token does not hammer a struggling provider.
+const BACKOFF_MAX_BASE: Duration = Duration::from_secs(5);
+const BACKOFF_MIN_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(600);
+/// The last retry before expiry is placed at least this long before the token dies.
+const LAST_RETRY_MARGIN_MS: i64 = 1000;
 const BACKOFF_JITTER: f64 = 0.2;
 
 /// The `refresh_at` setting.
@@ -121,12 +126,35 @@ pub fn imported_issue_time(provider_created_at: Option<i64>, now_secs: i64) -> I
     }
 }
 
-/// Delay before retry number `attempt` (1-based) after a transient failure; `unit_random` in [0, 1).
-/// The caller caps it further so that a retry is never scheduled past the token's own deadline.
-pub fn backoff(attempt: u32, unit_random: f64) -> Duration {
-    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+/// Delay before retry number `attempt` (1-based) after a transient failure of a token living
+/// `lifetime`; `unit_random` in [0, 1).
+pub fn backoff(attempt: u32, lifetime: Duration, unit_random: f64) -> Duration {
+    let base = (lifetime / 40).clamp(BACKOFF_MIN_BASE, BACKOFF_MAX_BASE);
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
     let capped = exp.min(BACKOFF_CAP);
     capped.mul_f64(1.0 + BACKOFF_JITTER * (unit_random * 2.0 - 1.0))
+}
+
+/// When to retry after failure number `attempt`: after the backoff, but while the token still
+/// lives never later than just before its expiry (one more try is worth more than a long wait);
+/// and never before `provider_wait` (Retry-After, rate-limit reset), which the provider set.
+pub fn retry_at_ms(
+    now_ms: i64,
+    attempt: u32,
+    lifetime: Duration,
+    expires_at_ms: Option<i64>,
+    provider_wait: Option<Duration>,
+    unit_random: f64,
+) -> i64 {
+    let delay = i64::try_from(backoff(attempt, lifetime, unit_random).as_millis()).unwrap_or(i64::MAX);
+    let mut at = now_ms.saturating_add(delay);
+    if let Some(deadline) = expires_at_ms.map(|e| e - LAST_RETRY_MARGIN_MS).filter(|d| now_ms < *d) {
+        at = at.min(deadline);
+    }
+    if let Some(wait) = provider_wait {
+        at = at.max(now_ms.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)));
+    }
+    at
 }
 
 #[cfg(test)]
@@ -185,10 +213,24 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
-        assert_eq!(backoff(1, 0.5), Duration::from_secs(5));
-        assert_eq!(backoff(3, 0.5), Duration::from_secs(20));
-        assert_eq!(backoff(30, 0.5), Duration::from_secs(600));
-        assert!(backoff(30, 0.999) <= Duration::from_secs(720));
-        assert!(backoff(1, 0.0) >= Duration::from_secs(4));
+        let day = Duration::from_secs(86_400);
+        assert_eq!(backoff(1, day, 0.5), Duration::from_secs(5));
+        assert_eq!(backoff(3, day, 0.5), Duration::from_secs(20));
+        assert_eq!(backoff(30, day, 0.5), Duration::from_secs(600));
+        assert!(backoff(30, day, 0.999) <= Duration::from_secs(720));
+        assert!(backoff(1, day, 0.0) >= Duration::from_secs(4));
+        // 20 s tokens start at 500 ms.
+        assert_eq!(backoff(1, Duration::from_secs(20), 0.5), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn retries_stay_before_expiry_unless_the_provider_says_wait() {
+        let life = Duration::from_secs(86_400);
+        // 10th failure: backoff 600 s, but the token dies in 100 s → retry at 99 s.
+        assert_eq!(retry_at_ms(0, 10, life, Some(100_000), None, 0.5), 99_000);
+        // Already expired: plain backoff.
+        assert_eq!(retry_at_ms(200_000, 1, life, Some(100_000), None, 0.5), 205_000);
+        // Retry-After wins over the expiry cap.
+        assert_eq!(retry_at_ms(0, 1, life, Some(3_000), Some(Duration::from_secs(120)), 0.5), 120_000);
     }
 }

@@ -68,7 +68,7 @@ pub fn write(sink: &SinkConfig, state: &TokenState) -> Result<(), SinkError> {
     let dir = parent_dir(path);
     let file_name = path.file_name().ok_or_else(|| sink_error(path, "does not name a file"))?.to_string_lossy();
     let tmp = dir.join(format!(".{file_name}.tokend-{:08x}", rand::random::<u32>()));
-    let result = write_new_file(&tmp, &bytes, sink.mode).and_then(|()| {
+    let result = write_new_file(&tmp, &bytes, sink.mode, sink.group.as_ref().map(|g| g.1)).and_then(|()| {
         std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename into place: {e}"))?;
         sync_dir(&dir)
     });
@@ -77,6 +77,19 @@ pub fn write(sink: &SinkConfig, state: &TokenState) -> Result<(), SinkError> {
         return Err(sink_error(path, message));
     }
     Ok(())
+}
+
+/// Whether the sink already holds exactly what [`write`] would put there (content and mode), so
+/// that a watcher can tell our own writes from someone else's changes.
+pub fn is_current(sink: &SinkConfig, state: &TokenState) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(&sink.path) else { return false };
+    if !meta.file_type().is_file() || meta.permissions().mode() & 0o777 != sink.mode {
+        return false;
+    }
+    match (render(sink.format, state), std::fs::read(&sink.path)) {
+        (Ok(want), Ok(have)) => want == have,
+        _ => false,
+    }
 }
 
 /// Removes a sink file (token expired, credential removed). A missing file is fine; a symlink is
@@ -115,7 +128,7 @@ fn check_target(path: &Path) -> Result<(), SinkError> {
     }
 }
 
-fn write_new_file(tmp: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+fn write_new_file(tmp: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<(), String> {
     let mut file: File = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -123,7 +136,12 @@ fn write_new_file(tmp: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(tmp)
         .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-    // The umask may have taken bits away from `mode`; set it exactly.
+    if let Some(gid) = gid {
+        nix::unistd::fchown(&file, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| format!("cannot give the file to group {gid}: {e}"))?;
+    }
+    // The umask may have taken bits away from `mode`; set it exactly (after chown, which may
+    // clear set-id bits).
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set mode {mode:04o}: {e}"))?;
     file.write_all(bytes).map_err(|e| format!("cannot write: {e}"))?;
@@ -175,7 +193,7 @@ mod tests {
     #[test]
     fn writes_atomically_with_mode_and_refuses_links() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = SinkConfig { path: dir.path().join("t"), format: SinkFormat::Raw, mode: 0o640 };
+        let sink = SinkConfig { path: dir.path().join("t"), format: SinkFormat::Raw, mode: 0o640, group: None };
         write(&sink, &state()).unwrap();
         assert_eq!(std::fs::read(&sink.path).unwrap(), b"AT$1");
         assert_eq!(std::fs::metadata(&sink.path).unwrap().permissions().mode() & 0o777, 0o640);
@@ -183,13 +201,13 @@ mod tests {
 
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "keep").unwrap();
-        let link = SinkConfig { path: dir.path().join("l"), format: SinkFormat::Raw, mode: 0o600 };
+        let link = SinkConfig { path: dir.path().join("l"), format: SinkFormat::Raw, mode: 0o600, group: None };
         std::os::unix::fs::symlink(&victim, &link.path).unwrap();
         let err = write(&link, &state()).unwrap_err().to_string();
         assert!(err.contains("symbolic link"), "{err}");
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
 
-        let hard = SinkConfig { path: dir.path().join("h"), format: SinkFormat::Raw, mode: 0o600 };
+        let hard = SinkConfig { path: dir.path().join("h"), format: SinkFormat::Raw, mode: 0o600, group: None };
         std::fs::hard_link(&victim, &hard.path).unwrap();
         assert!(write(&hard, &state()).unwrap_err().to_string().contains("hard links"));
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");

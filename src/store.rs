@@ -546,6 +546,18 @@ impl Store {
         Ok(all.into_iter().filter(|a| !holder_alive(&a.holder)).collect())
     }
 
+    /// Housekeeping: forget finished attempts older than `keep`, let SQLite refresh its planner
+    /// statistics, and fold the WAL back into the database. Returns the attempts pruned.
+    pub fn maintenance(&mut self, now_ms: i64, keep: Duration) -> Result<usize, StoreError> {
+        let cutoff = now_ms - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        let pruned = self
+            .conn
+            .execute("DELETE FROM attempt WHERE finished_at_ms IS NOT NULL AND finished_at_ms < ?1", [cutoff])
+            .map_err(|e| self.err(e))?;
+        self.conn.execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);").map_err(|e| self.err(e))?;
+        Ok(pruned)
+    }
+
     /// Removes a credential's token, leases and attempts. Returns whether it existed.
     pub fn remove(&mut self, name: &str) -> Result<bool, StoreError> {
         let path = self.path.clone();

@@ -1,0 +1,748 @@
+//! `tokend run`: the wiring that keeps every credential fresh. Business rules live elsewhere —
+//! *when* in [`crate::schedule`], *how* in [`crate::refresh`]; this module owns the loop that
+//! connects them to time, signals and files:
+//!
+//! ```text
+//! select! {
+//!     control (signals)      → shutdown / reload / refresh all
+//!     a refresh finished     → record the outcome, plan the next deadline
+//!     file event             → (debounced) rewrite altered sinks, `.refresh` triggers, config reload
+//!     the earliest deadline  → start due refreshes, expire dead tokens from sinks, housekeeping
+//! }
+//! ```
+//!
+//! One wall-clock timer ([`crate::timer::WallTimer`]) waits for the earliest deadline of a
+//! [`queue::DeadlineQueue`]; when nothing is due the process sleeps without waking.
+
+pub mod queue;
+pub mod signals;
+mod watch;
+
+use crate::clock::{now_ms, rfc3339, short_duration};
+use crate::config::{self, Config, ConfigError, Credential};
+use crate::hooks::{self, Event};
+use crate::provider::{Failure, GrantKind, HttpClient, ProviderKind};
+use crate::refresh::{self, Outcome, RefreshError};
+use crate::schedule;
+use crate::sink;
+use crate::store::{Status, Store, StoreError, TokenState};
+use crate::timer::WallTimer;
+use queue::{DeadlineQueue, Job};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// In-flight refreshes get this long to finish and commit after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// File events are collected for this long before acting, so one rename is handled once.
+const FS_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Editors write a config in several steps; wait for them to finish before reloading.
+const CONFIG_DEBOUNCE: Duration = Duration::from_millis(300);
+/// When another process (`tokend refresh`) holds a credential's lease, look again after this.
+const LEASE_BUSY_RETRY_MS: i64 = 2000;
+/// `.refresh` triggers for one credential are honoured at most this often; a script stuck in a
+/// 401 loop must not hammer the provider.
+const TRIGGER_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// Finished attempt records are kept this long for diagnosis.
+const ATTEMPT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// Daily housekeeping, 03:17 UTC (croner syntax).
+const MAINTENANCE_CRON: &str = "17 3 * * *";
+/// The queue key of daemon-wide jobs; credential names cannot be empty.
+const DAEMON_KEY: &str = "";
+
+/// What signals (or a test) ask the daemon to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Shutdown,
+    Reload,
+    RefreshAll,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("another `tokend run` is using {database} ({holder}); refusing to start a second one")]
+    AlreadyRunning { database: PathBuf, holder: String },
+    #[error("{0}")]
+    Io(String),
+}
+
+/// A snapshot for start-up messages and (later) service status lines.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub credentials: usize,
+    pub needs_reauth: usize,
+    pub next_refresh_ms: Option<i64>,
+}
+
+impl Summary {
+    pub fn describe(&self) -> String {
+        let next = match self.next_refresh_ms {
+            Some(at) => format!("next refresh in {}", short_duration((at - now_ms()).max(0) / 1000)),
+            None => "nothing scheduled".to_string(),
+        };
+        format!("{} credentials, {} needing re-authorization, {next}", self.credentials, self.needs_reauth)
+    }
+}
+
+struct Entry {
+    credential: Arc<Credential>,
+    state: Option<TokenState>,
+    failures: u32,
+    retry_at: Option<i64>,
+    in_flight: bool,
+    last_trigger: Option<Instant>,
+}
+
+type RefreshResult = (String, Result<Outcome, RefreshError>);
+
+struct Daemon {
+    config: Config,
+    store: Arc<Mutex<Store>>,
+    http: HttpClient,
+    queue: DeadlineQueue,
+    entries: BTreeMap<String, Entry>,
+    running: HashMap<tokio::task::Id, String>,
+    global_slots: Arc<Semaphore>,
+    provider_slots: HashMap<ProviderKind, Arc<Semaphore>>,
+    provider_paused_until: HashMap<ProviderKind, i64>,
+    /// Sink path → credential, and `.refresh` trigger path → credential.
+    sink_owner: HashMap<PathBuf, String>,
+    trigger_owner: HashMap<PathBuf, String>,
+    fs_tx: mpsc::UnboundedSender<PathBuf>,
+    watcher: Option<notify::RecommendedWatcher>,
+    dirty_sinks: HashSet<String>,
+    triggered: HashSet<String>,
+    fs_due: Option<Instant>,
+    reload_due: Option<Instant>,
+    store_sync_due: Option<Instant>,
+    /// `tokend import`/`remove` touch this file to tell a running daemon to re-read the store.
+    store_changed_path: PathBuf,
+}
+
+/// The path `tokend import`, `refresh` and `remove` touch so a running daemon re-reads the store.
+pub fn store_changed_path(database: &Path) -> PathBuf {
+    let mut name = database.file_name().unwrap_or_default().to_os_string();
+    name.push(".changed");
+    database.with_file_name(name)
+}
+
+/// Tells a running daemon (if any) that the store changed under it. Best effort.
+pub fn notify_store_changed(database: &Path) {
+    let path = store_changed_path(database);
+    let _ = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path);
+}
+
+/// Runs the daemon until [`Control::Shutdown`]. `ready` is called once every credential is
+/// scheduled.
+pub async fn run(
+    config_path: &Path,
+    mut control: UnboundedReceiver<Control>,
+    ready: impl FnOnce(&Summary),
+) -> Result<(), DaemonError> {
+    let config_path = std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
+    let config = config::load(&config_path)?;
+    let _lock = lock_database(&config.daemon.database)?;
+    let store = Store::open(&config.daemon.database)?;
+    let http = HttpClient::new(config.daemon.http).map_err(DaemonError::Io)?;
+    let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
+    let mut daemon = Daemon {
+        store_changed_path: store_changed_path(&config.daemon.database),
+        global_slots: Arc::new(Semaphore::new(config.daemon.concurrency)),
+        config,
+        store: Arc::new(Mutex::new(store)),
+        http,
+        queue: DeadlineQueue::default(),
+        entries: BTreeMap::new(),
+        running: HashMap::new(),
+        provider_slots: HashMap::new(),
+        provider_paused_until: HashMap::new(),
+        sink_owner: HashMap::new(),
+        trigger_owner: HashMap::new(),
+        fs_tx,
+        watcher: None,
+        dirty_sinks: HashSet::new(),
+        triggered: HashSet::new(),
+        fs_due: None,
+        reload_due: None,
+        store_sync_due: None,
+    };
+    daemon.config.path = config_path;
+    daemon.recover_abandoned_attempts()?;
+    daemon.apply_config(daemon.config.clone())?;
+    daemon.schedule_maintenance();
+    let summary = daemon.summary();
+    tracing::info!(config = %daemon.config.path.display(), database = %daemon.config.daemon.database.display(), "tokend running: {}", summary.describe());
+    ready(&summary);
+
+    let mut timer =
+        WallTimer::new().map_err(|e| DaemonError::Io(format!("cannot create the wall-clock timer: {e}")))?;
+    let mut inflight: JoinSet<RefreshResult> = JoinSet::new();
+    loop {
+        let next = daemon.queue.next_at();
+        let fs_due = [daemon.fs_due, daemon.reload_due, daemon.store_sync_due].into_iter().flatten().min();
+        tokio::select! {
+            biased;
+            ctl = control.recv() => match ctl {
+                Some(Control::Reload) => daemon.reload(),
+                Some(Control::RefreshAll) => daemon.refresh_all(&mut inflight),
+                Some(Control::Shutdown) | None => break,
+            },
+            Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => daemon.finished(done, &mut inflight),
+            Some(path) = fs_rx.recv() => daemon.fs_event(path),
+            () = sleep_until_opt(fs_due) => daemon.fs_settled(&mut inflight),
+            woke = timer.sleep_until(next.unwrap_or(0)), if next.is_some() => {
+                if let Err(e) = woke {
+                    return Err(DaemonError::Io(format!("wall-clock timer failed: {e}")));
+                }
+                daemon.fire_due(&mut inflight);
+            }
+        }
+    }
+
+    tracing::info!(in_flight = inflight.len(), "shutting down: no new refreshes; letting in-flight ones finish");
+    let grace = tokio::time::sleep(SHUTDOWN_GRACE);
+    tokio::pin!(grace);
+    while !inflight.is_empty() {
+        tokio::select! {
+            Some(done) = inflight.join_next_with_id() => daemon.finished(done, &mut JoinSet::new()),
+            () = &mut grace => {
+                tracing::warn!(abandoned = inflight.len(), "refreshes still waiting on their provider after {SHUTDOWN_GRACE:?}; abandoning them (their attempts stay recorded)");
+                inflight.shutdown().await;
+                break;
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One `tokend run` per database: an exclusive lock on `<database>.lock`, holding our pid for the
+/// message the next one prints. The lock dies with the process, so a crash never leaves it stale.
+fn lock_database(database: &Path) -> Result<File, DaemonError> {
+    let mut name = database.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let path = database.with_file_name(name);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| DaemonError::Io(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| DaemonError::Io(format!("cannot open lock file {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0).and_then(|()| file.write_all(format!("pid {}\n", std::process::id()).as_bytes())).ok();
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+            Err(DaemonError::AlreadyRunning {
+                database: database.to_path_buf(),
+                holder: if holder.is_empty() { "pid unknown".into() } else { holder },
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(DaemonError::Io(format!("cannot lock {}: {e}", path.display()))),
+    }
+}
+
+impl Daemon {
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            credentials: self.entries.len(),
+            needs_reauth: self
+                .entries
+                .values()
+                .filter(|e| e.state.as_ref().is_some_and(|s| s.status == Status::NeedsReauth))
+                .count(),
+            next_refresh_ms: self.entries.keys().filter_map(|n| self.queue.get(n, Job::Refresh)).min(),
+        }
+    }
+
+    /// A crash between "request sent" and "answer committed" leaves an attempt without a result.
+    /// The stored refresh token is unchanged, so the next refresh simply retries it; if the
+    /// provider did rotate in that window, the retry gets `invalid_grant` and the credential is
+    /// marked `needs_reauth` — loudly, never silently.
+    fn recover_abandoned_attempts(&mut self) -> Result<(), DaemonError> {
+        let mut store = self.store();
+        for a in store.abandoned_attempts()? {
+            tracing::warn!(
+                credential = %a.credential,
+                spent_refresh_token = a.spent_fp.as_deref().unwrap_or("none"),
+                started = %rfc3339(a.started_at_ms.div_euclid(1000)),
+                "a previous run died during this refresh; retrying with the stored refresh token (if the provider rotated it in that window, the credential will need re-authorization)"
+            );
+            store.cancel_attempt(a.id, "abandoned: process died mid-refresh", now_ms())?;
+        }
+        Ok(())
+    }
+
+    /// Installs `config`: entries added, changed or dropped; sinks synced; everything re-planned;
+    /// watches and concurrency limits rebuilt.
+    fn apply_config(&mut self, config: Config) -> Result<(), DaemonError> {
+        let states: HashMap<String, TokenState> =
+            self.store().list()?.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let wanted: HashSet<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
+        let dropped: Vec<String> = self.entries.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        for name in dropped {
+            if let Some(entry) = self.entries.remove(&name) {
+                self.queue.cancel_all(&name);
+                remove_sinks(&entry.credential, "credential removed from the configuration");
+                tracing::info!(credential = %name, "dropped (no longer configured); its stored token is kept");
+            }
+        }
+        for credential in &config.credentials {
+            let credential = Arc::new(credential.clone());
+            let name = credential.name.clone();
+            match self.entries.get_mut(&name) {
+                Some(entry) => {
+                    let new_paths: HashSet<&PathBuf> = credential.sinks.iter().map(|s| &s.path).collect();
+                    for old in entry.credential.sinks.iter().filter(|s| !new_paths.contains(&s.path)) {
+                        let _ = sink::remove(old);
+                    }
+                    entry.credential = credential;
+                }
+                None => {
+                    tracing::info!(credential = %name, provider = %credential.provider(), "configured");
+                    self.entries.insert(
+                        name.clone(),
+                        Entry {
+                            credential,
+                            state: states.get(&name).cloned(),
+                            failures: 0,
+                            retry_at: None,
+                            in_flight: false,
+                            last_trigger: None,
+                        },
+                    );
+                }
+            }
+        }
+        self.config = config;
+        self.global_slots = Arc::new(Semaphore::new(self.config.daemon.concurrency));
+        self.provider_slots = self
+            .config
+            .credentials
+            .iter()
+            .map(|c| (c.provider(), Arc::new(Semaphore::new(c.provider_concurrency))))
+            .collect();
+        let names: Vec<String> = self.entries.keys().cloned().collect();
+        for name in &names {
+            self.sync_sinks(name);
+            self.plan(name);
+            self.plan_cron(name);
+        }
+        self.rebuild_watches();
+        Ok(())
+    }
+
+    fn reload(&mut self) {
+        let config = match config::load(&self.config.path) {
+            Ok(c) => c,
+            Err(e) => {
+                for line in e.to_string().lines() {
+                    tracing::error!("reload rejected, the running configuration stays: {line}");
+                }
+                return;
+            }
+        };
+        if config.daemon.database != self.config.daemon.database {
+            tracing::error!(
+                old = %self.config.daemon.database.display(),
+                new = %config.daemon.database.display(),
+                "reload rejected: the database cannot change while running; restart tokend"
+            );
+            return;
+        }
+        if let Err(e) = self.apply_config(config) {
+            tracing::error!("reload failed: {e}");
+            return;
+        }
+        tracing::info!("configuration reloaded: {}", self.summary().describe());
+    }
+
+    fn rebuild_watches(&mut self) {
+        self.sink_owner.clear();
+        self.trigger_owner.clear();
+        let mut dirs = BTreeSet::new();
+        for entry in self.entries.values() {
+            for s in &entry.credential.sinks {
+                self.sink_owner.insert(s.path.clone(), entry.credential.name.clone());
+                self.trigger_owner.insert(trigger_path(&s.path), entry.credential.name.clone());
+                dirs.extend(s.path.parent().map(Path::to_path_buf));
+            }
+        }
+        dirs.extend(self.config.path.parent().map(Path::to_path_buf));
+        dirs.extend(self.store_changed_path.parent().map(Path::to_path_buf));
+        self.watcher = match watch::watch_dirs(&dirs, self.fs_tx.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(
+                    "cannot watch files ({e}); sinks will not be repaired and the config not reloaded on change"
+                );
+                None
+            }
+        };
+    }
+
+    /// Puts the credential's refresh and expiry deadlines in the queue, from its state.
+    fn plan(&mut self, name: &str) {
+        self.queue.cancel(name, Job::Refresh);
+        self.queue.cancel(name, Job::Expire);
+        let Some(entry) = self.entries.get(name) else { return };
+        if entry.in_flight {
+            return; // `finished` plans again.
+        }
+        let now = now_ms();
+        match &entry.state {
+            None if matches!(entry.credential.endpoint.grant, GrantKind::ApiKey(_)) => {
+                self.queue.schedule(name, Job::Refresh, entry.retry_at.unwrap_or(now));
+            }
+            None => {}
+            Some(state) => {
+                if state.status == Status::Active
+                    && let Some(due) = crate::cli::next_refresh_ms(Some(&entry.credential), state)
+                {
+                    self.queue.schedule(name, Job::Refresh, entry.retry_at.unwrap_or(due));
+                }
+                if let Some(expiry) = state.expires_at.map(|t| t * 1000).filter(|t| *t > now) {
+                    self.queue.schedule(name, Job::Expire, expiry);
+                }
+            }
+        }
+    }
+
+    fn plan_cron(&mut self, name: &str) {
+        self.queue.cancel(name, Job::Cron);
+        if let Some(cron) = self.entries.get(name).and_then(|e| e.credential.refresh_cron.as_ref())
+            && let Some(at) = cron.next_after_ms(now_ms())
+        {
+            self.queue.schedule(name, Job::Cron, at);
+        }
+    }
+
+    fn schedule_maintenance(&mut self) {
+        let cron = config::CronSchedule::parse(MAINTENANCE_CRON).expect("constant cron expression parses");
+        if let Some(at) = cron.next_after_ms(now_ms()) {
+            self.queue.schedule(DAEMON_KEY, Job::Maintenance, at);
+        }
+    }
+
+    fn fire_due(&mut self, inflight: &mut JoinSet<RefreshResult>) {
+        for (name, job) in self.queue.pop_due(now_ms()) {
+            match job {
+                Job::Refresh => self.start_refresh(&name, inflight),
+                Job::Cron => {
+                    tracing::info!(credential = %name, "refresh_cron fired");
+                    self.start_refresh(&name, inflight);
+                    self.plan_cron(&name);
+                }
+                Job::Expire => self.expire(&name),
+                Job::Maintenance => {
+                    match self.store().maintenance(now_ms(), ATTEMPT_RETENTION) {
+                        Ok(pruned) => tracing::info!(pruned_attempts = pruned, "maintenance done"),
+                        Err(e) => tracing::warn!("maintenance failed: {e}"),
+                    }
+                    self.schedule_maintenance();
+                }
+            }
+        }
+    }
+
+    fn refresh_all(&mut self, inflight: &mut JoinSet<RefreshResult>) {
+        let names: Vec<String> = self.entries.keys().cloned().collect();
+        tracing::info!(credentials = names.len(), "refreshing everything now");
+        for name in names {
+            self.start_refresh(&name, inflight);
+        }
+    }
+
+    fn start_refresh(&mut self, name: &str, inflight: &mut JoinSet<RefreshResult>) {
+        let now = now_ms();
+        let Some(entry) = self.entries.get_mut(name) else { return };
+        if entry.in_flight {
+            return;
+        }
+        let provider = entry.credential.provider();
+        if let Some(until) = self.provider_paused_until.get(&provider).copied().filter(|u| *u > now) {
+            tracing::info!(credential = name, %provider, until = %rfc3339(until / 1000), "provider asked us to wait; refresh deferred");
+            self.queue.schedule(name, Job::Refresh, until);
+            return;
+        }
+        entry.in_flight = true;
+        self.queue.cancel(name, Job::Refresh);
+        let store = self.store.clone();
+        let http = self.http.clone();
+        let credential = entry.credential.clone();
+        let expected = entry.state.as_ref().map(|s| s.generation);
+        let global = self.global_slots.clone();
+        let per_provider = self.provider_slots.get(&provider).cloned().unwrap_or_else(|| Arc::new(Semaphore::new(1)));
+        let handle = inflight.spawn(async move {
+            let _global = global.acquire_owned().await;
+            let _provider = per_provider.acquire_owned().await;
+            let result = refresh::refresh(&store, &http, &credential, expected, Duration::ZERO).await;
+            (credential.name.clone(), result)
+        });
+        self.running.insert(handle.id(), name.to_string());
+    }
+
+    fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, RefreshResult), tokio::task::JoinError>,
+        inflight: &mut JoinSet<RefreshResult>,
+    ) {
+        let (name, result) = match done {
+            Ok((id, result)) => {
+                self.running.remove(&id);
+                result
+            }
+            Err(e) => {
+                let Some(name) = self.running.remove(&e.id()) else { return };
+                tracing::error!(credential = %name, "refresh task died: {e}");
+                (name, Err(RefreshError::Busy { name: String::new(), pid: 0 }))
+            }
+        };
+        let now = now_ms();
+        let fresh_state = self.store().get(&name);
+        let Some(entry) = self.entries.get_mut(&name) else { return };
+        entry.in_flight = false;
+        let credential = entry.credential.clone();
+        let lifetime = |state: Option<&TokenState>| {
+            Duration::from_secs(state.and_then(|s| s.expires_in).unwrap_or(3600).unsigned_abs())
+        };
+        match result {
+            Ok(Outcome::Refreshed { state, rate_limited_for }) => {
+                entry.failures = 0;
+                entry.retry_at = None;
+                if let Some(wait) = rate_limited_for {
+                    let until = now + i64::try_from(wait.as_millis()).unwrap_or(0);
+                    tracing::warn!(provider = %credential.provider(), until = %rfc3339(until / 1000), "rate limit budget spent; pausing this provider");
+                    self.provider_paused_until.insert(credential.provider(), until);
+                }
+                hooks::spawn(&credential, Event::Refreshed, Some(&state), None);
+                entry.state = Some(state);
+            }
+            Ok(Outcome::AlreadyRefreshed(state)) => {
+                tracing::info!(credential = %name, generation = state.generation, "refreshed by another process meanwhile");
+                entry.failures = 0;
+                entry.retry_at = None;
+                refresh::write_sinks(&credential, &state);
+                entry.state = Some(state);
+            }
+            Ok(Outcome::Failed { failure, needs_reauth }) => {
+                entry.state = fresh_state.ok().flatten().or(entry.state.take());
+                if needs_reauth {
+                    entry.retry_at = None;
+                    hooks::spawn(&credential, Event::NeedsReauth, entry.state.as_ref(), Some(failure.reason()));
+                } else {
+                    entry.failures += 1;
+                    let provider_wait = match &failure {
+                        Failure::Transient { retry_after, .. } => *retry_after,
+                        _ => None,
+                    };
+                    if let Some(wait) = provider_wait {
+                        let until = now + i64::try_from(wait.as_millis()).unwrap_or(0);
+                        self.provider_paused_until.insert(credential.provider(), until);
+                    }
+                    let expires_at_ms = entry.state.as_ref().and_then(|s| s.expires_at).map(|t| t * 1000);
+                    let at = schedule::retry_at_ms(
+                        now,
+                        entry.failures,
+                        lifetime(entry.state.as_ref()),
+                        expires_at_ms,
+                        provider_wait,
+                        rand::random::<f64>(),
+                    );
+                    tracing::info!(credential = %name, failures = entry.failures, retry_in_ms = at - now, "will retry");
+                    entry.retry_at = Some(at);
+                    hooks::spawn(&credential, Event::Failed, entry.state.as_ref(), Some(failure.reason()));
+                }
+            }
+            Ok(Outcome::Skipped { reason, state }) => {
+                tracing::info!(credential = %name, "not refreshed: {}", reason.text());
+                entry.retry_at = None;
+                entry.state = state;
+            }
+            Err(RefreshError::Busy { .. }) => {
+                entry.retry_at = Some(now + LEASE_BUSY_RETRY_MS);
+            }
+            Err(e) => {
+                tracing::error!(credential = %name, "{e}");
+                entry.failures += 1;
+                entry.state = fresh_state.ok().flatten().or(entry.state.take());
+                let expires_at_ms = entry.state.as_ref().and_then(|s| s.expires_at).map(|t| t * 1000);
+                entry.retry_at = Some(schedule::retry_at_ms(
+                    now,
+                    entry.failures,
+                    lifetime(entry.state.as_ref()),
+                    expires_at_ms,
+                    None,
+                    rand::random::<f64>(),
+                ));
+            }
+        }
+        self.plan(&name);
+        if self.entries.get(&name).is_some_and(|e| e.retry_at.is_some_and(|r| r <= now)) {
+            self.start_refresh(&name, inflight);
+        }
+    }
+
+    /// The token's expiry passed. If it was not replaced meanwhile, no program may keep using it:
+    /// the sinks are removed.
+    fn expire(&mut self, name: &str) {
+        let Some(entry) = self.entries.get(name) else { return };
+        let Some(state) = &entry.state else { return };
+        if state.expires_at.is_some_and(|t| t * 1000 <= now_ms()) {
+            tracing::error!(credential = name, expired_at = %state.expires_at.map(rfc3339).unwrap_or_default(), "access token expired without a successful refresh; its sink files are removed");
+            remove_sinks(&entry.credential, "token expired");
+            hooks::spawn(
+                &entry.credential,
+                Event::Expired,
+                Some(state),
+                entry.state.as_ref().and_then(|s| s.last_error.as_deref()),
+            );
+        }
+    }
+
+    /// Makes every sink of `name` match its stored token: rewritten if missing or altered,
+    /// removed if the token is expired.
+    fn sync_sinks(&mut self, name: &str) {
+        let Some(entry) = self.entries.get(name) else { return };
+        let Some(state) = &entry.state else { return };
+        if state.expires_at.is_some_and(|t| t * 1000 <= now_ms()) {
+            remove_sinks(&entry.credential, "token expired");
+            return;
+        }
+        for s in &entry.credential.sinks {
+            if !sink::is_current(s, state) {
+                match sink::write(s, state) {
+                    Ok(()) => tracing::info!(credential = name, sink = %s.path.display(), "sink written"),
+                    Err(e) => tracing::error!(credential = name, "{e}"),
+                }
+            }
+        }
+    }
+
+    fn fs_event(&mut self, path: PathBuf) {
+        let soon = Instant::now() + FS_DEBOUNCE;
+        if path == self.config.path {
+            self.reload_due = Some(Instant::now() + CONFIG_DEBOUNCE);
+        } else if path == self.store_changed_path {
+            self.store_sync_due.get_or_insert(soon);
+        } else if let Some(name) = self.sink_owner.get(&path) {
+            self.dirty_sinks.insert(name.clone());
+            self.fs_due.get_or_insert(soon);
+        } else if let Some(name) = self.trigger_owner.get(&path)
+            && path.exists()
+        {
+            self.triggered.insert(name.clone());
+            self.fs_due.get_or_insert(soon);
+        }
+    }
+
+    fn fs_settled(&mut self, inflight: &mut JoinSet<RefreshResult>) {
+        let now = Instant::now();
+        if self.reload_due.is_some_and(|t| t <= now) {
+            self.reload_due = None;
+            tracing::info!(config = %self.config.path.display(), "configuration file changed; reloading");
+            self.reload();
+        }
+        if self.store_sync_due.is_some_and(|t| t <= now) {
+            self.store_sync_due = None;
+            self.sync_from_store();
+        }
+        if self.fs_due.is_some_and(|t| t <= now) {
+            self.fs_due = None;
+            for name in std::mem::take(&mut self.dirty_sinks) {
+                self.sync_sinks(&name);
+            }
+            for name in std::mem::take(&mut self.triggered) {
+                self.trigger(&name, inflight);
+            }
+        }
+    }
+
+    /// A script touched `<sink>.refresh`: it got a 401 and wants a new token now.
+    fn trigger(&mut self, name: &str, inflight: &mut JoinSet<RefreshResult>) {
+        let Some(entry) = self.entries.get_mut(name) else { return };
+        for s in &entry.credential.sinks {
+            let _ = std::fs::remove_file(trigger_path(&s.path));
+        }
+        if let Some(last) = entry.last_trigger.filter(|t| t.elapsed() < TRIGGER_MIN_INTERVAL) {
+            let at = now_ms() + i64::try_from((TRIGGER_MIN_INTERVAL - last.elapsed()).as_millis()).unwrap_or(0);
+            tracing::info!(credential = name, "refresh requested through a trigger file again too soon; deferred");
+            self.queue.schedule(name, Job::Refresh, at.min(self.queue.get(name, Job::Refresh).unwrap_or(i64::MAX)));
+            return;
+        }
+        entry.last_trigger = Some(Instant::now());
+        tracing::info!(credential = name, "refresh requested through a trigger file");
+        self.start_refresh(name, inflight);
+    }
+
+    /// `tokend import` / `remove` / `refresh` changed the store: pick up their state.
+    fn sync_from_store(&mut self) {
+        let states = match self.store().list() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot re-read the store: {e}");
+                return;
+            }
+        };
+        let mut by_name: HashMap<String, TokenState> = states.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let names: Vec<String> = self.entries.keys().cloned().collect();
+        for name in names {
+            let Some(entry) = self.entries.get_mut(&name) else { continue };
+            let new = by_name.remove(&name);
+            let changed = new.as_ref().map(|s| (s.generation, s.status))
+                != entry.state.as_ref().map(|s| (s.generation, s.status));
+            if changed && !entry.in_flight {
+                tracing::info!(credential = %name, generation = new.as_ref().map(|s| s.generation), "store changed by another process; picked up");
+                entry.state = new;
+                entry.failures = 0;
+                entry.retry_at = None;
+                self.sync_sinks(&name);
+                self.plan(&name);
+            }
+        }
+    }
+}
+
+fn trigger_path(sink: &Path) -> PathBuf {
+    let mut name = sink.file_name().unwrap_or_default().to_os_string();
+    name.push(".refresh");
+    sink.with_file_name(name)
+}
+
+fn remove_sinks(credential: &Credential, why: &str) {
+    for s in &credential.sinks {
+        match sink::remove(s) {
+            Ok(true) => tracing::info!(credential = %credential.name, sink = %s.path.display(), "sink removed: {why}"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(credential = %credential.name, "{e}"),
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! File-system events (inotify via `notify`) turned into paths on a channel. Directories are
+//! watched, not files: an atomic rename replaces the file, and a watch on the old inode would go
+//! silent after the first write (CRATES.md).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use tokio::sync::mpsc::UnboundedSender;
+
+pub fn watch_dirs(
+    dirs: &BTreeSet<PathBuf>,
+    tx: UnboundedSender<PathBuf>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) => {
+            for path in event.paths {
+                let _ = tx.send(path);
+            }
+        }
+        Err(e) => tracing::warn!("file watch error: {e}"),
+    })?;
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), "cannot watch directory: {e}");
+        }
+    }
+    Ok(watcher)
+}

@@ -1,0 +1,86 @@
+//! Hooks: the commands a credential runs after a refresh (`on_refresh`) or a failure
+//! (`on_failure`). argv, never a shell string, so no quoting surprises. They run in their own
+//! task with a timeout and are killed past it; refreshing never waits for them.
+//!
+//! Environment given to a hook: `TOKEND_EVENT` (refreshed | failed | needs_reauth | expired),
+//! `TOKEND_CREDENTIAL`, `TOKEND_PROVIDER`, `TOKEND_SINKS` (sink paths joined by ':'),
+//! `TOKEND_EXPIRES_AT` (RFC 3339, when known), `TOKEND_GENERATION`, `TOKEND_ERROR` (failures), and
+//! `TOKEND_ACCESS_TOKEN` only when the credential sets `hook_token = true`.
+
+use crate::clock::rfc3339;
+use crate::config::Credential;
+use crate::store::TokenState;
+use std::process::Stdio;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Refreshed,
+    Failed,
+    NeedsReauth,
+    Expired,
+}
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Refreshed => "refreshed",
+            Event::Failed => "failed",
+            Event::NeedsReauth => "needs_reauth",
+            Event::Expired => "expired",
+        }
+    }
+}
+
+/// Starts the hook for `event`, if the credential has one, and returns at once.
+pub fn spawn(credential: &Credential, event: Event, state: Option<&TokenState>, error: Option<&str>) {
+    let argv = match event {
+        Event::Refreshed => credential.hooks.on_refresh.as_ref(),
+        _ => credential.hooks.on_failure.as_ref(),
+    };
+    let Some(argv) = argv.cloned() else { return };
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env("TOKEND_EVENT", event.as_str())
+        .env("TOKEND_CREDENTIAL", &credential.name)
+        .env("TOKEND_PROVIDER", credential.provider().as_str())
+        .env(
+            "TOKEND_SINKS",
+            credential.sinks.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(":"),
+        )
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(state) = state {
+        cmd.env("TOKEND_GENERATION", state.generation.to_string());
+        if let Some(t) = state.expires_at {
+            cmd.env("TOKEND_EXPIRES_AT", rfc3339(t));
+        }
+        if credential.hooks.pass_token {
+            cmd.env("TOKEND_ACCESS_TOKEN", state.access_token.expose());
+        }
+    }
+    if let Some(e) = error {
+        cmd.env("TOKEND_ERROR", e);
+    }
+    let name = credential.name.clone();
+    let timeout = credential.hooks.timeout;
+    tokio::spawn(async move {
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(credential = %name, hook = %argv[0], "cannot start hook: {e}");
+                return;
+            }
+        };
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) if status.success() => {
+                tracing::debug!(credential = %name, hook = %argv[0], event = event.as_str(), "hook done");
+            }
+            Ok(Ok(status)) => tracing::warn!(credential = %name, hook = %argv[0], %status, "hook failed"),
+            Ok(Err(e)) => tracing::warn!(credential = %name, hook = %argv[0], "hook: {e}"),
+            Err(_) => {
+                let _ = child.kill().await;
+                tracing::warn!(credential = %name, hook = %argv[0], timeout = ?timeout, "hook timed out and was killed");
+            }
+        }
+    });
+}
