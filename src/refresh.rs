@@ -188,7 +188,7 @@ pub async fn refresh(
                     "refresh rejected: credential needs re-authorization (tokend import)"
                 );
             } else {
-                tracing::warn!(credential = name, reason = failure.reason(), "refresh failed; will retry");
+                tracing::warn!(credential = name, reason = failure.reason(), "refresh failed; stored token kept");
             }
             Outcome::Failed { failure, needs_reauth }
         }

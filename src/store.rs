@@ -578,15 +578,16 @@ fn holder_alive(holder: &str) -> bool {
 
 /// Whether a process with this pid exists. A process owned by another user (EPERM) counts as
 /// alive: we must not steal a lease from a live refresher we merely cannot signal.
-#[allow(unsafe_code)]
 fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(pid) = i32::try_from(pid) else { return false };
     if pid <= 0 {
         return false;
     }
-    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    // Signal "none" sends nothing; it only checks that the pid exists.
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => true,
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]

@@ -93,3 +93,76 @@ impl World {
         self.tokend(&["show", name], None).await
     }
 }
+
+/// A running `tokend run` child; killed if the test ends first.
+pub struct DaemonProcess {
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl DaemonProcess {
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, within: std::time::Duration) -> i32 {
+        let status =
+            tokio::time::timeout(within, self.child.wait()).await.expect("daemon did not exit in time").unwrap();
+        status.code().unwrap_or(-1)
+    }
+}
+
+impl World {
+    /// Starts `tokend run` and waits until it reports running.
+    pub async fn start_daemon(&self) -> DaemonProcess {
+        let log = self.path(&format!("daemon-{}.log", rand::random::<u32>()));
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
+            .args(["--log-level", "debug", "run"])
+            .env("TOKEND_CONFIG", self.config_path())
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let daemon = DaemonProcess { child, log };
+        let started =
+            wait_for(std::time::Duration::from_secs(20), || daemon.log_text().contains("tokend running")).await;
+        assert!(started, "daemon did not start: {}", daemon.log_text());
+        daemon
+    }
+
+    pub fn store(&self) -> tokend::store::Store {
+        tokend::store::Store::open(&self.path("tokend.db")).unwrap()
+    }
+
+    pub fn generation(&self, name: &str) -> i64 {
+        self.store().get(name).unwrap().map_or(0, |s| s.generation)
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds or `within` passes.
+pub async fn wait_for(within: std::time::Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if condition() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,261 @@
+//! `tokend run` as a real child process: refreshes ahead of expiry over many cycles, signals,
+//! reload, sink repair, trigger files, outages.
+
+mod support;
+
+use nix::sys::signal::Signal;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+use support::{World, wait_for};
+use tokend::mock_provider::{Fault, MockSettings};
+
+fn json_sink(w: &World, file: &str) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(w.path(file)).ok()?).ok()
+}
+
+fn rfc3339_secs(text: &str) -> i64 {
+    humantime::parse_rfc3339(text).unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_every_credential_fresh_over_many_cycles() {
+    let w = World::new(MockSettings { expires_in: 4, ..MockSettings::default() }).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    let mut config = String::new();
+    for (name, provider, path) in [
+        ("nb", "nationbuilder", "/oauth/token"),
+        ("nudge", "nudge", "/api/oauth/zapier/token"),
+        ("wa", "wildapricot", "/auth/token"),
+    ] {
+        config.push_str(&format!(
+            "[[credential]]\nname = \"{name}\"\nprovider = \"{provider}\"\ntoken_url = \"{{mock}}{path}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[[credential.sink]]\npath = \"out/{name}.json\"\nformat = \"json\"\n\n"
+        ));
+    }
+    w.write_config(&config);
+    for name in ["nb", "nudge", "wa"] {
+        w.authorize_and_import(name).await;
+    }
+    let mut daemon = w.start_daemon().await;
+
+    // Sample every sink for 14 s (3 to 4 lifetimes): never an expired token, generations only
+    // go up, one at a time.
+    let mut last_generation = std::collections::HashMap::new();
+    let mut reads = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(14);
+    while tokio::time::Instant::now() < until {
+        for name in ["nb", "nudge", "wa"] {
+            let sink = json_sink(&w, &format!("out/{name}.json")).expect("sink present and valid JSON");
+            let expires_at = rfc3339_secs(sink["expires_at"].as_str().unwrap());
+            assert!(expires_at > tokend::clock::now_secs(), "{name}: sink holds an expired token: {sink}");
+            let generation = sink["generation"].as_i64().unwrap();
+            let previous = last_generation.insert(name, generation).unwrap_or(generation);
+            assert!(
+                generation == previous || generation == previous + 1,
+                "{name}: generation jumped {previous} → {generation}"
+            );
+            reads += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
+
+    let store = w.store();
+    let mut refreshes = 0;
+    for name in ["nb", "nudge", "wa"] {
+        let state = store.get(name).unwrap().unwrap();
+        assert!(state.generation >= 5, "{name}: only {} generations in 14 s of 4 s tokens", state.generation);
+        refreshes += state.generation - 1;
+        assert_eq!(
+            state.refresh_token.unwrap().expose(),
+            w.mock.live_refresh_token(name).unwrap(),
+            "{name}: store and provider agree"
+        );
+        assert_eq!(state.status, tokend::store::Status::Active);
+    }
+    assert_eq!(refreshes as u64, w.mock.refreshes(), "every generation is one refresh, and every refresh a generation");
+    assert!(reads > 300, "sampled {reads} times");
+}
+
+const ONE: &str = r#"
+[[credential]]
+name = "a"
+provider = "oauth2"
+token_url = "{mock}/token"
+client_id = "c"
+client_secret = "s"
+[[credential.sink]]
+path = "out/a.token"
+mode = "0640"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_refreshes_and_sigterm_lets_the_refresh_commit() {
+    let w = World::new(MockSettings { delay: Duration::from_millis(1500), ..MockSettings::default() }).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config(&format!("{ONE}\n{}", ONE.replace("\"a\"", "\"b\"").replace("a.token", "b.token")));
+    w.authorize_and_import("a").await;
+    w.authorize_and_import("b").await;
+    let mut daemon = w.start_daemon().await;
+    daemon.signal(Signal::SIGUSR1);
+    assert!(wait_for(Duration::from_secs(5), || w.mock.requests().len() == 2).await, "SIGUSR1 refreshes all");
+    // Both requests are now waiting 1.5 s for their answers: stop the daemon mid-refresh.
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
+    for name in ["a", "b"] {
+        let state = w.store().get(name).unwrap().unwrap();
+        assert_eq!(state.generation, 2, "{name}: the in-flight refresh was committed before exit");
+        assert_eq!(state.refresh_token.unwrap().expose(), w.mock.live_refresh_token(name).unwrap());
+        assert_eq!(std::fs::read_to_string(w.path(&format!("out/{name}.token"))).unwrap(), state.access_token.expose());
+    }
+    assert!(daemon.log_text().contains("signal received signal=\"SIGTERM\""), "{}", daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_and_drops_credentials_and_rejects_bad_config() {
+    let w = World::new(MockSettings::default()).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config(ONE);
+    w.authorize_and_import("a").await;
+    let daemon = w.start_daemon().await;
+    assert!(w.path("out/a.token").exists());
+
+    // Replace "a" by an API-key credential "key": no import needed, the daemon fetches its token.
+    w.write_config(
+        r#"
+[[credential]]
+name = "key"
+provider = "wildapricot"
+token_url = "{mock}/auth/token"
+api_key = "k-123456"
+[[credential.sink]]
+path = "out/key.token"
+"#,
+    );
+    daemon.signal(Signal::SIGHUP);
+    assert!(wait_for(Duration::from_secs(5), || w.path("out/key.token").exists()).await, "{}", daemon.log_text());
+    assert!(
+        wait_for(Duration::from_secs(5), || !w.path("out/a.token").exists()).await,
+        "dropped credential's sink removed"
+    );
+    assert_eq!(w.generation("a"), 1, "the dropped credential's stored token is kept");
+
+    std::fs::write(w.config_path(), "[[credential]]\nname = \"broken\"\n").unwrap();
+    daemon.signal(Signal::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(5), || daemon
+            .log_text()
+            .contains("reload rejected, the running configuration stays"))
+        .await,
+        "{}",
+        daemon.log_text()
+    );
+    // Still alive and still serving the old configuration.
+    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), None).is_ok());
+    assert!(w.path("out/key.token").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_change_reloads_without_a_signal() {
+    let w = World::new(MockSettings::default()).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config(ONE);
+    w.authorize_and_import("a").await;
+    let daemon = w.start_daemon().await;
+    w.write_config(&format!(
+        "{ONE}\n[[credential]]\nname = \"key\"\nprovider = \"wildapricot\"\ntoken_url = \"{{mock}}/auth/token\"\napi_key = \"k\"\n[[credential.sink]]\npath = \"out/key.token\"\n"
+    ));
+    assert!(wait_for(Duration::from_secs(5), || w.path("out/key.token").exists()).await, "{}", daemon.log_text());
+    assert!(w.path("out/a.token").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn altered_or_deleted_sinks_are_rewritten_and_symlinks_refused() {
+    let w = World::new(MockSettings::default()).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    let victim = w.path("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, w.path("out/b.token")).unwrap();
+    w.write_config(&format!("{ONE}\n{}", ONE.replace("\"a\"", "\"b\"").replace("a.token", "b.token")));
+    w.authorize_and_import("a").await;
+    w.authorize_and_import("b").await;
+    let daemon = w.start_daemon().await;
+
+    let sink = w.path("out/a.token");
+    let token = std::fs::read_to_string(&sink).unwrap();
+    assert_eq!(std::fs::metadata(&sink).unwrap().permissions().mode() & 0o777, 0o640);
+    std::fs::remove_file(&sink).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(1), || std::fs::read_to_string(&sink).is_ok_and(|t| t == token)).await,
+        "deleted sink rewritten within 1 s"
+    );
+    std::fs::write(&sink, "tampered").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(1), || std::fs::read_to_string(&sink).is_ok_and(|t| t == token)).await,
+        "altered sink rewritten within 1 s"
+    );
+    assert_eq!(std::fs::metadata(&sink).unwrap().permissions().mode() & 0o777, 0o640);
+
+    daemon.signal(Signal::SIGUSR1);
+    assert!(wait_for(Duration::from_secs(5), || w.generation("b") == 2).await);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "nothing written through the symlink");
+    assert!(std::fs::symlink_metadata(w.path("out/b.token")).unwrap().file_type().is_symlink());
+    assert!(
+        daemon.log_text().contains("is a symbolic link; refusing to write a token through it"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn touching_the_trigger_file_refreshes_now() {
+    let w = World::new(MockSettings::default()).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config(ONE);
+    w.authorize_and_import("a").await;
+    let _daemon = w.start_daemon().await;
+    let trigger = w.path("out/a.token.refresh");
+    let status = std::process::Command::new("touch").arg(&trigger).status().unwrap();
+    assert!(status.success());
+    assert!(wait_for(Duration::from_secs(3), || w.generation("a") == 2).await);
+    assert!(wait_for(Duration::from_secs(1), || !trigger.exists()).await, "trigger file removed");
+    let token = w.store().get("a").unwrap().unwrap().access_token;
+    assert!(
+        wait_for(Duration::from_secs(1), || std::fs::read_to_string(w.path("out/a.token"))
+            .is_ok_and(|t| t == token.expose()))
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_outage_backs_off_and_recovers_before_expiry() {
+    let w = World::new(MockSettings { expires_in: 12, ..MockSettings::default() }).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config(ONE);
+    w.authorize_and_import("a").await;
+    for _ in 0..4 {
+        w.mock.push_fault(Fault::Answer { status: 503, body: "down".into(), headers: vec![] });
+    }
+    let daemon = w.start_daemon().await;
+    // Due at 6 s; four 503s with 0.3 / 0.6 / 1.2 / 2.4 s backoff; the fifth try succeeds before 12 s.
+    assert!(wait_for(Duration::from_secs(13), || w.generation("a") == 2).await, "{}", daemon.log_text());
+    let requests = w.mock.requests().len();
+    assert_eq!(requests, 5, "four failures and one success, nothing more");
+    assert!(w.path("out/a.token").exists(), "the token never expired from the sink");
+    assert_eq!(daemon.log_text().matches("will retry").count(), 4, "{}", daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_database_refuses_to_start() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config(ONE);
+    let daemon = w.start_daemon().await;
+    let second = w.tokend(&["run"], None).await;
+    assert_eq!(second.code, 1);
+    assert!(
+        second.stderr.contains(&format!("another `tokend run` is using {}", w.path("tokend.db").display())),
+        "{}",
+        second.stderr
+    );
+    assert!(second.stderr.contains(&format!("pid {}", daemon.pid())), "{}", second.stderr);
+}
