@@ -91,7 +91,8 @@ pub struct Credential {
     pub hooks: Hooks,
 }
 
-/// A parsed cron expression (croner syntax, the one tokio-cron-scheduler uses), evaluated in UTC.
+/// A parsed cron expression (croner syntax, the parser tokio-cron-scheduler uses), evaluated in
+/// UTC: five fields (`min hour dom mon dow`) or six with leading seconds.
 #[derive(Debug, Clone)]
 pub struct CronSchedule {
     pub text: String,
@@ -100,7 +101,12 @@ pub struct CronSchedule {
 
 impl CronSchedule {
     pub fn parse(text: &str) -> Result<Self, String> {
-        let cron: croner::Cron = text.parse().map_err(|e| format!("\"{text}\" is not a cron expression ({e})"))?;
+        use croner::parser::{CronParser, Seconds};
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse(text)
+            .map_err(|e| format!("\"{text}\" is not a cron expression ({e})"))?;
         Ok(Self { text: text.to_string(), cron })
     }
 

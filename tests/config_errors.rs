@@ -86,6 +86,14 @@ async fn each_bad_config_gets_its_exact_message() {
         ),
         ("[[credential]\nname = 1\n".into(), format!("{f}: line 1, column 14: unclosed array table, expected `]`")),
         ("".into(), format!("{f}: configuration: no [[credential]] defined; there is nothing to keep fresh")),
+        (
+            format!("[[credential]]\n{NB}client_secret = \"s\"\nrefresh_cron = \"every day\"\n"),
+            format!("{f}: credential \"nb\": field \"refresh_cron\": \"every day\" is not a cron expression ("),
+        ),
+        (
+            format!("[[credential]]\n{NB}client_secret = \"s\"\non_refresh = []\n"),
+            format!("{f}: credential \"nb\": field \"on_refresh\": must be a non-empty list: [\"/path/to/program\", \"arg\", ...]"),
+        ),
     ];
     for (body, expected) in cases {
         let stderr = check_fails(&w, &body).await;

@@ -259,3 +259,73 @@ async fn a_second_daemon_on_the_same_database_refuses_to_start() {
     );
     assert!(second.stderr.contains(&format!("pid {}", daemon.pid())), "{}", second.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrefreshable_token_leaves_the_sinks_when_it_expires() {
+    let w = World::new(MockSettings { expires_in: 3, ..MockSettings::default() }).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config(&ONE.replace("mode = \"0640\"", "format = \"json\""));
+    w.authorize_and_import("a").await;
+    for _ in 0..40 {
+        w.mock.push_fault(Fault::Answer { status: 500, body: "broken".into(), headers: vec![] });
+    }
+    let daemon = w.start_daemon().await;
+    assert!(w.path("out/a.token").exists());
+    assert!(wait_for(Duration::from_secs(6), || !w.path("out/a.token").exists()).await, "{}", daemon.log_text());
+    assert!(
+        daemon.log_text().contains("access token expired without a successful refresh; its sink files are removed")
+    );
+    assert_eq!(w.show("a").await.code, 6, "show refuses the expired token too");
+    // Retries continue (the refresh token may still work), with capped backoff: a handful, not a flood.
+    let requests = w.mock.requests().len();
+    assert!((3..=15).contains(&requests), "{requests} requests in ~6 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_get_context_not_the_token_and_never_block_refreshing() {
+    let w = World::new(MockSettings::default()).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    let dump = w.path("out/hook.env");
+    w.write_config(&format!(
+        "{}\non_refresh = [\"/bin/sh\", \"-c\", \"env | grep ^TOKEND_ | sort > {}\"]\n\n{}\non_refresh = [\"sleep\", \"60\"]\nhook_timeout = \"1s\"\n",
+        ONE.replace("[[credential.sink]]\npath = \"out/a.token\"\nmode = \"0640\"\n", ""),
+        dump.display(),
+        ONE.replace("\"a\"", "\"b\"").replace("[[credential.sink]]\npath = \"out/a.token\"\nmode = \"0640\"\n", ""),
+    ));
+    w.authorize_and_import("a").await;
+    w.authorize_and_import("b").await;
+    let daemon = w.start_daemon().await;
+    daemon.signal(Signal::SIGUSR1);
+    assert!(
+        wait_for(Duration::from_secs(5), || std::fs::read_to_string(&dump)
+            .is_ok_and(|t| t.contains("TOKEND_GENERATION")))
+        .await
+    );
+    let env = std::fs::read_to_string(&dump).unwrap();
+    assert!(env.contains("TOKEND_EVENT=refreshed\n"), "{env}");
+    assert!(env.contains("TOKEND_CREDENTIAL=a\n"), "{env}");
+    assert!(env.contains("TOKEND_PROVIDER=oauth2\n"), "{env}");
+    assert!(env.contains("TOKEND_GENERATION=2\n"), "{env}");
+    assert!(env.contains("TOKEND_EXPIRES_AT="), "{env}");
+    assert!(!env.contains("TOKEND_ACCESS_TOKEN"), "the token is only passed when asked: {env}");
+    let token = w.store().get("a").unwrap().unwrap().access_token;
+    assert!(!env.contains(token.expose()));
+
+    // b's hook hangs; b is refreshed again regardless, and the hook is killed after 1 s.
+    assert!(wait_for(Duration::from_secs(3), || w.generation("b") == 2).await);
+    daemon.signal(Signal::SIGUSR1);
+    assert!(wait_for(Duration::from_secs(3), || w.generation("b") == 3).await, "{}", daemon.log_text());
+    assert!(wait_for(Duration::from_secs(3), || daemon.log_text().contains("hook timed out and was killed")).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_cron_renews_on_its_schedule() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config(
+        "[[credential]]\nname = \"key\"\nprovider = \"wildapricot\"\ntoken_url = \"{mock}/auth/token\"\napi_key = \"k\"\nrefresh_cron = \"* * * * * *\"\n",
+    );
+    let daemon = w.start_daemon().await;
+    // First token at start (API keys need no import), then one per second from the cron.
+    assert!(wait_for(Duration::from_secs(6), || w.generation("key") >= 4).await, "{}", daemon.log_text());
+    assert!(daemon.log_text().contains("refresh_cron fired"));
+}
