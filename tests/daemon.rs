@@ -63,7 +63,11 @@ async fn keeps_every_credential_fresh_over_many_cycles() {
     // A restart picks up where the last run stopped.
     let before_restart = w.generation("nb");
     let mut daemon = w.start_daemon().await;
-    assert!(wait_for(Duration::from_secs(6), || w.generation("nb") >= before_restart + 2).await, "{}", daemon.log_text());
+    assert!(
+        wait_for(Duration::from_secs(6), || w.generation("nb") >= before_restart + 2).await,
+        "{}",
+        daemon.log_text()
+    );
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
 
