@@ -60,6 +60,15 @@ pub enum LogFormat {
     Json,
 }
 
+impl From<LogFormat> for crate::logging::LogFormat {
+    fn from(f: LogFormat) -> Self {
+        match f {
+            LogFormat::Text => crate::logging::LogFormat::Text,
+            LogFormat::Json => crate::logging::LogFormat::Json,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Validate the configuration (and every secret it names); exit 3 naming each problem.
@@ -151,7 +160,7 @@ async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let _signals = daemon::signals::forward(tx)
         .map_err(|e| CliError::new(exit::FAILURE, format!("cannot install signal handlers: {e}")))?;
-    daemon::run(config_path, rx, |_| {}).await.map_err(|e| match e {
+    daemon::run(config_path, rx).await.map_err(|e| match e {
         DaemonError::Config(e) => CliError::from(e),
         other => CliError::new(exit::FAILURE, other.to_string()),
     })

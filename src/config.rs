@@ -75,6 +75,8 @@ pub struct DaemonConfig {
     /// Refreshes in flight at once, across all providers.
     pub concurrency: usize,
     pub http: provider::HttpLimits,
+    /// Prometheus textfile (node_exporter textfile collector), rewritten after changes.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// One credential: who to ask, how, when, and where its token goes.
@@ -186,6 +188,7 @@ struct RawDaemon {
     connect_timeout: Option<String>,
     request_timeout: Option<String>,
     max_answer_bytes: Option<i64>,
+    metrics_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -402,7 +405,8 @@ impl Validator<'_> {
             http.max_answer_bytes =
                 self.positive(place, "max_answer_bytes", n, 16 * 1024 * 1024).unwrap_or(http.max_answer_bytes);
         }
-        DaemonConfig { database, concurrency, http }
+        let metrics_file = raw.metrics_file.map(|p| self.resolve(&p));
+        DaemonConfig { database, concurrency, http, metrics_file }
     }
 
     fn positive(&mut self, place: &str, field: &str, n: i64, max: usize) -> Option<usize> {

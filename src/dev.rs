@@ -68,7 +68,7 @@ pub async fn run(lifetime: Duration, keep: bool) -> Result<(), DevError> {
     print_banner(&root, &providers, expires_in);
     let (tx, rx) = mpsc::unbounded_channel();
     let _signals = daemon::signals::forward(tx.clone()).map_err(|e| fail("cannot install signal handlers", e))?;
-    let result = daemon::run(&config_path, rx, |_| {}).await.map_err(|e| DevError(e.to_string()));
+    let result = daemon::run(&config_path, rx).await.map_err(|e| DevError(e.to_string()));
     drop(tx);
     if keep {
         let kept = dir.keep();

@@ -47,6 +47,9 @@ pub fn spawn(credential: &Credential, event: Event, state: Option<&TokenState>, 
             "TOKEND_SINKS",
             credential.sinks.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(":"),
         )
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if let Some(state) = state {

@@ -13,6 +13,8 @@
 //! | [`sink`] | atomic token files (raw / json / env) |
 //! | [`daemon`] | `tokend run`: timers, signals, file watches, config reload — wiring only |
 //! | [`hooks`] | `on_refresh` / `on_failure` commands, with a timeout |
+//! | [`logging`] | tracing set-up: human text, JSON, or journald priorities |
+//! | [`metrics`] | Prometheus textfile rendering |
 //! | [`timer`] | sleeping until a wall-clock time (survives suspend and clock steps) |
 //! | [`cli`] | subcommands and their output |
 //! | [`dev`] | `tokend dev`: the self-contained demo |
@@ -26,6 +28,8 @@ pub mod config;
 pub mod daemon;
 pub mod dev;
 pub mod hooks;
+pub mod logging;
+pub mod metrics;
 pub mod mock_provider;
 pub mod provider;
 pub mod redact;

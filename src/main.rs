@@ -2,8 +2,7 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use tokend::cli::{self, Cli, LogFormat};
-use tracing_subscriber::EnvFilter;
+use tokend::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -13,7 +12,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { cli::exit::USAGE } else { cli::exit::OK });
         }
     };
-    init_logging(&cli.log_level, cli.log_format);
+    tokend::logging::init(&cli.log_level, cli.log_format.into());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -27,16 +26,5 @@ fn main() -> ExitCode {
             eprintln!("tokend: {}", e.message);
             ExitCode::from(e.code)
         }
-    }
-}
-
-fn init_logging(level: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -62,13 +62,18 @@ pub fn render(format: SinkFormat, state: &TokenState) -> Result<Vec<u8>, String>
 
 /// Writes `state` into the sink atomically. Called only after the store commit.
 pub fn write(sink: &SinkConfig, state: &TokenState) -> Result<(), SinkError> {
-    let path = &sink.path;
-    let bytes = render(sink.format, state).map_err(|m| sink_error(path, m))?;
+    let bytes = render(sink.format, state).map_err(|m| sink_error(&sink.path, m))?;
+    write_atomic(&sink.path, &bytes, sink.mode, sink.group.as_ref().map(|g| g.1))
+}
+
+/// Replaces `path` with `bytes` so that readers see the old file or the new one, never a mix:
+/// temp file → fsync → rename → fsync directory. Refuses links and non-regular files at `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<(), SinkError> {
     check_target(path)?;
     let dir = parent_dir(path);
     let file_name = path.file_name().ok_or_else(|| sink_error(path, "does not name a file"))?.to_string_lossy();
     let tmp = dir.join(format!(".{file_name}.tokend-{:08x}", rand::random::<u32>()));
-    let result = write_new_file(&tmp, &bytes, sink.mode, sink.group.as_ref().map(|g| g.1)).and_then(|()| {
+    let result = write_new_file(&tmp, bytes, mode, gid).and_then(|()| {
         std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename into place: {e}"))?;
         sync_dir(&dir)
     });

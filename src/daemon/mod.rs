@@ -16,11 +16,13 @@
 
 pub mod queue;
 pub mod signals;
+mod systemd;
 mod watch;
 
 use crate::clock::{now_ms, rfc3339, short_duration};
 use crate::config::{self, Config, ConfigError, Credential};
 use crate::hooks::{self, Event};
+use crate::metrics::{self, CredentialMetrics};
 use crate::provider::{Failure, GrantKind, HttpClient, ProviderKind};
 use crate::refresh::{self, Outcome, RefreshError};
 use crate::schedule;
@@ -54,6 +56,8 @@ const TRIGGER_MIN_INTERVAL: Duration = Duration::from_secs(5);
 const ATTEMPT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// Daily housekeeping, 03:17 UTC (croner syntax).
 const MAINTENANCE_CRON: &str = "17 3 * * *";
+/// Metrics and systemd STATUS are published at most this often.
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// The queue key of daemon-wide jobs; credential names cannot be empty.
 const DAEMON_KEY: &str = "";
 
@@ -82,6 +86,7 @@ pub enum DaemonError {
 pub struct Summary {
     pub credentials: usize,
     pub needs_reauth: usize,
+    pub failing: usize,
     pub next_refresh_ms: Option<i64>,
 }
 
@@ -91,7 +96,10 @@ impl Summary {
             Some(at) => format!("next refresh in {}", short_duration((at - now_ms()).max(0) / 1000)),
             None => "nothing scheduled".to_string(),
         };
-        format!("{} credentials, {} needing re-authorization, {next}", self.credentials, self.needs_reauth)
+        format!(
+            "{} credentials, {} failing, {} needing re-authorization, {next}",
+            self.credentials, self.failing, self.needs_reauth
+        )
     }
 }
 
@@ -102,6 +110,8 @@ struct Entry {
     retry_at: Option<i64>,
     in_flight: bool,
     last_trigger: Option<Instant>,
+    /// Refresh results since start, for metrics.
+    results: BTreeMap<&'static str, u64>,
 }
 
 type RefreshResult = (String, Result<Outcome, RefreshError>);
@@ -126,6 +136,7 @@ struct Daemon {
     fs_due: Option<Instant>,
     reload_due: Option<Instant>,
     store_sync_due: Option<Instant>,
+    publish_due: Option<Instant>,
     /// `tokend import`/`remove` touch this file to tell a running daemon to re-read the store.
     store_changed_path: PathBuf,
 }
@@ -143,13 +154,9 @@ pub fn notify_store_changed(database: &Path) {
     let _ = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path);
 }
 
-/// Runs the daemon until [`Control::Shutdown`]. `ready` is called once every credential is
+/// Runs the daemon until [`Control::Shutdown`]; tells systemd READY=1 once every credential is
 /// scheduled.
-pub async fn run(
-    config_path: &Path,
-    mut control: UnboundedReceiver<Control>,
-    ready: impl FnOnce(&Summary),
-) -> Result<(), DaemonError> {
+pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) -> Result<(), DaemonError> {
     let config_path = std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let config = config::load(&config_path)?;
     let _lock = lock_database(&config.daemon.database)?;
@@ -176,6 +183,7 @@ pub async fn run(
         fs_due: None,
         reload_due: None,
         store_sync_due: None,
+        publish_due: None,
     };
     daemon.config.path = config_path;
     daemon.recover_abandoned_attempts()?;
@@ -183,14 +191,18 @@ pub async fn run(
     daemon.schedule_maintenance();
     let summary = daemon.summary();
     tracing::info!(config = %daemon.config.path.display(), database = %daemon.config.daemon.database.display(), "tokend running: {}", summary.describe());
-    ready(&summary);
+    daemon.publish();
+    systemd::ready(&summary.describe());
+    let watchdog_interval = systemd::watchdog_interval();
+    let mut next_ping = watchdog_interval.map(|i| Instant::now() + i);
 
     let mut timer =
         WallTimer::new().map_err(|e| DaemonError::Io(format!("cannot create the wall-clock timer: {e}")))?;
     let mut inflight: JoinSet<RefreshResult> = JoinSet::new();
     loop {
         let next = daemon.queue.next_at();
-        let fs_due = [daemon.fs_due, daemon.reload_due, daemon.store_sync_due].into_iter().flatten().min();
+        let fs_due =
+            [daemon.fs_due, daemon.reload_due, daemon.store_sync_due, daemon.publish_due].into_iter().flatten().min();
         tokio::select! {
             biased;
             ctl = control.recv() => match ctl {
@@ -201,6 +213,14 @@ pub async fn run(
             Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => daemon.finished(done, &mut inflight),
             Some(path) = fs_rx.recv() => daemon.fs_event(path),
             () = sleep_until_opt(fs_due) => daemon.fs_settled(&mut inflight),
+            () = sleep_until_opt(next_ping) => {
+                // Pinged from the loop itself, and only while the store answers: a wedged loop
+                // or a dead disk gets the service restarted.
+                if daemon.healthy() {
+                    systemd::watchdog();
+                }
+                next_ping = watchdog_interval.map(|i| Instant::now() + i);
+            }
             woke = timer.sleep_until(next.unwrap_or(0)), if next.is_some() => {
                 if let Err(e) = woke {
                     return Err(DaemonError::Io(format!("wall-clock timer failed: {e}")));
@@ -210,6 +230,7 @@ pub async fn run(
         }
     }
 
+    systemd::stopping();
     tracing::info!(in_flight = inflight.len(), "shutting down: no new refreshes; letting in-flight ones finish");
     let grace = tokio::time::sleep(SHUTDOWN_GRACE);
     tokio::pin!(grace);
@@ -223,6 +244,7 @@ pub async fn run(
             }
         }
     }
+    daemon.publish();
     tracing::info!("stopped");
     Ok(())
 }
@@ -279,7 +301,47 @@ impl Daemon {
                 .values()
                 .filter(|e| e.state.as_ref().is_some_and(|s| s.status == Status::NeedsReauth))
                 .count(),
+            failing: self.entries.values().filter(|e| e.failures > 0).count(),
             next_refresh_ms: self.entries.keys().filter_map(|n| self.queue.get(n, Job::Refresh)).min(),
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        match self.store().schema_version() {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!("store unreachable, withholding the watchdog ping: {e}");
+                false
+            }
+        }
+    }
+
+    fn publish_soon(&mut self) {
+        self.publish_due.get_or_insert(Instant::now() + PUBLISH_INTERVAL);
+    }
+
+    /// Sends systemd a STATUS line and rewrites the metrics file.
+    fn publish(&mut self) {
+        self.publish_due = None;
+        systemd::status(&self.summary().describe());
+        let Some(path) = self.config.daemon.metrics_file.clone() else { return };
+        let snapshot: BTreeMap<String, CredentialMetrics> = self
+            .entries
+            .iter()
+            .map(|(name, e)| {
+                let m = CredentialMetrics {
+                    provider: e.credential.provider().to_string(),
+                    expires_at: e.state.as_ref().and_then(|s| s.expires_at),
+                    needs_reauth: e.state.as_ref().is_some_and(|s| s.status == Status::NeedsReauth),
+                    last_refresh_at: e.state.as_ref().and_then(|s| s.last_refresh_at),
+                    refreshes: e.results.clone(),
+                };
+                (name.clone(), m)
+            })
+            .collect();
+        // Readable by node_exporter's user: counts and times only, no secrets.
+        if let Err(e) = sink::write_atomic(&path, metrics::render(&snapshot).as_bytes(), 0o644, None) {
+            tracing::warn!("metrics file not written: {e}");
         }
     }
 
@@ -337,6 +399,7 @@ impl Daemon {
                             retry_at: None,
                             in_flight: false,
                             last_trigger: None,
+                            results: BTreeMap::new(),
                         },
                     );
                 }
@@ -361,6 +424,13 @@ impl Daemon {
     }
 
     fn reload(&mut self) {
+        systemd::reloading();
+        self.reload_config();
+        systemd::ready(&self.summary().describe());
+        self.publish_soon();
+    }
+
+    fn reload_config(&mut self) {
         let config = match config::load(&self.config.path) {
             Ok(c) => c,
             Err(e) => {
@@ -527,9 +597,21 @@ impl Daemon {
             }
         };
         let now = now_ms();
+        self.publish_soon();
         let fresh_state = self.store().get(&name);
         let Some(entry) = self.entries.get_mut(&name) else { return };
         entry.in_flight = false;
+        let category = match &result {
+            Ok(Outcome::Refreshed { .. } | Outcome::AlreadyRefreshed(_)) => Some("success"),
+            Ok(Outcome::Failed { failure: Failure::Transient { .. }, .. }) => Some("transient"),
+            Ok(Outcome::Failed { failure: Failure::Rejected { .. }, .. }) => Some("rejected"),
+            Ok(Outcome::Failed { failure: Failure::Permanent { .. }, .. }) => Some("permanent"),
+            Ok(Outcome::Skipped { .. }) | Err(RefreshError::Busy { .. }) => None,
+            Err(_) => Some("error"),
+        };
+        if let Some(category) = category {
+            *entry.results.entry(category).or_default() += 1;
+        }
         let credential = entry.credential.clone();
         let lifetime = |state: Option<&TokenState>| {
             Duration::from_secs(state.and_then(|s| s.expires_in).unwrap_or(3600).unsigned_abs())
@@ -674,6 +756,9 @@ impl Daemon {
         if self.store_sync_due.is_some_and(|t| t <= now) {
             self.store_sync_due = None;
             self.sync_from_store();
+        }
+        if self.publish_due.is_some_and(|t| t <= now) {
+            self.publish();
         }
         if self.fs_due.is_some_and(|t| t <= now) {
             self.fs_due = None;

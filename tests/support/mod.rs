@@ -34,7 +34,13 @@ impl World {
 
     /// Writes the config; `{mock}` becomes the mock's base URL.
     pub fn write_config(&self, body: &str) {
-        let text = format!("[daemon]\ndatabase = \"tokend.db\"\n\n{}", body.replace("{mock}", &self.mock.url("")));
+        self.write_config_with_daemon("", body);
+    }
+
+    /// Same, with extra lines in the `[daemon]` table.
+    pub fn write_config_with_daemon(&self, daemon: &str, body: &str) {
+        let text =
+            format!("[daemon]\ndatabase = \"tokend.db\"\n{daemon}\n{}", body.replace("{mock}", &self.mock.url("")));
         std::fs::write(self.config_path(), text).unwrap();
     }
 
@@ -124,9 +130,14 @@ impl DaemonProcess {
 impl World {
     /// Starts `tokend run` and waits until it reports running.
     pub async fn start_daemon(&self) -> DaemonProcess {
+        self.start_daemon_env(&[]).await
+    }
+
+    pub async fn start_daemon_env(&self, env: &[(&str, &str)]) -> DaemonProcess {
         let log = self.path(&format!("daemon-{}.log", rand::random::<u32>()));
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
             .args(["--log-level", "debug", "run"])
+            .envs(env.iter().copied())
             .env("TOKEND_CONFIG", self.config_path())
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")

@@ -1,0 +1,80 @@
+//! Prometheus text-format metrics for node_exporter's textfile collector: one file, rewritten
+//! atomically (never read half-written), no HTTP listener to harden.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// How refreshes ended, as counted in `tokend_refresh_total{result}`.
+pub const RESULTS: [&str; 5] = ["success", "transient", "rejected", "permanent", "error"];
+
+/// What the metrics file says about one credential.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialMetrics {
+    pub provider: String,
+    pub expires_at: Option<i64>,
+    pub needs_reauth: bool,
+    pub last_refresh_at: Option<i64>,
+    /// Counts by [`RESULTS`] since the daemon started.
+    pub refreshes: BTreeMap<&'static str, u64>,
+}
+
+pub fn render(credentials: &BTreeMap<String, CredentialMetrics>) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    };
+    let label = |name: &str, m: &CredentialMetrics| format!("credential=\"{name}\",provider=\"{}\"", m.provider);
+    family(
+        "tokend_token_expires_at_seconds",
+        "gauge",
+        "Unix time the current access token expires (absent when it never expires).",
+        credentials.iter().filter_map(|(n, m)| m.expires_at.map(|t| (label(n, m), t.to_string()))).collect(),
+    );
+    family(
+        "tokend_credential_needs_reauth",
+        "gauge",
+        "1 when the provider rejected the grant and a human must authorize again.",
+        credentials.iter().map(|(n, m)| (label(n, m), u8::from(m.needs_reauth).to_string())).collect(),
+    );
+    family(
+        "tokend_last_refresh_timestamp_seconds",
+        "gauge",
+        "Unix time of the last successful refresh.",
+        credentials.iter().filter_map(|(n, m)| m.last_refresh_at.map(|t| (label(n, m), t.to_string()))).collect(),
+    );
+    family(
+        "tokend_refresh_total",
+        "counter",
+        "Refresh attempts since the daemon started, by result.",
+        credentials
+            .iter()
+            .flat_map(|(n, m)| {
+                RESULTS.iter().map(move |r| {
+                    (format!("{},result=\"{r}\"", label(n, m)), m.refreshes.get(r).copied().unwrap_or(0).to_string())
+                })
+            })
+            .collect(),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family() {
+        let mut m = CredentialMetrics { provider: "nudge".into(), expires_at: Some(1700000000), ..Default::default() };
+        m.refreshes.insert("success", 3);
+        let text = render(&BTreeMap::from([("n1".to_string(), m)]));
+        assert!(text.contains("# TYPE tokend_refresh_total counter\n"));
+        assert!(text.contains("tokend_token_expires_at_seconds{credential=\"n1\",provider=\"nudge\"} 1700000000\n"));
+        assert!(text.contains("tokend_refresh_total{credential=\"n1\",provider=\"nudge\",result=\"success\"} 3\n"));
+        assert!(text.contains("tokend_refresh_total{credential=\"n1\",provider=\"nudge\",result=\"permanent\"} 0\n"));
+        assert!(text.contains("tokend_credential_needs_reauth{credential=\"n1\",provider=\"nudge\"} 0\n"));
+        assert!(!text.contains("tokend_last_refresh_timestamp_seconds{"), "no sample without a refresh");
+    }
+}

@@ -1,0 +1,120 @@
+//! Behaving as a systemd service: the notify protocol over a real datagram socket, journald log
+//! lines, and the Prometheus textfile.
+
+mod support;
+
+use nix::sys::signal::Signal;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+use support::{World, wait_for};
+use tokend::mock_provider::MockSettings;
+
+const ONE: &str = r#"
+[[credential]]
+name = "a"
+provider = "oauth2"
+token_url = "{mock}/token"
+client_id = "c"
+client_secret = "s"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_watchdog_stopping_arrive_in_order() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config(ONE);
+    w.authorize_and_import("a").await;
+    let socket_path = w.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let collector = std::thread::spawn(move || {
+        let mut messages = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let stopping = text.contains("STOPPING=1");
+                messages.push(text);
+                if stopping {
+                    break;
+                }
+            }
+        }
+        messages
+    });
+    let mut daemon =
+        w.start_daemon_env(&[("NOTIFY_SOCKET", socket_path.to_str().unwrap()), ("WATCHDOG_USEC", "400000")]).await;
+    // 400 ms watchdog → pings every 200 ms; give it time for a few.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
+    let messages = collector.join().unwrap();
+
+    let position = |needle: &str| messages.iter().position(|m| m.lines().any(|l| l == needle));
+    let ready = position("READY=1").expect("READY=1 sent");
+    let ping = position("WATCHDOG=1").expect("WATCHDOG=1 sent");
+    let stopping = position("STOPPING=1").expect("STOPPING=1 sent");
+    assert!(ready < ping && ping < stopping, "order: {messages:?}");
+    let pings = messages.iter().filter(|m| m.lines().any(|l| l == "WATCHDOG=1")).count();
+    assert!((2..=8).contains(&pings), "{pings} pings in ~0.9 s at a 200 ms interval: {messages:?}");
+    assert!(
+        messages[ready].contains("STATUS=1 credentials, 0 failing, 0 needing re-authorization, next refresh in"),
+        "{messages:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_journald_lines_carry_priorities_not_timestamps() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config(ONE);
+    let stderr_path = w.path("journal.txt");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
+        .args(["import", "a"])
+        .env("TOKEND_CONFIG", w.config_path())
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(br#"{"access_token":"x1","expires_in":60}"#)?;
+            child.wait()
+        })
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&stderr_path).unwrap();
+    let line = text.lines().find(|l| l.contains("answer has no created_at")).expect(&text);
+    assert!(line.starts_with("<6>tokend::cli: answer has no created_at"), "{line}");
+    assert!(!text.contains("\u{1b}["), "no colour codes for the journal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_textfile_is_written() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config_with_daemon("metrics_file = \"tokend.prom\"\n", ONE);
+    w.authorize_and_import("a").await;
+    let daemon = w.start_daemon().await;
+    let metrics = w.path("tokend.prom");
+    assert!(wait_for(Duration::from_secs(3), || metrics.exists()).await, "{}", daemon.log_text());
+    daemon.signal(Signal::SIGUSR1);
+    let want = "tokend_refresh_total{credential=\"a\",provider=\"oauth2\",result=\"success\"} 1";
+    assert!(
+        wait_for(Duration::from_secs(5), || std::fs::read_to_string(&metrics).is_ok_and(|t| t.contains(want))).await,
+        "{}",
+        std::fs::read_to_string(&metrics).unwrap_or_default()
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let state = w.store().get("a").unwrap().unwrap();
+    assert!(text.contains(&format!(
+        "tokend_token_expires_at_seconds{{credential=\"a\",provider=\"oauth2\"}} {}",
+        state.expires_at.unwrap()
+    )));
+    assert!(text.contains("tokend_credential_needs_reauth{credential=\"a\",provider=\"oauth2\"} 0"));
+    assert!(text.contains("tokend_last_refresh_timestamp_seconds{credential=\"a\",provider=\"oauth2\"}"));
+    assert!(!text.contains(state.access_token.expose()));
+}
