@@ -144,11 +144,13 @@ impl From<RefreshError> for CliError {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Check => check(&cli.config),
-        Command::Import { name, issued_at } => import(&config::load(&cli.config)?, &name, issued_at.as_deref()),
-        Command::List { json } => list(&config::load(&cli.config)?, json),
-        Command::Show { name } => show(&config::load(&cli.config)?, &name),
+        Command::Import { name, issued_at } => {
+            import(&config::load_without_secrets(&cli.config)?, &name, issued_at.as_deref())
+        }
+        Command::List { json } => list(&config::load_without_secrets(&cli.config)?, json),
+        Command::Show { name } => show(&config::load_without_secrets(&cli.config)?, &name),
         Command::Refresh { name } => refresh_now(&config::load(&cli.config)?, &name).await,
-        Command::Remove { name } => remove(&config::load(&cli.config)?, &name),
+        Command::Remove { name } => remove(&config::load_without_secrets(&cli.config)?, &name),
         Command::Run => run_daemon(&cli.config).await,
         Command::Dev { lifetime, keep } => crate::dev::run(Duration::from_secs(lifetime), keep)
             .await

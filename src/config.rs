@@ -265,21 +265,39 @@ impl Environment for BTreeMap<String, String> {
     }
 }
 
-/// Reads and validates `path` with the process environment.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    load_with(path, &ProcessEnv)
+/// Whether secret sources are read. Commands that never talk to a provider (`import`, `list`,
+/// `show`, `remove`) skip them, so an operator can run them outside the service, where systemd
+/// credentials and the service's environment are not available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    Read,
+    Skip,
 }
 
-pub fn load_with(path: &Path, env: &dyn Environment) -> Result<Config, ConfigError> {
+/// Reads and validates `path` with the process environment, secrets included.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, &ProcessEnv, Secrets::Read)
+}
+
+/// Reads and validates `path` without reading any secret (they are left empty).
+pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, &ProcessEnv, Secrets::Skip)
+}
+
+pub fn load_with(path: &Path, env: &dyn Environment, secrets: Secrets) -> Result<Config, ConfigError> {
     let problem = |place: &str, message: String| {
         ConfigError(vec![ConfigProblem { file: path.to_path_buf(), place: place.to_string(), field: None, message }])
     };
     let text = std::fs::read_to_string(path).map_err(|e| problem("cannot read", e.to_string()))?;
-    parse_with(path, &text, env)
+    parse_with_secrets(path, &text, env, secrets)
 }
 
 /// Validates configuration `text` as if read from `path`.
 pub fn parse_with(path: &Path, text: &str, env: &dyn Environment) -> Result<Config, ConfigError> {
+    parse_with_secrets(path, text, env, Secrets::Read)
+}
+
+fn parse_with_secrets(path: &Path, text: &str, env: &dyn Environment, secrets: Secrets) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let place = match e.span() {
             Some(span) => {
@@ -297,7 +315,7 @@ pub fn parse_with(path: &Path, text: &str, env: &dyn Environment) -> Result<Conf
             message: e.message().trim().replace('\n', " "),
         }])
     })?;
-    Validator { file: path.to_path_buf(), base_dir: base_dir(path), env, problems: Vec::new() }.config(raw)
+    Validator { file: path.to_path_buf(), base_dir: base_dir(path), env, secrets, problems: Vec::new() }.config(raw)
 }
 
 /// The directory relative paths are resolved against, made absolute so that paths in the config
@@ -314,6 +332,7 @@ struct Validator<'a> {
     file: PathBuf,
     base_dir: PathBuf,
     env: &'a dyn Environment,
+    secrets: Secrets,
     problems: Vec<ConfigProblem>,
 }
 
@@ -656,6 +675,9 @@ impl Validator<'_> {
                 format!("give only one of {field}, {field}_file, {field}_env, {field}_credential"),
             );
             return Err(());
+        }
+        if self.secrets == Secrets::Skip && given.iter().any(|g| *g) {
+            return Ok(Some(Secret::new("")));
         }
         let value = if let Some(v) = inline {
             Some(v)

@@ -136,4 +136,8 @@ async fn systemd_credential_secret() {
         "{}",
         run.stderr
     );
+    // Commands that never talk to the provider work outside the service, without the secret.
+    let list = w.tokend(&["list"], None).await;
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(list.stdout.contains("nb") && list.stdout.contains("no_token"), "{}", list.stdout);
 }
