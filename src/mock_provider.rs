@@ -134,6 +134,10 @@ struct State {
     revoked: HashSet<String>,
     /// Refresh tokens rotated by a `DropAfterRotate` whose answer never arrived.
     lost_in_transit: Vec<String>,
+    /// Spent refresh token → unix ms of its rotation.
+    rotated_at: HashMap<String, i64>,
+    /// `invalid_grant` answers to refresh tokens that were already spent.
+    reuses: u64,
     issued: u64,
     refreshes: u64,
 }
@@ -226,6 +230,16 @@ impl MockProvider {
         self.state().revoked.contains(refresh_token)
     }
 
+    /// When `refresh_token` was spent (unix ms), if it was.
+    pub fn rotated_at(&self, refresh_token: &str) -> Option<i64> {
+        self.state().rotated_at.get(refresh_token).copied()
+    }
+
+    /// How many times an already-spent refresh token was presented again.
+    pub fn reuses(&self) -> u64 {
+        self.state().reuses
+    }
+
     /// Refresh tokens whose rotation answer was dropped on purpose.
     pub fn lost_in_transit(&self) -> Vec<String> {
         self.state().lost_in_transit.clone()
@@ -283,17 +297,16 @@ fn answer(state: &mut State, request: &RecordedRequest, fault: Option<Fault>) ->
                 );
             };
             let Some(chain) = state.live.get(&spent).cloned() else {
-                let why = if state.revoked.contains(&spent) {
-                    "refresh token already used (revoked)"
-                } else {
-                    "unknown refresh token"
-                };
+                let reused = state.revoked.contains(&spent);
+                state.reuses += u64::from(reused);
+                let why = if reused { "refresh token already used (revoked)" } else { "unknown refresh token" };
                 return Reply::Json(400, json!({"error": "invalid_grant", "error_description": why}));
             };
             state.refreshes += 1;
             if state.settings.rotate {
                 state.live.remove(&spent);
                 state.revoked.insert(spent.clone());
+                state.rotated_at.insert(spent.clone(), crate::clock::now_ms());
                 issue(state, &chain, true)
             } else {
                 let mut a = issue(state, &chain, false);

@@ -14,8 +14,10 @@
 //! 5. only then write sinks, log, and release the lease.
 //!
 //! If the commit itself fails (disk full, read-only file system), the answer is written as a
-//! rescue file next to the database — the same JSON `tokend import` reads — and the failure is
-//! logged loudly with its path, so an operator can restore the chain by hand.
+//! rescue file next to the database (or in the temp dir) — the same JSON `tokend import` reads —
+//! and the failure is logged loudly with its path. The daemon also keeps the token in memory and
+//! retries the commit with backoff until the disk recovers; the CLI tells the operator to import
+//! the rescue file.
 
 use crate::clock::{now_ms, now_secs};
 use crate::config::Credential;
@@ -71,7 +73,7 @@ pub enum RefreshError {
         "credential {name}: the provider issued a new token but it could not be stored ({source}); \
          the answer was saved to {rescue} — run `tokend import {name} < {rescue}` once the database is writable"
     )]
-    CommitFailed { name: String, source: StoreError, rescue: String },
+    CommitFailed { name: String, source: StoreError, rescue: String, token: Box<NewToken> },
 }
 
 /// Refreshes `credential` now. `expected_generation` is the generation the caller decided to
@@ -157,7 +159,12 @@ pub async fn refresh(
                         "ROTATED TOKEN NOT STORED: {source}"
                     );
                     let _ = lock(store).release_lease(name, &holder);
-                    return Err(RefreshError::CommitFailed { name: name.to_string(), source, rescue });
+                    return Err(RefreshError::CommitFailed {
+                        name: name.to_string(),
+                        source,
+                        rescue,
+                        token: Box::new(token),
+                    });
                 }
             };
             // Step 5: after the commit.

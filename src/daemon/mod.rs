@@ -112,6 +112,9 @@ struct Entry {
     last_trigger: Option<Instant>,
     /// Refresh results since start, for metrics.
     results: BTreeMap<&'static str, u64>,
+    /// A rotated token the provider issued but the store could not take (disk full, read-only):
+    /// committed before anything else is tried, so the chain survives the outage.
+    pending: Option<(Box<crate::store::NewToken>, String)>,
 }
 
 type RefreshResult = (String, Result<Outcome, RefreshError>);
@@ -400,6 +403,7 @@ impl Daemon {
                             in_flight: false,
                             last_trigger: None,
                             results: BTreeMap::new(),
+                            pending: None,
                         },
                     );
                 }
@@ -563,6 +567,10 @@ impl Daemon {
             self.queue.schedule(name, Job::Refresh, until);
             return;
         }
+        if entry.pending.is_some() {
+            self.commit_pending(name);
+            return;
+        }
         entry.in_flight = true;
         self.queue.cancel(name, Job::Refresh);
         let store = self.store.clone();
@@ -672,6 +680,15 @@ impl Daemon {
             Err(RefreshError::Busy { .. }) => {
                 entry.retry_at = Some(now + LEASE_BUSY_RETRY_MS);
             }
+            Err(RefreshError::CommitFailed { token, rescue, .. }) => {
+                // The error is already logged loudly by `refresh`; keep the token and retry the
+                // commit itself — never another refresh with the revoked refresh token.
+                entry.failures += 1;
+                entry.pending = Some((token, rescue));
+                let lifetime = Duration::from_secs(60);
+                entry.retry_at =
+                    Some(schedule::retry_at_ms(now, entry.failures, lifetime, None, None, rand::random::<f64>()));
+            }
             Err(e) => {
                 tracing::error!(credential = %name, "{e}");
                 entry.failures += 1;
@@ -691,6 +708,52 @@ impl Daemon {
         if self.entries.get(&name).is_some_and(|e| e.retry_at.is_some_and(|r| r <= now)) {
             self.start_refresh(&name, inflight);
         }
+    }
+
+    /// Retries storing a token whose rotation commit failed.
+    fn commit_pending(&mut self, name: &str) {
+        let now = now_ms();
+        let Some(entry) = self.entries.get_mut(name) else { return };
+        let Some((token, rescue)) = entry.pending.take() else { return };
+        let provider = entry.credential.provider();
+        let committed = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).import(
+            name,
+            provider.as_str(),
+            &token,
+            now.div_euclid(1000),
+        );
+        match committed {
+            Ok(state) => {
+                tracing::warn!(
+                    credential = name,
+                    generation = state.generation,
+                    "rescued token committed; the chain is intact"
+                );
+                if std::fs::remove_file(&rescue).is_ok() {
+                    tracing::info!(credential = name, rescue = %rescue, "rescue file removed");
+                }
+                refresh::write_sinks(&entry.credential, &state);
+                entry.state = Some(state);
+                entry.failures = 0;
+                entry.retry_at = None;
+            }
+            Err(e) => {
+                entry.failures += 1;
+                let at = schedule::retry_at_ms(
+                    now,
+                    entry.failures,
+                    Duration::from_secs(60),
+                    None,
+                    None,
+                    rand::random::<f64>(),
+                );
+                tracing::error!(credential = name, rescue = %rescue, retry_in_ms = at - now, "rescued token still cannot be stored: {e}");
+                entry.pending = Some((token, rescue));
+                entry.retry_at = Some(at);
+            }
+        }
+        self.plan(name);
+        self.publish_soon();
     }
 
     /// The token's expiry passed. If it was not replaced meanwhile, no program may keep using it:

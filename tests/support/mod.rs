@@ -177,3 +177,11 @@ pub async fn wait_for(within: std::time::Duration, mut condition: impl FnMut() -
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Appends a test's figures to `<target tmp>/figures/<name>.txt`; `.ci/run` prints them, since
+/// cargo hides the output of passing tests.
+pub fn record_figures(name: &str, text: &str) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("figures");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.txt")), format!("{text}\n")).unwrap();
+}
