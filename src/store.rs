@@ -223,6 +223,16 @@ impl Store {
             }
             Err(e) => return Err(other(format!("cannot create: {e}"))),
         }
+        // SQLite's own message for these is "unable to open database file"; say what is wrong.
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| other(format!("cannot open for writing: {e}")))?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+            other(format!("directory {} is not writable ({e}); SQLite needs it for the WAL files", dir.display()))
+        })?;
         let sql = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
