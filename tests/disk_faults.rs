@@ -89,6 +89,8 @@ async fn disk_full_after_the_provider_rotated_rescues_the_token() {
         .and_then(|r| r.split(" — ").next())
         .expect("rescue path named");
     assert!(rescue.starts_with(tmp.to_str().unwrap()), "the full disk could not hold it, the temp dir did: {rescue}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(rescue).unwrap().permissions().mode() & 0o777, 0o600, "the rescue file is private");
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(rescue).unwrap()).unwrap();
     let live = w.mock.live_refresh_token("c").unwrap();
     assert_eq!(saved["refresh_token"], live.as_str(), "the rescued token is the provider's live one");

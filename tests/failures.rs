@@ -138,3 +138,42 @@ async fn expired_token_is_not_shown_as_valid() {
     assert_eq!(show.stdout, "");
     assert_eq!(w.row("c").await["status"], "expired");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_answer_is_cut_off_by_the_request_timeout() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config_with_daemon(
+        "request_timeout = \"1s\"\n",
+        "[[credential]]\nname = \"c\"\nprovider = \"oauth2\"\ntoken_url = \"{mock}/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
+    );
+    w.authorize_and_import("c").await;
+    let access = w.show("c").await.stdout;
+    // A whole valid answer, one byte every 100 ms: ~25 s if we waited.
+    w.mock.push_fault(Fault::SlowLoris(std::time::Duration::from_millis(100)));
+    let started = std::time::Instant::now();
+    let run = w.tokend(&["refresh", "c"], None).await;
+    assert_eq!(run.code, TEMPORARY, "{}", run.stderr);
+    assert!(run.stderr.contains("timed out"), "{}", run.stderr);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+    // The provider did rotate (the answer was on its way): the next try uses the stored, now
+    // revoked token and is told so — the credential is flagged, loudly, never silently reused.
+    let next = w.tokend(&["refresh", "c"], None).await;
+    assert_eq!(next.code, NEEDS_REAUTH, "{}", next.stderr);
+    assert!(next.stderr.contains("invalid_grant"), "{}", next.stderr);
+    assert_eq!(w.show("c").await.code, NEEDS_REAUTH);
+    assert_ne!(access, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_lost_after_rotation_is_flagged_not_hidden() {
+    let (w, _) = world().await;
+    w.mock.push_fault(Fault::DropAfterRotate);
+    let run = w.tokend(&["refresh", "c"], None).await;
+    assert_eq!(run.code, TEMPORARY, "{}", run.stderr);
+    assert_eq!(w.mock.lost_in_transit().len(), 1);
+    let next = w.tokend(&["refresh", "c"], None).await;
+    assert_eq!(next.code, NEEDS_REAUTH, "{}", next.stderr);
+    let row = w.row("c").await;
+    assert_eq!(row["status"], "needs_reauth");
+    assert!(row["last_error"].as_str().unwrap().contains("refresh token already used"), "{row}");
+}

@@ -9,7 +9,9 @@ pub mod nudge;
 pub mod oauth2;
 pub mod wildapricot;
 
-pub use answer::{Failure, TokenAnswer, interpret, parse_token_json, rate_limit_reset_in, wait_hint};
+pub use answer::{
+    Failure, MAX_EXPIRES_IN_SECS, TokenAnswer, interpret, parse_token_json, rate_limit_reset_in, wait_hint,
+};
 pub use http::{HttpClient, HttpLimits, RawAnswer};
 
 use crate::redact::Secret;
