@@ -86,7 +86,11 @@ async fn sigkill_at_random_moments_never_loses_a_chain_silently() {
         match (state.status, in_window) {
             (tokend::store::Status::NeedsReauth, Some(gap)) => {
                 lost_in_crash_window += 1;
-                window_evidence.push(format!("{name}: rotated {gap} ms before the kill"));
+                window_evidence.push(if gap >= 0 {
+                    format!("{name}: rotated {gap} ms before the kill")
+                } else {
+                    format!("{name}: request in flight at the kill, rotated {} ms after it", -gap)
+                });
             }
             _ => silently_lost.push(format!("{name}: status {:?}, rotated at {rotated:?}", state.status)),
         }
@@ -95,7 +99,7 @@ async fn sigkill_at_random_moments_never_loses_a_chain_silently() {
     let figures = format!(
         "crash: seed {seed}, {} SIGKILLs, {refreshes_during_churn} refreshes during the churn, {} in total; \
          {CREDENTIALS} chains: {intact} intact, {lost_in_crash_window} lost in the crash window (flagged needs_reauth, confirmed by the provider), \
-         {} lost silently; provider saw {} reuses of a spent token{}",
+         {} lost silently; provider saw {} reuse(s) of a spent token (the retries that revealed those losses){}",
         lives.len(),
         w.mock.refreshes(),
         silently_lost.len(),
