@@ -92,6 +92,27 @@ pub enum Command {
     Refresh { name: String },
     /// Forget a credential's stored token and remove its sink files.
     Remove { name: String },
+    /// First authorization: open the printed URL, approve, and the token is stored (code + PKCE +
+    /// state; loopback redirect or --paste). API-key credentials just obtain their token.
+    Authorize {
+        name: String,
+        /// Paste the redirect URL instead of listening on the loopback redirect_uri.
+        #[arg(long)]
+        paste: bool,
+        /// Resource-owner password grant (Wild Apricot, oauth2): asks for username and password.
+        #[arg(long)]
+        password: bool,
+        /// How long to wait for the redirect, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Revoke the token at the provider (RFC 7009), mark it revoked and remove its sinks.
+    Revoke {
+        name: String,
+        /// For providers without a revocation endpoint: only forget the token locally.
+        #[arg(long)]
+        forget: bool,
+    },
     /// Run the daemon: keep every credential fresh, write sinks, obey signals (SIGHUP reload,
     /// SIGUSR1 refresh all, SIGTERM stop).
     Run,
@@ -151,6 +172,41 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Show { name } => show(&config::load_without_secrets(&cli.config)?, &name),
         Command::Refresh { name } => refresh_now(&config::load(&cli.config)?, &name).await,
         Command::Remove { name } => remove(&config::load_without_secrets(&cli.config)?, &name),
+        Command::Authorize { name, paste, password, timeout } => {
+            let config = config::load(&cli.config)?;
+            let cred = credential(&config, &name)?;
+            let options = crate::authorize::Options { paste, password, timeout: Duration::from_secs(timeout) };
+            let state = crate::authorize::authorize(&config, cred, options).await.map_err(|e| {
+                let code = match e {
+                    crate::authorize::AuthorizeError::TimedOut(_) => exit::TEMPORARY,
+                    _ => exit::FAILURE,
+                };
+                CliError::new(code, format!("{name}: {e}"))
+            })?;
+            println!(
+                "authorized {name}: generation {}, access token {}, {}, {}",
+                state.generation,
+                fingerprint(state.access_token.expose()),
+                state.expires_at.map_or("no expiry".to_string(), |t| format!("expires {}", rfc3339(t))),
+                if state.refresh_token.is_some() { "refresh token stored" } else { "no refresh token" }
+            );
+            Ok(())
+        }
+        Command::Revoke { name, forget } => {
+            let config = config::load(&cli.config)?;
+            let cred = credential(&config, &name)?;
+            match crate::authorize::revoke(&config, cred, forget).await {
+                Ok(crate::authorize::Revoked::AtProvider) => {
+                    println!("revoked {name} at {}; local token marked revoked, sinks removed", cred.provider());
+                    Ok(())
+                }
+                Ok(crate::authorize::Revoked::ForgottenLocally) => {
+                    println!("forgot {name} locally (the provider was not told); sinks removed");
+                    Ok(())
+                }
+                Err(e) => Err(CliError::new(exit::FAILURE, format!("{name}: {e}"))),
+            }
+        }
         Command::Run => run_daemon(&cli.config).await,
         Command::Dev { lifetime, keep } => crate::dev::run(Duration::from_secs(lifetime), keep)
             .await
@@ -270,7 +326,7 @@ struct Row {
 
 /// When `state` is next due under `cred`'s policy, in unix ms; `None` when it is never refreshed.
 pub fn next_refresh_ms(cred: Option<&Credential>, state: &TokenState) -> Option<i64> {
-    if state.status == Status::NeedsReauth {
+    if state.status.is_dead() {
         return None;
     }
     let expires_at = state.expires_at?;
@@ -285,7 +341,7 @@ pub fn next_refresh_ms(cred: Option<&Credential>, state: &TokenState) -> Option<
 
 fn display_status(state: &TokenState, now: i64) -> &'static str {
     match (state.status, state.expires_at) {
-        (Status::NeedsReauth, _) => "needs_reauth",
+        (Status::NeedsReauth | Status::Revoked, _) => state.status.as_str(),
         (Status::Active, Some(t)) if t <= now => "expired",
         (Status::Active, _) => "active",
     }
@@ -374,7 +430,7 @@ fn show(config: &Config, name: &str) -> Result<(), CliError> {
     let state = open_store(config)?.get(name)?.ok_or_else(|| {
         CliError::new(exit::UNKNOWN, format!("no token stored for {name}; run `tokend import {name}` first"))
     })?;
-    if state.status == Status::NeedsReauth {
+    if state.status.is_dead() {
         return Err(CliError::new(
             exit::NEEDS_REAUTH,
             format!(

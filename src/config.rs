@@ -18,6 +18,8 @@ use url::Url;
 
 /// Default sink file mode: only the daemon's user may read a token.
 pub const DEFAULT_SINK_MODE: u32 = 0o600;
+/// RFC 8252 loopback redirect: `tokend authorize` listens here unless told otherwise.
+pub const DEFAULT_REDIRECT_URI: &str = "http://127.0.0.1:8976/callback";
 /// A hook that takes longer is killed; refreshing never waits for hooks anyway.
 const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONCURRENCY: usize = 8;
@@ -219,6 +221,11 @@ struct RawCredential {
     scope: Option<String>,
     refresh_at: Option<String>,
     refresh_cron: Option<String>,
+    redirect_uri: Option<String>,
+    authorize_url: Option<String>,
+    pkce: Option<bool>,
+    site: Option<String>,
+    revocation_url: Option<String>,
     on_refresh: Option<Vec<String>>,
     on_failure: Option<Vec<String>>,
     hook_timeout: Option<String>,
@@ -500,6 +507,13 @@ impl Validator<'_> {
         };
 
         let token_url = self.token_url(&place, kind, &raw);
+        let authorization = self.authorization(&place, kind, &raw);
+        let revocation_url = self.revocation_url(&place, kind, &raw);
+        let scope = raw.scope.clone().or_else(|| match kind {
+            ProviderKind::Nudge => Some("read write".into()),
+            ProviderKind::WildApricot => Some("auto".into()),
+            _ => None,
+        });
         let api_key =
             self.secret(&place, "api_key", raw.api_key, raw.api_key_file, raw.api_key_env, raw.api_key_credential);
         let client_secret = self.secret(
@@ -610,7 +624,17 @@ impl Validator<'_> {
         }
         Some(Credential {
             name,
-            endpoint: Endpoint { kind, token_url: token_url?, client_id, client_secret, auth, scope: raw.scope, grant },
+            endpoint: Endpoint {
+                kind,
+                token_url: token_url?,
+                client_id,
+                client_secret,
+                auth,
+                scope,
+                grant,
+                authorization: authorization?,
+                revocation_url,
+            },
             refresh_at,
             provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
             sinks,
@@ -653,6 +677,77 @@ impl Validator<'_> {
                 self.report(place, Some(field), e);
                 None
             }
+        }
+    }
+
+    fn url_field(&mut self, place: &str, field: &str, text: &str, must_be_secure: bool) -> Option<Url> {
+        let url = match Url::parse(text) {
+            Ok(u) => u,
+            Err(e) => {
+                self.report(place, Some(field), format!("\"{text}\" is not a URL ({e})"));
+                return None;
+            }
+        };
+        let check = if must_be_secure {
+            provider::check_token_url(&url)
+        } else if matches!(url.scheme(), "http" | "https") {
+            Ok(())
+        } else {
+            Err(format!("{url} must be an http or https URL"))
+        };
+        match check {
+            Ok(()) => Some(url),
+            Err(e) => {
+                self.report(place, Some(field), e);
+                None
+            }
+        }
+    }
+
+    /// The authorization-code settings, with each provider's documented authorize URL.
+    fn authorization(
+        &mut self,
+        place: &str,
+        kind: ProviderKind,
+        raw: &RawCredential,
+    ) -> Option<provider::Authorization> {
+        if raw.site.is_some() && kind != ProviderKind::WildApricot {
+            self.report(place, Some("site"), format!("only wildapricot credentials have a site, this one is {kind}"));
+        }
+        let redirect_uri =
+            self.url_field(place, "redirect_uri", raw.redirect_uri.as_deref().unwrap_or(DEFAULT_REDIRECT_URI), false)?;
+        let authorize_url = match (&raw.authorize_url, kind) {
+            (Some(u), _) => Some(self.url_field(place, "authorize_url", u, true)?),
+            (None, ProviderKind::NationBuilder) => raw
+                .slug
+                .as_ref()
+                .and_then(|slug| Url::parse(&format!("https://{slug}.nationbuilder.com/oauth/authorize")).ok()),
+            (None, ProviderKind::Nudge) => {
+                let base = raw.base_url.as_deref().unwrap_or(provider::nudge::DEFAULT_BASE_URL).trim_end_matches('/');
+                Url::parse(&format!("{base}/api/oauth/zapier/authorize")).ok()
+            }
+            (None, ProviderKind::WildApricot) => match &raw.site {
+                Some(site) => {
+                    let host = site.trim_start_matches("https://").trim_end_matches('/');
+                    Some(self.url_field(place, "site", &format!("https://{host}/sys/login/OAuthLogin"), true)?)
+                }
+                None => None,
+            },
+            (None, ProviderKind::OAuth2) => None,
+        };
+        // NationBuilder and Nudge document PKCE; Wild Apricot does not.
+        let pkce = raw.pkce.unwrap_or(kind != ProviderKind::WildApricot);
+        Some(provider::Authorization { authorize_url, redirect_uri, pkce })
+    }
+
+    fn revocation_url(&mut self, place: &str, kind: ProviderKind, raw: &RawCredential) -> Option<Url> {
+        match (&raw.revocation_url, kind) {
+            (Some(u), _) => self.url_field(place, "revocation_url", u, true),
+            (None, ProviderKind::Nudge) => {
+                let base = raw.base_url.as_deref().unwrap_or(provider::nudge::DEFAULT_BASE_URL).trim_end_matches('/');
+                Url::parse(&format!("{base}/api/oauth/zapier/revoke")).ok()
+            }
+            _ => None,
         }
     }
 

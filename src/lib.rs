@@ -16,12 +16,14 @@
 //! | [`logging`] | tracing set-up: human text, JSON, or journald priorities |
 //! | [`metrics`] | Prometheus textfile rendering |
 //! | [`timer`] | sleeping until a wall-clock time (survives suspend and clock steps) |
+//! | [`authorize`] | `tokend authorize`: code + PKCE + state, password grant, first token |
 //! | [`cli`] | subcommands and their output |
 //! | [`dev`] | `tokend dev`: the self-contained demo |
 //! | [`mock_provider`] | a loopback OAuth token endpoint for `tokend dev` and the tests |
 //! | [`redact`] | secrets wrapped so they print only as fingerprints |
 //! | [`clock`] | wall-clock time as unix seconds/milliseconds |
 
+pub mod authorize;
 pub mod cli;
 pub mod clock;
 pub mod config;

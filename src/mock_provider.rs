@@ -138,6 +138,10 @@ struct State {
     rotated_at: HashMap<String, i64>,
     /// `invalid_grant` answers to refresh tokens that were already spent.
     reuses: u64,
+    /// Authorization code → (chain, redirect_uri, PKCE S256 challenge); single use.
+    codes: HashMap<String, (String, String, Option<String>)>,
+    /// username → password, for the password grant.
+    users: HashMap<String, String>,
     issued: u64,
     refreshes: u64,
 }
@@ -230,6 +234,18 @@ impl MockProvider {
         self.state().revoked.contains(refresh_token)
     }
 
+    /// Registers an authorization code for `chain`, as the provider's authorize page would after
+    /// the user approved, bound to `redirect_uri` and to a PKCE S256 `challenge` if given.
+    pub fn issue_code(&self, chain: &str, redirect_uri: &str, challenge: Option<&str>) -> String {
+        let code = format!("code{:016x}", rand::random::<u64>());
+        self.state().codes.insert(code.clone(), (chain.into(), redirect_uri.into(), challenge.map(str::to_string)));
+        code
+    }
+
+    pub fn add_user(&self, username: &str, password: &str) {
+        self.state().users.insert(username.into(), password.into());
+    }
+
     /// When `refresh_token` was spent (unix ms), if it was.
     pub fn rotated_at(&self, refresh_token: &str) -> Option<i64> {
         self.state().rotated_at.get(refresh_token).copied()
@@ -287,6 +303,15 @@ fn answer(state: &mut State, request: &RecordedRequest, fault: Option<Fault>) ->
     if request.method != "POST" {
         return Reply::Json(405, json!({"error": "invalid_request", "error_description": "POST only"}));
     }
+    if request.path.ends_with("/revoke") || request.path.ends_with("/revoke_token/") {
+        // RFC 7009: 200 whether or not the token was valid.
+        if let Some(token) = request.field("token")
+            && state.live.remove(&token).is_some()
+        {
+            state.revoked.insert(token);
+        }
+        return Reply::Raw { status: 200, body: Vec::new(), headers: vec![] };
+    }
     let grant = request.field("grant_type").unwrap_or_default();
     let reply = match grant.as_str() {
         "refresh_token" => {
@@ -315,6 +340,42 @@ fn answer(state: &mut State, request: &RecordedRequest, fault: Option<Fault>) ->
             }
         }
         "client_credentials" => issue(state, "client_credentials", false),
+        "authorization_code" => {
+            let code = request.field("code").unwrap_or_default();
+            let Some((chain, redirect_uri, challenge)) = state.codes.remove(&code) else {
+                return Reply::Json(
+                    400,
+                    json!({"error": "invalid_grant", "error_description": "unknown or used code"}),
+                );
+            };
+            if request.field("redirect_uri").as_deref() != Some(redirect_uri.as_str()) {
+                return Reply::Json(
+                    400,
+                    json!({"error": "invalid_grant", "error_description": "redirect_uri mismatch"}),
+                );
+            }
+            if let Some(challenge) = challenge {
+                let verifier = request.field("code_verifier").unwrap_or_default();
+                if crate::authorize::pkce_challenge(&verifier) != challenge {
+                    return Reply::Json(
+                        400,
+                        json!({"error": "invalid_grant", "error_description": "PKCE verification failed"}),
+                    );
+                }
+            }
+            issue(state, &chain, true)
+        }
+        "password" => {
+            let user = request.field("username").unwrap_or_default();
+            let ok = state.users.get(&user).is_some_and(|p| Some(p.as_str()) == request.field("password").as_deref());
+            if !ok {
+                return Reply::Json(
+                    400,
+                    json!({"error": "invalid_grant", "error_description": "bad username or password"}),
+                );
+            }
+            issue(state, &format!("password:{user}"), true)
+        }
         other => return Reply::Json(400, json!({"error": "unsupported_grant_type", "error_description": other})),
     };
     match fault {

@@ -25,7 +25,7 @@ use crate::provider::{self, Failure, HttpClient, TokenAnswer};
 use crate::redact::fingerprint;
 use crate::schedule::{IssueTime, issue_time};
 use crate::sink;
-use crate::store::{Begin, LeaseHolder, NewToken, Status, Store, StoreError, TokenState};
+use crate::store::{Begin, LeaseHolder, NewToken, Store, StoreError, TokenState};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -107,7 +107,7 @@ pub async fn refresh(
     let spent = state.as_ref().and_then(|s| s.refresh_token.clone());
     let request = match (&state, expected_generation) {
         (Some(s), Some(g)) if s.generation != g => Err(None),
-        (Some(s), _) if s.status == Status::NeedsReauth => Err(Some(SkipReason::NeedsReauth)),
+        (Some(s), _) if s.status.is_dead() => Err(Some(SkipReason::NeedsReauth)),
         (None, _) if credential.endpoint.grant == provider::GrantKind::RefreshToken => Err(Some(SkipReason::NoToken)),
         _ => provider::token_request(&credential.endpoint, spent.as_ref().map(|t| t.expose()))
             .ok_or(Some(SkipReason::NotRefreshable)),

@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Every schema change is appended here; index + 1 is the `user_version` it leads to.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     CREATE TABLE credential (
         name            TEXT PRIMARY KEY,
         provider        TEXT NOT NULL,
@@ -56,7 +57,30 @@ const MIGRATIONS: &[&str] = &[r"
         pid             INTEGER NOT NULL,
         deadline_ms     INTEGER NOT NULL
     ) STRICT;
-"];
+",
+    // v2: `revoked` status (tokend revoke). SQLite cannot alter a CHECK constraint: rebuild.
+    r"
+    CREATE TABLE credential_v2 (
+        name            TEXT PRIMARY KEY,
+        provider        TEXT NOT NULL,
+        access_token    TEXT NOT NULL,
+        refresh_token   TEXT,
+        token_type      TEXT NOT NULL,
+        scope           TEXT,
+        expires_in      INTEGER,
+        created_at      INTEGER NOT NULL,
+        expires_at      INTEGER,
+        generation      INTEGER NOT NULL,
+        status          TEXT NOT NULL CHECK (status IN ('active', 'needs_reauth', 'revoked')),
+        last_error      TEXT,
+        last_refresh_at INTEGER,
+        updated_at      INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO credential_v2 SELECT * FROM credential;
+    DROP TABLE credential;
+    ALTER TABLE credential_v2 RENAME TO credential;
+",
+];
 
 /// How long a writer waits for another process's transaction before SQLite reports busy. The
 /// longest transaction tokend holds is one rotation commit (milliseconds), so hitting this means
@@ -71,11 +95,13 @@ pub enum StoreError {
     Other { path: PathBuf, message: String },
 }
 
-/// `active` credentials are refreshed; `needs_reauth` ones wait for a human (`tokend import`).
+/// `active` credentials are refreshed; `needs_reauth` ones (grant rejected) and `revoked` ones
+/// (`tokend revoke`) wait for a human to authorize again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Active,
     NeedsReauth,
+    Revoked,
 }
 
 impl Status {
@@ -83,7 +109,13 @@ impl Status {
         match self {
             Status::Active => "active",
             Status::NeedsReauth => "needs_reauth",
+            Status::Revoked => "revoked",
         }
+    }
+
+    /// Not to be refreshed until a new token is imported or authorized.
+    pub fn is_dead(self) -> bool {
+        self != Status::Active
     }
 }
 
@@ -189,7 +221,11 @@ fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenState> {
         created_at: row.get(7)?,
         expires_at: row.get(8)?,
         generation: row.get(9)?,
-        status: if status == "needs_reauth" { Status::NeedsReauth } else { Status::Active },
+        status: match status.as_str() {
+            "needs_reauth" => Status::NeedsReauth,
+            "revoked" => Status::Revoked,
+            _ => Status::Active,
+        },
         last_error: row.get(11)?,
         last_refresh_at: row.get(12)?,
         attempts_in_flight: row.get(13)?,
@@ -566,6 +602,17 @@ impl Store {
             .map_err(|e| self.err(e))?;
         self.conn.execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);").map_err(|e| self.err(e))?;
         Ok(pruned)
+    }
+
+    /// Marks a credential revoked (after `tokend revoke`): kept for the record, never refreshed.
+    pub fn mark_revoked(&mut self, name: &str, now_secs: i64) -> Result<bool, StoreError> {
+        self.conn
+            .execute(
+                "UPDATE credential SET status = 'revoked', last_error = 'revoked with tokend revoke', updated_at = ?2 WHERE name = ?1",
+                params![name, now_secs],
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
     }
 
     /// Removes a credential's token, leases and attempts. Returns whether it existed.

@@ -14,8 +14,8 @@ use tokend::clock::now_ms;
 use tokend::mock_provider::MockSettings;
 
 const CREDENTIALS: usize = 8;
-const MAX_KILLS: usize = 150;
-const MAX_CHURN: Duration = Duration::from_secs(90);
+const MAX_KILLS: usize = 200;
+const MAX_CHURN: Duration = Duration::from_secs(120);
 /// A request sent just before a kill may be processed by the provider just after it.
 const IN_FLIGHT_SLACK_MS: i64 = 200;
 
@@ -109,7 +109,7 @@ async fn sigkill_at_random_moments_never_loses_a_chain_silently() {
     println!("{figures}");
     support::record_figures("crash", &figures);
     assert!(!log.contains("panicked"), "a daemon panicked:\n{log}");
-    assert!(lives.len() >= 100, "only {} kills in {MAX_CHURN:?}", lives.len());
+    assert!(lives.len() >= 150, "only {} kills in {MAX_CHURN:?}", lives.len());
     assert!(silently_lost.is_empty(), "chains lost silently: {silently_lost:?}\n{figures}");
     assert_eq!(intact + lost_in_crash_window, CREDENTIALS);
 }

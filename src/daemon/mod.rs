@@ -302,7 +302,7 @@ impl Daemon {
             needs_reauth: self
                 .entries
                 .values()
-                .filter(|e| e.state.as_ref().is_some_and(|s| s.status == Status::NeedsReauth))
+                .filter(|e| e.state.as_ref().is_some_and(|s| s.status.is_dead()))
                 .count(),
             failing: self.entries.values().filter(|e| e.failures > 0).count(),
             next_refresh_ms: self.entries.keys().filter_map(|n| self.queue.get(n, Job::Refresh)).min(),
@@ -335,7 +335,7 @@ impl Daemon {
                 let m = CredentialMetrics {
                     provider: e.credential.provider().to_string(),
                     expires_at: e.state.as_ref().and_then(|s| s.expires_at),
-                    needs_reauth: e.state.as_ref().is_some_and(|s| s.status == Status::NeedsReauth),
+                    needs_reauth: e.state.as_ref().is_some_and(|s| s.status.is_dead()),
                     last_refresh_at: e.state.as_ref().and_then(|s| s.last_refresh_at),
                     refreshes: e.results.clone(),
                 };

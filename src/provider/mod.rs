@@ -116,6 +116,28 @@ pub struct Endpoint {
     pub auth: ClientAuth,
     pub scope: Option<String>,
     pub grant: GrantKind,
+    /// The first-authorization side (`tokend authorize`), when the provider has one configured.
+    pub authorization: Authorization,
+    /// RFC 7009 revocation endpoint, where the provider has one.
+    pub revocation_url: Option<Url>,
+}
+
+/// Settings for the authorization-code flow.
+#[derive(Debug, Clone)]
+pub struct Authorization {
+    /// Where the user's browser goes; `None` when it cannot be derived (Wild Apricot without
+    /// `site`, `oauth2` without `authorize_url`).
+    pub authorize_url: Option<Url>,
+    pub redirect_uri: Url,
+    /// Send a PKCE S256 challenge (RFC 7636).
+    pub pkce: bool,
+}
+
+/// The first request of an authorization: code exchange or resource-owner password.
+#[derive(Debug, Clone, Copy)]
+pub enum FirstGrant<'a> {
+    Code { code: &'a str, verifier: Option<&'a str> },
+    Password { username: &'a str, password: &'a Secret },
 }
 
 /// A token request ready to send: the one value every provider file produces.
@@ -160,6 +182,84 @@ pub fn token_request(endpoint: &Endpoint, refresh_token: Option<&str>) -> Option
             })
         }
     }
+}
+
+/// Builds the request that turns an authorization code, or a username and password, into the
+/// first token pair, in the provider's shape. `Err` names why the grant does not apply.
+pub fn first_request(endpoint: &Endpoint, grant: FirstGrant<'_>) -> Result<TokenRequest, String> {
+    let redirect_uri = endpoint.authorization.redirect_uri.to_string();
+    match grant {
+        FirstGrant::Code { code, verifier } => {
+            let mut fields = vec![("grant_type", "authorization_code".to_string()), ("code", code.to_string())];
+            match endpoint.kind {
+                ProviderKind::WildApricot => {
+                    // Wild Apricot's documented shape: Basic auth, and client_id, redirect_uri and
+                    // scope repeated in the form.
+                    fields.push(("client_id", endpoint.client_id.clone()));
+                    fields.push(("redirect_uri", redirect_uri));
+                    fields.push(("scope", endpoint.scope.clone().unwrap_or_else(|| "auto".into())));
+                }
+                _ => fields.push(("redirect_uri", redirect_uri)),
+            }
+            if let Some(v) = verifier {
+                fields.push(("code_verifier", v.to_string()));
+            }
+            Ok(rfc6749_request(endpoint, endpoint.auth, fields))
+        }
+        FirstGrant::Password { username, password } => match endpoint.kind {
+            ProviderKind::WildApricot | ProviderKind::OAuth2 => {
+                let mut fields = vec![
+                    ("grant_type", "password".to_string()),
+                    ("username", username.to_string()),
+                    ("password", password.expose().to_string()),
+                ];
+                let scope = match endpoint.kind {
+                    ProviderKind::WildApricot => Some(endpoint.scope.clone().unwrap_or_else(|| "auto".into())),
+                    _ => endpoint.scope.clone(),
+                };
+                fields.extend(scope.map(|s| ("scope", s)));
+                Ok(rfc6749_request(endpoint, endpoint.auth, fields))
+            }
+            other => Err(format!("{other} does not offer the password grant")),
+        },
+    }
+}
+
+/// The URL the user opens to authorize: RFC 6749 §4.1.1 with `state`, plus an S256 PKCE
+/// challenge when configured.
+pub fn authorization_url(endpoint: &Endpoint, state: &str, pkce_challenge: Option<&str>) -> Result<Url, String> {
+    let mut url = endpoint.authorization.authorize_url.clone().ok_or_else(|| match endpoint.kind {
+        ProviderKind::WildApricot => "wildapricot needs `site` (your Wild Apricot site, e.g. \"myorg.wildapricot.org\") or `authorize_url` to authorize".to_string(),
+        _ => format!("{} needs `authorize_url` to authorize", endpoint.kind),
+    })?;
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("response_type", "code");
+        q.append_pair("client_id", &endpoint.client_id);
+        q.append_pair("redirect_uri", endpoint.authorization.redirect_uri.as_str());
+        if let Some(scope) = &endpoint.scope {
+            q.append_pair("scope", scope);
+        }
+        q.append_pair("state", state);
+        if let Some(challenge) = pkce_challenge {
+            q.append_pair("code_challenge", challenge);
+            q.append_pair("code_challenge_method", "S256");
+        }
+    }
+    Ok(url)
+}
+
+/// RFC 7009 revocation of `token` (`token_type_hint` = `hint`), client authenticated as for the
+/// token endpoint. `None` when the provider has no revocation endpoint.
+pub fn revocation_request(endpoint: &Endpoint, token: &str, hint: &str) -> Option<TokenRequest> {
+    let url = endpoint.revocation_url.clone()?;
+    let mut request = rfc6749_request(
+        endpoint,
+        endpoint.auth,
+        vec![("token", token.to_string()), ("token_type_hint", hint.to_string())],
+    );
+    request.url = url;
+    Some(request)
 }
 
 /// Builds a body-carrying request in the shape `auth` asks for, with `fields` first and the client
