@@ -102,10 +102,10 @@ async fn authorize_and_rotate_against_django_oauth_toolkit() {
     let mut seen = vec![first.refresh_token.clone().unwrap().expose().to_string()];
     let until = tokio::time::Instant::now() + Duration::from_secs(11);
     while tokio::time::Instant::now() < until {
-        if let Some(t) = w.store().get("dot").unwrap().and_then(|s| s.refresh_token) {
-            if seen.last().map(String::as_str) != Some(t.expose()) {
-                seen.push(t.expose().to_string());
-            }
+        if let Some(t) = w.store().get("dot").unwrap().and_then(|s| s.refresh_token)
+            && seen.last().map(String::as_str) != Some(t.expose())
+        {
+            seen.push(t.expose().to_string());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
