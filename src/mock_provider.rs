@@ -7,8 +7,8 @@
 //! Every request is recorded (method, path, headers, body) so tests can assert request shapes
 //! field by field, and faults can be queued to exercise every failure class.
 //!
-//! The HTTP/1.1 handling is deliberately minimal (one request per connection,
-//! `Connection: close`, `Content-Length` bodies only): full control over the bytes on the wire is
+//! The HTTP/1.1 handling is deliberately minimal (keep-alive, no pipelining,
+//! `Content-Length` bodies only): full control over the bytes on the wire is
 //! what lets it drop connections mid-answer or trickle bytes like a slow-loris server.
 
 use serde_json::{Value, json};
@@ -31,6 +31,10 @@ pub struct RecordedRequest {
     /// Header names lower-cased, in arrival order.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Unix ms when the request was fully read.
+    pub received_at_ms: i64,
+    /// The chain a presented refresh token belonged to, if it was live.
+    pub chain: Option<String>,
 }
 
 impl RecordedRequest {
@@ -391,41 +395,50 @@ fn answer(state: &mut State, request: &RecordedRequest, fault: Option<Fault>) ->
 }
 
 async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
-    let Some(request) = read_request(&mut stream).await? else { return Ok(()) };
-    let (fault, delay) = {
-        let mut s = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.requests.push(request.clone());
-        (s.faults.pop_front(), s.settings.delay)
-    };
-    let delay = match &fault {
-        Some(Fault::Delay(d)) => delay + *d,
-        _ => delay,
-    };
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let reply = {
-        let mut s = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        answer(&mut s, &request, fault)
-    };
-    match reply {
-        Reply::Drop => Ok(()),
-        Reply::Json(status, value) => write_response(&mut stream, status, value.to_string().as_bytes(), &[]).await,
-        Reply::Raw { status, body, headers } => write_response(&mut stream, status, &body, &headers).await,
-        Reply::Slow(interval, value) => {
-            let body = value.to_string();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            stream.write_all(head.as_bytes()).await?;
-            for b in body.as_bytes() {
-                stream.write_all(&[*b]).await?;
-                tokio::time::sleep(interval).await;
+    // HTTP/1.1 keep-alive: requests on one connection are answered in turn until the client
+    // closes it or a fault ends it.
+    while let Some(mut request) = read_request(&mut stream).await? {
+        let (fault, delay) = {
+            let mut s = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            request.chain = request.field("refresh_token").and_then(|t| s.live.get(&t).cloned());
+            s.requests.push(request.clone());
+            (s.faults.pop_front(), s.settings.delay)
+        };
+        let delay = match &fault {
+            Some(Fault::Delay(d)) => delay + *d,
+            _ => delay,
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let reply = {
+            let mut s = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            answer(&mut s, &request, fault)
+        };
+        match reply {
+            Reply::Drop => return Ok(()),
+            Reply::Json(status, value) => {
+                write_response(&mut stream, status, value.to_string().as_bytes(), &[], true).await?
             }
-            Ok(())
+            Reply::Raw { status, body, headers } => {
+                return write_response(&mut stream, status, &body, &headers, false).await;
+            }
+            Reply::Slow(interval, value) => {
+                let body = value.to_string();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                stream.write_all(head.as_bytes()).await?;
+                for b in body.as_bytes() {
+                    stream.write_all(&[*b]).await?;
+                    tokio::time::sleep(interval).await;
+                }
+                return Ok(());
+            }
         }
     }
+    Ok(())
 }
 
 async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<RecordedRequest>> {
@@ -469,7 +482,7 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Recorded
         body.extend_from_slice(&chunk[..n]);
     }
     body.truncate(length);
-    Ok(Some(RecordedRequest { method, path, headers, body }))
+    Ok(Some(RecordedRequest { method, path, headers, body, received_at_ms: crate::clock::now_ms(), chain: None }))
 }
 
 async fn write_response(
@@ -477,6 +490,7 @@ async fn write_response(
     status: u16,
     body: &[u8],
     headers: &[(String, String)],
+    keep_alive: bool,
 ) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
@@ -487,7 +501,9 @@ async fn write_response(
         503 => "Service Unavailable",
         _ => "Status",
     };
-    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let mut head =
+        format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: {connection}\r\n", body.len());
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
         head.push_str("Content-Type: application/json\r\n");
     }
@@ -498,7 +514,7 @@ async fn write_response(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body).await?;
     stream.flush().await?;
-    stream.shutdown().await
+    if keep_alive { Ok(()) } else { stream.shutdown().await }
 }
 
 #[cfg(test)]
