@@ -341,49 +341,53 @@ impl Store {
 
     /// Stores a token obtained outside a refresh (first authorization): generation + 1, status
     /// active, open attempts closed as superseded.
-    pub fn import(
-        &mut self,
-        name: &str,
-        provider: &str,
-        token: &NewToken,
-        now_secs: i64,
-    ) -> Result<TokenState, StoreError> {
+    pub fn import(&mut self, name: &str, provider: &str, token: &NewToken, now_secs: i64) -> Result<TokenState, StoreError> {
+        self.import_many(&[(name, provider, token)], now_secs)?;
+        self.get(name)?.ok_or_else(|| StoreError::Other { path: self.path.clone(), message: format!("credential {name} vanished after import") })
+    }
+
+    /// [`Store::import`] for many credentials in one durable transaction (bulk loads).
+    pub fn import_many(&mut self, tokens: &[(&str, &str, &NewToken)], now_secs: i64) -> Result<(), StoreError> {
         let path = self.path.clone();
         let sql = |source| StoreError::Sqlite { path: path.clone(), source };
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-        tx.execute(
-            "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
-                 created_at, expires_at, generation, status, last_error, last_refresh_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, 'active', NULL, NULL, ?10)
-             ON CONFLICT (name) DO UPDATE SET provider = excluded.provider, access_token = excluded.access_token,
-                 refresh_token = excluded.refresh_token, token_type = excluded.token_type, scope = excluded.scope,
-                 expires_in = excluded.expires_in, created_at = excluded.created_at, expires_at = excluded.expires_at,
-                 generation = credential.generation + 1, status = 'active', last_error = NULL,
-                 updated_at = excluded.updated_at",
-            params![
-                name,
-                provider,
-                token.access_token.expose(),
-                token.refresh_token.as_ref().map(Secret::expose),
-                token.token_type,
-                token.scope,
-                token.expires_in,
-                token.created_at,
-                token.expires_at(),
-                now_secs
-            ],
-        )
-        .map_err(sql)?;
-        tx.execute(
-            "UPDATE attempt SET finished_at_ms = ?2, result = 'superseded by import' WHERE credential = ?1 AND finished_at_ms IS NULL",
-            params![name, now_secs * 1000],
-        )
-        .map_err(sql)?;
-        tx.commit().map_err(sql)?;
-        self.get(name)?.ok_or_else(|| StoreError::Other {
-            path: self.path.clone(),
-            message: format!("credential {name} vanished after import"),
-        })
+        {
+            let mut upsert = tx
+                .prepare(
+                    "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
+                         created_at, expires_at, generation, status, last_error, last_refresh_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, 'active', NULL, NULL, ?10)
+                     ON CONFLICT (name) DO UPDATE SET provider = excluded.provider, access_token = excluded.access_token,
+                         refresh_token = excluded.refresh_token, token_type = excluded.token_type, scope = excluded.scope,
+                         expires_in = excluded.expires_in, created_at = excluded.created_at, expires_at = excluded.expires_at,
+                         generation = credential.generation + 1, status = 'active', last_error = NULL,
+                         updated_at = excluded.updated_at",
+                )
+                .map_err(sql)?;
+            let mut close = tx
+                .prepare(
+                    "UPDATE attempt SET finished_at_ms = ?2, result = 'superseded by import' WHERE credential = ?1 AND finished_at_ms IS NULL",
+                )
+                .map_err(sql)?;
+            for (name, provider, token) in tokens {
+                upsert
+                    .execute(params![
+                        name,
+                        provider,
+                        token.access_token.expose(),
+                        token.refresh_token.as_ref().map(Secret::expose),
+                        token.token_type,
+                        token.scope,
+                        token.expires_in,
+                        token.created_at,
+                        token.expires_at(),
+                        now_secs
+                    ])
+                    .map_err(sql)?;
+                close.execute(params![name, now_secs * 1000]).map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
     }
 
     /// Steps 1 and 2 of the invariant in one durable transaction: take the lease for `name` and
