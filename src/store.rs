@@ -341,9 +341,18 @@ impl Store {
 
     /// Stores a token obtained outside a refresh (first authorization): generation + 1, status
     /// active, open attempts closed as superseded.
-    pub fn import(&mut self, name: &str, provider: &str, token: &NewToken, now_secs: i64) -> Result<TokenState, StoreError> {
+    pub fn import(
+        &mut self,
+        name: &str,
+        provider: &str,
+        token: &NewToken,
+        now_secs: i64,
+    ) -> Result<TokenState, StoreError> {
         self.import_many(&[(name, provider, token)], now_secs)?;
-        self.get(name)?.ok_or_else(|| StoreError::Other { path: self.path.clone(), message: format!("credential {name} vanished after import") })
+        self.get(name)?.ok_or_else(|| StoreError::Other {
+            path: self.path.clone(),
+            message: format!("credential {name} vanished after import"),
+        })
     }
 
     /// [`Store::import`] for many credentials in one durable transaction (bulk loads).

@@ -1,0 +1,436 @@
+//! End-to-end benchmark: the release `tokend run` against a loopback mock token endpoint (the
+//! same one the tests use, keep-alive, in this process), and the two ways users refresh tokens
+//! today (`benches/baselines/refresh.sh`: bash + curl + jq + sqlite3; `refresh.py`: requests +
+//! sqlite3) against the same mock, same N, same durability. Bounded: every wait has a deadline.
+//!
+//!   cargo bench --bench tokend_bench            full run (the figures in BENCHMARKS.md)
+//!   cargo bench --bench tokend_bench -- smoke   small and quick, for CI; no time assertions
+//!
+//! Measured: catch-up (N credentials all due at once → every rotation committed and every sink
+//! written), steady-state lateness (request received at the provider − due time), start-up (exec →
+//! READY=1 over a real NOTIFY_SOCKET), idle wake-ups (context switches), CPU (getrusage of the
+//! reaped child) and memory (VmHWM / VmRSS).
+
+use rusqlite::OpenFlags;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokend::clock::{now_ms, now_secs};
+use tokend::mock_provider::{MockProvider, MockSettings};
+use tokend::provider::parse_token_json;
+use tokend::refresh::new_token;
+use tokend::schedule::{IssueTime, RefreshAt, due_at_ms, jitter_unit};
+use tokend::store::Store;
+
+const CLIENT_ID: &str = "bench-client";
+const CLIENT_SECRET: &str = "bench-secret";
+
+fn children_cpu_secs() -> f64 {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+    t(u.user_time()) + t(u.system_time())
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn context_switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        for line in std::fs::read_to_string(task.path().join("status")).unwrap_or_default().lines() {
+            if line.contains("ctxt_switches") {
+                total += line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("tokend.toml")
+    }
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("tokend.db")
+    }
+    fn sink(&self, i: usize) -> PathBuf {
+        self.dir.path().join("sinks").join(format!("c{i}.token"))
+    }
+}
+
+/// N credentials with live tokens at the mock; `lifetime(i)` gives each imported token's
+/// (created_at, expires_in).
+fn fixture(mock: &MockProvider, n: usize, sinks: bool, lifetime: impl Fn(usize) -> (i64, i64)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sinks")).unwrap();
+    let mut config =
+        format!("[daemon]\ndatabase = \"tokend.db\"\nconcurrency = 64\n\n[provider.oauth2]\nconcurrency = 64\n\n");
+    for i in 0..n {
+        config.push_str(&format!(
+            "[[credential]]\nname = \"c{i}\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n",
+            mock.url("/token")
+        ));
+        if sinks {
+            config.push_str(&format!("[[credential.sink]]\npath = \"sinks/c{i}.token\"\n"));
+        }
+    }
+    std::fs::write(dir.path().join("tokend.toml"), config).unwrap();
+    let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    let tokens: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let answer = parse_token_json(mock.authorize(name).to_string().as_bytes()).unwrap();
+            let (created_at, expires_in) = lifetime(i);
+            let mut token = new_token(&answer, IssueTime { created_at, distrusted_skew: None }, name);
+            token.expires_in = Some(expires_in);
+            token
+        })
+        .collect();
+    let rows: Vec<(&str, &str, &tokend::store::NewToken)> =
+        names.iter().zip(&tokens).map(|(n, t)| (n.as_str(), "oauth2", t)).collect();
+    Store::open(&dir.path().join("tokend.db")).unwrap().import_many(&rows, now_secs()).unwrap();
+    Fixture { dir }
+}
+
+struct Running {
+    child: Child,
+    ready_after: Duration,
+}
+
+fn start_tokend(f: &Fixture) -> Running {
+    let socket_path = f.dir.path().join("notify.sock");
+    let _ = std::fs::remove_file(&socket_path);
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let started = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
+        .args(["--log-level", "warn", "run"])
+        .env("TOKEND_CONFIG", f.config())
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("RUST_LOG")
+        .current_dir(f.dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(f.dir.path().join("tokend.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = socket.recv(&mut buf).expect("READY=1 within 120 s");
+        if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+            break;
+        }
+    }
+    Running { child, ready_after: started.elapsed() }
+}
+
+fn stop(mut r: Running) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = r.child.wait().unwrap();
+    assert!(status.success(), "tokend exited with {status:?}");
+}
+
+fn count_refreshed(db: &Path) -> usize {
+    let conn = rusqlite::Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row("SELECT count(*) FROM credential WHERE generation >= 2", [], |r| r.get::<_, i64>(0)).unwrap()
+        as usize
+}
+
+fn sinks_current(f: &Fixture) -> usize {
+    let store = Store::open(&f.db()).unwrap();
+    store
+        .list()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            let i: usize = s.name[1..].parse().unwrap();
+            std::fs::read(f.sink(i)).is_ok_and(|b| b == s.access_token.expose().as_bytes())
+        })
+        .count()
+}
+
+struct CatchUp {
+    n: usize,
+    secs: f64,
+    per_sec: f64,
+    cpu_secs: f64,
+    peak_rss_mb: f64,
+}
+
+/// All N due at once: time from READY until every rotation is committed and every sink written.
+fn catch_up(rt: &tokio::runtime::Runtime, n: usize) -> CatchUp {
+    let mock = rt.block_on(MockProvider::start(MockSettings::default())).unwrap();
+    let now = now_secs();
+    // Lifetime 1 h, expiring in 2 min: the 15 min lead puts every credential in the past.
+    let f = fixture(&mock, n, true, |_| (now + 120 - 3600, 3600));
+    let cpu_before = children_cpu_secs();
+    let running = start_tokend(&f);
+    let ready = Instant::now();
+    let deadline = ready + Duration::from_secs(600);
+    while count_refreshed(&f.db()) < n {
+        assert!(Instant::now() < deadline, "catch-up of {n} did not finish in 600 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    while sinks_current(&f) < n {
+        assert!(Instant::now() < deadline, "sinks of {n} not written in 600 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let secs = ready.elapsed().as_secs_f64();
+    let pid = running.child.id();
+    let peak_rss_mb = proc_status_kb(pid, "VmHWM") as f64 / 1024.0;
+    stop(running);
+    let cpu_secs = children_cpu_secs() - cpu_before;
+    assert_eq!(mock.refreshes() as usize, n, "exactly one rotation per credential");
+    CatchUp { n, secs, per_sec: n as f64 / secs, cpu_secs, peak_rss_mb }
+}
+
+struct Steady {
+    n: usize,
+    due_in_window: usize,
+    p50: i64,
+    p99: i64,
+    max: i64,
+    startup_ms: f64,
+    rss_mb: f64,
+    idle_switches_per_min: f64,
+    idle_cpu_ticks_per_min: f64,
+}
+
+/// N credentials; `due` of them come due evenly over `window` starting 20 s after start, the rest
+/// in ~a day. Lateness = request received at the provider − computed due time.
+fn steady(rt: &tokio::runtime::Runtime, n: usize, due: usize, window: Duration, idle: Duration) -> Steady {
+    let mock =
+        rt.block_on(MockProvider::start(MockSettings { expires_in: 86_400, ..MockSettings::default() })).unwrap();
+    let start_ms = now_ms() + 20_000;
+    let lifetime = 3600i64;
+    let due_of = |i: usize| start_ms + (window.as_millis() as i64 * i as i64 / due.max(1) as i64);
+    // Place each token so that its computed due time (jitter included) lands where we want it.
+    let placement = |i: usize| -> (i64, i64) {
+        let target = if i < due { due_of(i) } else { now_ms() + 86_000_000 };
+        let lead = RefreshAt::Default.lead_ms(lifetime * 1000) as f64 * (1.0 + 0.05 * jitter_unit(&format!("c{i}"), 1));
+        let expires_at = ((target as f64 + lead) / 1000.0).round() as i64;
+        (expires_at - lifetime, lifetime)
+    };
+    let f = fixture(&mock, n, false, placement);
+    let expected: Vec<i64> = (0..due)
+        .map(|i| {
+            let (created, life) = placement(i);
+            due_at_ms(created, created + life, RefreshAt::Default, jitter_unit(&format!("c{i}"), 1))
+        })
+        .collect();
+    let running = start_tokend(&f);
+    let startup_ms = running.ready_after.as_secs_f64() * 1000.0;
+    let pid = running.child.id();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_mb = proc_status_kb(pid, "VmRSS") as f64 / 1024.0;
+    // Idle: nothing is due before start_ms.
+    let (cs0, t0) = (context_switches(pid), cpu_ticks(pid));
+    std::thread::sleep(idle);
+    let (cs1, t1) = (context_switches(pid), cpu_ticks(pid));
+    let minutes = idle.as_secs_f64() / 60.0;
+    // Wait for the window to pass.
+    let end = start_ms + window.as_millis() as i64 + 5_000;
+    while now_ms() < end || (mock.refreshes() as usize) < due {
+        assert!(now_ms() < end + 120_000, "steady state: only {} of {due} refreshed", mock.refreshes());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop(running);
+    let mut lateness: Vec<i64> = mock
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let i: usize = r.chain.as_ref()?[1..].parse().ok()?;
+            (i < due).then(|| r.received_at_ms - expected[i])
+        })
+        .collect();
+    lateness.sort_unstable();
+    assert_eq!(lateness.len(), due, "one request per due credential");
+    let pct = |p: f64| lateness[((lateness.len() - 1) as f64 * p) as usize];
+    Steady {
+        n,
+        due_in_window: due,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        max: pct(1.0),
+        startup_ms,
+        rss_mb,
+        idle_switches_per_min: (cs1 - cs0) as f64 / minutes,
+        idle_cpu_ticks_per_min: (t1 - t0) as f64 / minutes,
+    }
+}
+
+struct Baseline {
+    name: &'static str,
+    n: usize,
+    secs: f64,
+    cpu_secs: f64,
+}
+
+fn baseline(rt: &tokio::runtime::Runtime, name: &'static str, n: usize) -> Option<Baseline> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (program, script) = match name {
+        "bash" => (PathBuf::from("bash"), root.join("benches/baselines/refresh.sh")),
+        _ => {
+            let venv = root.join("target/dot-venv/bin/python");
+            if !venv.exists() {
+                let ok = Command::new("bash")
+                    .arg(root.join("tests/peers/dot/setup-venv.sh"))
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    println!("python baseline skipped: no python venv with requests");
+                    return None;
+                }
+            }
+            (venv, root.join("benches/baselines/refresh.py"))
+        }
+    };
+    for tool in ["curl", "jq", "sqlite3"].iter().filter(|_| name == "bash") {
+        if Command::new(tool).arg("--version").output().is_err() {
+            println!("bash baseline skipped: {tool} is not installed (apt-get install curl jq sqlite3)");
+            return None;
+        }
+    }
+    let mock = rt.block_on(MockProvider::start(MockSettings::default())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sinks")).unwrap();
+    let db = dir.path().join("baseline.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("CREATE TABLE credential (name TEXT PRIMARY KEY, access_token TEXT, refresh_token TEXT, expires_at INTEGER)").unwrap();
+        let tx = conn.unchecked_transaction().unwrap();
+        for i in 0..n {
+            let a = mock.authorize(&format!("c{i}"));
+            tx.execute(
+                "INSERT INTO credential VALUES (?1, ?2, ?3, 0)",
+                rusqlite::params![format!("c{i}"), a["access_token"].as_str(), a["refresh_token"].as_str()],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let cpu_before = children_cpu_secs();
+    let started = Instant::now();
+    let status = Command::new(program)
+        .arg(script)
+        .args([
+            db.to_str().unwrap(),
+            &mock.url("/token"),
+            CLIENT_ID,
+            CLIENT_SECRET,
+            dir.path().join("sinks").to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert!(status.success(), "{name} baseline failed");
+    assert_eq!(mock.refreshes() as usize, n);
+    Some(Baseline { name, n, secs, cpu_secs: children_cpu_secs() - cpu_before })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let smoke = args.iter().any(|a| a == "smoke");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut report = String::new();
+    let mut line = |s: String| {
+        println!("{s}");
+        report.push_str(&s);
+        report.push('\n');
+    };
+
+    let sizes: &[usize] = if smoke { &[1000] } else { &[1000, 10_000, 100_000] };
+    let baseline_n = if smoke { 50 } else { 1000 };
+    line(format!("## catch-up (all due at once; every rotation committed and every sink written)\n"));
+    line("| N | seconds | rotations/s | CPU s | CPU ms / rotation | peak RSS MB |".into());
+    line("| --- | --- | --- | --- | --- | --- |".into());
+    let mut at_baseline_n = None;
+    for &n in sizes {
+        let c = catch_up(&rt, n);
+        line(format!(
+            "| {} | {:.2} | {:.0} | {:.2} | {:.3} | {:.1} |",
+            c.n,
+            c.secs,
+            c.per_sec,
+            c.cpu_secs,
+            c.cpu_secs * 1000.0 / c.n as f64,
+            c.peak_rss_mb
+        ));
+        if n == 1000 {
+            at_baseline_n = Some(c);
+        }
+    }
+    let tokend_small = if baseline_n == 1000 { at_baseline_n.unwrap() } else { catch_up(&rt, baseline_n) };
+
+    line(format!("\n## baselines (same mock, N = {baseline_n}, sequential, durable)\n"));
+    line("| tool | seconds | rotations/s | CPU s | CPU ms / rotation | tokend ÷ tool, wall | tokend ÷ tool, rotations per CPU-second |".into());
+    line("| --- | --- | --- | --- | --- | --- | --- |".into());
+    line(format!(
+        "| tokend | {:.2} | {:.0} | {:.2} | {:.3} | 1 | 1 |",
+        tokend_small.secs,
+        tokend_small.per_sec,
+        tokend_small.cpu_secs,
+        tokend_small.cpu_secs * 1000.0 / tokend_small.n as f64
+    ));
+    for name in ["bash", "python"] {
+        if let Some(b) = baseline(&rt, name, baseline_n) {
+            line(format!(
+                "| {} (`benches/baselines/refresh.{}`) | {:.2} | {:.0} | {:.2} | {:.3} | {:.1}× faster | {:.0}× |",
+                b.name,
+                if b.name == "bash" { "sh" } else { "py" },
+                b.secs,
+                b.n as f64 / b.secs,
+                b.cpu_secs,
+                b.cpu_secs * 1000.0 / b.n as f64,
+                b.secs / tokend_small.secs,
+                (b.cpu_secs / b.n as f64) / (tokend_small.cpu_secs / tokend_small.n as f64),
+            ));
+        }
+    }
+
+    let (n, due, window, idle) = if smoke {
+        (2000, 500, Duration::from_secs(5), Duration::from_secs(5))
+    } else {
+        (100_000, 10_000, Duration::from_secs(30), Duration::from_secs(15))
+    };
+    let s = steady(&rt, n, due, window, idle);
+    line(format!(
+        "\n## steady state, start-up, memory (N = {}, {} due over {:?}, no sinks)\n",
+        s.n, s.due_in_window, window
+    ));
+    line("| measure | value |".into());
+    line("| --- | --- |".into());
+    line(format!("| lateness p50 / p99 / max (ms, due → request at provider) | {} / {} / {} |", s.p50, s.p99, s.max));
+    line(format!("| start-up: exec → READY=1 | {:.0} ms |", s.startup_ms));
+    line(format!(
+        "| RSS after start-up | {:.1} MB ({:.0} bytes per credential) |",
+        s.rss_mb,
+        s.rss_mb * 1048576.0 / s.n as f64
+    ));
+    line(format!("| idle: context switches per minute, nothing due | {:.1} |", s.idle_switches_per_min));
+    line(format!("| idle: CPU ticks (1/100 s) per minute | {:.1} |", s.idle_cpu_ticks_per_min));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-report.md");
+    std::fs::write(&out, &report).unwrap();
+    println!("\nreport written to {}", out.display());
+}
