@@ -21,7 +21,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
-use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -117,7 +116,7 @@ fn store_answer(
 }
 
 async fn api_key(config: &Config, credential: &Credential, http: &HttpClient) -> Result<TokenState, AuthorizeError> {
-    let store = Mutex::new(Store::open(&config.daemon.database)?);
+    let store = crate::committer::Committer::open(&config.daemon.database)?;
     let outcome = refresh::refresh(&store, http, credential, None, http.limits().total_timeout)
         .await
         .map_err(|e| AuthorizeError::Io(e.to_string()))?;

@@ -13,7 +13,6 @@ use crate::store::{Status, Store, StoreError, TokenState};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// Exit codes, documented in README "Exit codes". Stable: scripts branch on them.
@@ -449,9 +448,8 @@ fn show(config: &Config, name: &str) -> Result<(), CliError> {
 async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
     let cred = credential(config, name)?;
     let http = HttpClient::new(config.daemon.http).map_err(|e| CliError::new(exit::FAILURE, e))?;
-    let store = Mutex::new(open_store(config)?);
-    let generation =
-        store.lock().map_err(|_| CliError::new(exit::FAILURE, "store lock poisoned"))?.get(name)?.map(|s| s.generation);
+    let generation = open_store(config)?.get(name)?.map(|s| s.generation);
+    let store = crate::committer::Committer::open(&config.daemon.database)?;
     // Wait as long as another holder may legitimately keep the lease, then a little more.
     let lease_wait = config.daemon.http.total_timeout + Duration::from_secs(35);
     let started = now_ms();

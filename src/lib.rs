@@ -6,6 +6,7 @@
 //! | module | job |
 //! | --- | --- |
 //! | [`config`] | TOML → typed, validated [`config::Config`]; secrets from inline/file/env/systemd credentials |
+//! | [`committer`] | group commit: one thread batches the refresh path's store operations |
 //! | [`store`] | SQLite schema, migrations, leases, the atomic rotation commit |
 //! | [`provider`] | build each provider's token request, send it, classify the answer |
 //! | [`schedule`] | when a credential is due; backoff; jitter (pure, no I/O) |
@@ -26,6 +27,7 @@
 pub mod authorize;
 pub mod cli;
 pub mod clock;
+pub mod committer;
 pub mod config;
 pub mod daemon;
 pub mod dev;

@@ -5,12 +5,13 @@
 //!
 //! 1. take the credential's lease (one refresher per credential, across tasks and processes);
 //! 2. record the attempt — which refresh token is being spent, when — durably (1 and 2 are one
-//!    transaction, [`Store::begin_refresh`]);
+//!    transaction, [`crate::store::Store::begin_refresh`]);
 //! 3. POST to the token endpoint;
 //! 4. commit the answer — new access token, new refresh token, lifetime, generation + 1 — in one
-//!    SQLite transaction ([`Store::commit_rotation`]). Between the answer's last byte and this
-//!    commit there is no await point and no I/O but the commit itself, so the crash window is the
-//!    parse plus one fsync'd transaction;
+//!    SQLite transaction ([`crate::store::Store::commit_rotation`], group-committed with the
+//!    commits that arrive at the same time by [`Committer`]). Between the answer's last byte and
+//!    this commit nothing else happens: the parsed answer goes straight to the committer, and the
+//!    task only waits for its report. The crash window is the parse plus one fsync'd transaction;
 //! 5. only then write sinks, log, and release the lease.
 //!
 //! If the commit itself fails (disk full, read-only file system), the answer is written as a
@@ -20,16 +21,16 @@
 //! the rescue file.
 
 use crate::clock::{now_ms, now_secs};
+use crate::committer::Committer;
 use crate::config::Credential;
 use crate::provider::{self, Failure, HttpClient, TokenAnswer};
 use crate::redact::fingerprint;
 use crate::schedule::{IssueTime, issue_time};
 use crate::sink;
-use crate::store::{Begin, LeaseHolder, NewToken, Store, StoreError, TokenState};
+use crate::store::{Begin, LeaseHolder, NewToken, StoreError, TokenState};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// A lease outlives the longest exchange by this margin, so that it is never reclaimed from a
@@ -80,7 +81,7 @@ pub enum RefreshError {
 /// refresh: if the stored one differs once the lease is ours, someone else already did it and
 /// nothing is sent. A busy lease is waited for up to `lease_wait`.
 pub async fn refresh(
-    store: &Mutex<Store>,
+    store: &Committer,
     http: &HttpClient,
     credential: &Credential,
     expected_generation: Option<i64>,
@@ -93,7 +94,7 @@ pub async fn refresh(
     // Steps 1 + 2: lease and attempt record, one durable transaction.
     let give_up = tokio::time::Instant::now() + lease_wait;
     let (state, attempt_id) = loop {
-        let begin = lock(store).begin_refresh(name, &holder, lease_ttl, now_ms())?;
+        let begin = store.begin_refresh(name, &holder, lease_ttl, now_ms()).await?;
         match begin {
             Begin::Leased { state, attempt_id } => break (state, attempt_id),
             Begin::Busy { pid, .. } if tokio::time::Instant::now() >= give_up => {
@@ -116,9 +117,8 @@ pub async fn refresh(
         Ok(request) => request,
         Err(skipped) => {
             let why = skipped.map_or("already refreshed by another holder", SkipReason::text);
-            let mut store = lock(store);
-            store.cancel_attempt(attempt_id, why, now_ms())?;
-            store.release_lease(name, &holder)?;
+            store.cancel_attempt(attempt_id, why, now_ms()).await?;
+            store.release_lease(name, &holder).await?;
             return Ok(match (skipped, state) {
                 (None, Some(state)) => Outcome::AlreadyRefreshed(state),
                 (reason, state) => Outcome::Skipped { reason: reason.unwrap_or(SkipReason::NoToken), state },
@@ -138,27 +138,23 @@ pub async fn refresh(
 
     let outcome = match interpreted {
         Ok((answer, rate_limited_for)) => {
-            // Step 4: commit before anything else happens. No await from here to the commit.
+            // Step 4: commit before anything else happens. The only await here is for the
+            // committer's report; the commit itself proceeds whatever this task does.
             let token = new_token(&answer, issue_time(answer.created_at, sent_at), name);
-            let committed = lock(store).commit_rotation(
-                name,
-                credential.provider().as_str(),
-                attempt_id,
-                generation,
-                &token,
-                now_ms(),
-            );
+            let committed = store
+                .commit_rotation(name, credential.provider().as_str(), attempt_id, generation, &token, now_ms())
+                .await;
             let new_state = match committed {
                 Ok(s) => s,
                 Err(source) => {
-                    let rescue = write_rescue(lock(store).path(), name, &token);
+                    let rescue = write_rescue(store.path(), name, &token);
                     tracing::error!(
                         credential = name,
                         refresh_token = token.refresh_token.as_ref().map(|t| t.fingerprint()),
                         rescue = %rescue,
                         "ROTATED TOKEN NOT STORED: {source}"
                     );
-                    let _ = lock(store).release_lease(name, &holder);
+                    let _ = store.release_lease(name, &holder).await;
                     return Err(RefreshError::CommitFailed {
                         name: name.to_string(),
                         source,
@@ -175,19 +171,19 @@ pub async fn refresh(
                 access_token = %fingerprint(new_state.access_token.expose()),
                 "refreshed"
             );
-            write_sinks(credential, &new_state);
+            // Sink writes fsync; they run on the blocking pool so they never stall the runtime.
+            let (sink_credential, sink_state) = (credential.clone(), new_state.clone());
+            let _ = tokio::task::spawn_blocking(move || write_sinks(&sink_credential, &sink_state)).await;
             Outcome::Refreshed { state: new_state, rate_limited_for }
         }
         Err(failure) => {
             let permanent = matches!(failure, Failure::Permanent { .. });
-            let mut guard = lock(store);
             // Re-read before declaring the credential dead: if the stored refresh token is no
             // longer the one we spent, someone else rotated it and this rejection is expected.
-            let current = guard.get(name)?;
+            let current = store.get(name).await?;
             let rotated_elsewhere = current.as_ref().is_some_and(|c| c.refresh_token != spent);
             let needs_reauth = permanent && !rotated_elsewhere;
-            guard.record_failure(name, attempt_id, failure.reason(), needs_reauth, now_ms())?;
-            drop(guard);
+            store.record_failure(name, attempt_id, failure.reason(), needs_reauth, now_ms()).await?;
             if needs_reauth {
                 tracing::error!(
                     credential = name,
@@ -200,7 +196,7 @@ pub async fn refresh(
             Outcome::Failed { failure, needs_reauth }
         }
     };
-    lock(store).release_lease(name, &holder)?;
+    store.release_lease(name, &holder).await?;
     Ok(outcome)
 }
 
@@ -249,12 +245,6 @@ fn secrets_of(credential: &Credential, refresh_token: Option<&crate::redact::Sec
         out.push(k.expose().to_string());
     }
     out
-}
-
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
-    // A panic while holding the store lock leaves SQLite consistent (transactions roll back), so
-    // a poisoned lock is safe to keep using.
-    store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Last resort when the rotation commit fails: keep the answer as importable JSON beside the

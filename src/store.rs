@@ -399,6 +399,16 @@ impl Store {
         tx.commit().map_err(sql)
     }
 
+    /// Runs `f` inside one `BEGIN IMMEDIATE` transaction and commits it (durably).
+    fn in_transaction<T>(&mut self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+        let value = f(&tx).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(value)
+    }
+
     /// Steps 1 and 2 of the invariant in one durable transaction: take the lease for `name` and
     /// record the attempt to spend its current refresh token.
     pub fn begin_refresh(
@@ -408,53 +418,7 @@ impl Store {
         lease_ttl: Duration,
         now_ms: i64,
     ) -> Result<Begin, StoreError> {
-        let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-        let state = tx
-            .query_row(&format!("SELECT {STATE_COLUMNS} FROM credential c WHERE name = ?1"), [name], state_from_row)
-            .optional()
-            .map_err(sql)?;
-        let current: Option<(String, u32, i64)> = tx
-            .query_row("SELECT holder, pid, deadline_ms FROM lease WHERE credential = ?1", [name], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()
-            .map_err(sql)?;
-        if let Some((other, pid, deadline_ms)) = current {
-            let ours = other == holder.id;
-            if !ours && deadline_ms > now_ms && process_alive(pid) {
-                return Ok(Begin::Busy { pid, deadline_ms });
-            }
-            if !ours {
-                tracing::warn!(
-                    credential = name,
-                    stale_pid = pid,
-                    "reclaiming a stale lease (holder gone or past its deadline)"
-                );
-            }
-        }
-        let deadline = now_ms.saturating_add(i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX));
-        tx.execute(
-            "INSERT INTO lease (credential, holder, pid, deadline_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (credential) DO UPDATE SET holder = excluded.holder, pid = excluded.pid, deadline_ms = excluded.deadline_ms",
-            params![name, holder.id, holder.pid, deadline],
-        )
-        .map_err(sql)?;
-        tx.execute(
-            "INSERT INTO attempt (credential, from_generation, spent_fp, holder, started_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                name,
-                state.as_ref().map_or(0, |s| s.generation),
-                state.as_ref().and_then(|s| s.refresh_token.as_ref()).map(|t| fingerprint(t.expose())),
-                holder.id,
-                now_ms
-            ],
-        )
-        .map_err(sql)?;
-        let attempt_id = tx.last_insert_rowid();
-        tx.commit().map_err(sql)?;
-        Ok(Begin::Leased { state, attempt_id })
+        self.in_transaction(|c| begin_in(c, name, holder, lease_ttl, now_ms))
     }
 
     /// Step 4: the rotation commit. One transaction: new tokens, lifetime, generation + 1, status
@@ -469,70 +433,8 @@ impl Store {
         now_ms: i64,
     ) -> Result<TokenState, StoreError> {
         let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-        // No generation predicate: the provider has already rotated, so this answer is the only
-        // valid token there is and must be stored whatever happened meanwhile.
-        let previous: Option<i64> = tx
-            .query_row("SELECT generation FROM credential WHERE name = ?1", [name], |r| r.get(0))
-            .optional()
-            .map_err(sql)?;
-        let now_secs = now_ms.div_euclid(1000);
-        let changed = tx
-            .execute(
-                "UPDATE credential SET access_token = ?2, refresh_token = COALESCE(?3, refresh_token), token_type = ?4,
-                     scope = COALESCE(?5, scope), expires_in = ?6, created_at = ?7, expires_at = ?8,
-                     generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = ?9, updated_at = ?9
-                 WHERE name = ?1",
-                params![
-                    name,
-                    token.access_token.expose(),
-                    token.refresh_token.as_ref().map(Secret::expose),
-                    token.token_type,
-                    token.scope,
-                    token.expires_in,
-                    token.created_at,
-                    token.expires_at(),
-                    now_secs
-                ],
-            )
-            .map_err(sql)?;
-        if changed == 0 {
-            // First token of an API-key credential, or removed while we were refreshing: create the
-            // row, the new token must not be lost.
-            tx.execute(
-                "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
-                     created_at, expires_at, generation, status, last_refresh_at, updated_at)
-                 VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
-                params![
-                    name,
-                    token.access_token.expose(),
-                    token.refresh_token.as_ref().map(Secret::expose),
-                    token.token_type,
-                    token.scope,
-                    token.expires_in,
-                    token.created_at,
-                    token.expires_at(),
-                    from_generation + 1,
-                    now_secs,
-                    provider
-                ],
-            )
-            .map_err(sql)?;
-        }
-        tx.execute(
-            "UPDATE attempt SET finished_at_ms = ?2, result = 'refreshed' WHERE id = ?1",
-            params![attempt_id, now_ms],
-        )
-        .map_err(sql)?;
-        tx.commit().map_err(sql)?;
-        if previous.is_some_and(|g| g != from_generation) {
-            tracing::warn!(credential = name, expected = from_generation, found = ?previous, "credential changed during a leased refresh");
-        }
-        self.get(name)?.ok_or_else(|| StoreError::Other {
-            path: self.path.clone(),
-            message: format!("credential {name} vanished after commit"),
-        })
+        self.in_transaction(|c| commit_in(c, name, provider, attempt_id, from_generation, token, now_ms))?
+            .ok_or_else(|| StoreError::Other { path, message: format!("credential {name} vanished after commit") })
     }
 
     /// Closes an attempt that produced no token. `needs_reauth` marks the credential dead until a
@@ -545,41 +447,55 @@ impl Store {
         needs_reauth: bool,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-        tx.execute(
-            "UPDATE credential SET last_error = ?2, updated_at = ?3,
-                 status = CASE WHEN ?4 THEN 'needs_reauth' ELSE status END
-             WHERE name = ?1",
-            params![name, reason, now_ms.div_euclid(1000), needs_reauth],
-        )
-        .map_err(sql)?;
-        tx.execute(
-            "UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1",
-            params![attempt_id, now_ms, if needs_reauth { "needs_reauth" } else { "failed" }],
-        )
-        .map_err(sql)?;
-        tx.commit().map_err(sql)
+        self.in_transaction(|c| failure_in(c, name, attempt_id, reason, needs_reauth, now_ms))
     }
 
     /// Closes an attempt that was abandoned before any request was sent.
     pub fn cancel_attempt(&mut self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1",
-                params![attempt_id, now_ms, why],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.in_transaction(|c| cancel_in(c, attempt_id, why, now_ms))
     }
 
     /// Step 5's last act. Only the holder's own lease is removed.
     pub fn release_lease(&mut self, name: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
-        self.conn
-            .execute("DELETE FROM lease WHERE credential = ?1 AND holder = ?2", params![name, holder.id])
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.in_transaction(|c| release_in(c, name, holder))
+    }
+
+    /// Runs many operations in one transaction — one fsync for all of them (group commit). Each
+    /// runs in its own savepoint, so one failing operation does not undo the others; if the final
+    /// commit fails, every operation reports that failure, since none of them took effect.
+    pub fn batch(&mut self, ops: &[Op]) -> Vec<Result<OpResult, StoreError>> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let mut tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                let message = e.to_string();
+                return ops
+                    .iter()
+                    .map(|_| Err(StoreError::Other { path: path.clone(), message: message.clone() }))
+                    .collect();
+            }
+        };
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let result = tx.savepoint().map_err(sql).and_then(|sp| {
+                let outcome = run_op(&sp, op).map_err(sql);
+                match &outcome {
+                    Ok(_) => sp.commit().map_err(sql)?,
+                    Err(_) => drop(sp), // rolls back to the savepoint
+                }
+                outcome
+            });
+            results.push(result);
+        }
+        if let Err(e) = tx.commit() {
+            let message = format!("the batch commit failed: {e}");
+            return results
+                .into_iter()
+                .map(|r| r.and_then(|_| Err(StoreError::Other { path: path.clone(), message: message.clone() })))
+                .collect();
+        }
+        results
     }
 
     /// Attempts with no result whose holder is not alive: rotations that may have happened in a
@@ -639,6 +555,192 @@ impl Store {
         tx.commit().map_err(sql)?;
         Ok(n > 0)
     }
+}
+
+/// One operation of a [`Store::batch`].
+#[derive(Debug, Clone)]
+pub enum Op {
+    Begin { name: String, holder: LeaseHolder, lease_ttl: Duration, now_ms: i64 },
+    Commit { name: String, provider: String, attempt_id: i64, from_generation: i64, token: NewToken, now_ms: i64 },
+    Failure { name: String, attempt_id: i64, reason: String, needs_reauth: bool, now_ms: i64 },
+    Cancel { attempt_id: i64, why: String, now_ms: i64 },
+    Release { name: String, holder: LeaseHolder },
+    Get { name: String },
+}
+
+/// What an [`Op`] produced.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "built once per operation and consumed at once")]
+pub enum OpResult {
+    Begun(Begin),
+    State(Option<TokenState>),
+    Done,
+}
+
+fn run_op(c: &Connection, op: &Op) -> rusqlite::Result<OpResult> {
+    Ok(match op {
+        Op::Begin { name, holder, lease_ttl, now_ms } => {
+            OpResult::Begun(begin_in(c, name, holder, *lease_ttl, *now_ms)?)
+        }
+        Op::Commit { name, provider, attempt_id, from_generation, token, now_ms } => {
+            OpResult::State(commit_in(c, name, provider, *attempt_id, *from_generation, token, *now_ms)?)
+        }
+        Op::Failure { name, attempt_id, reason, needs_reauth, now_ms } => {
+            failure_in(c, name, *attempt_id, reason, *needs_reauth, *now_ms)?;
+            OpResult::Done
+        }
+        Op::Cancel { attempt_id, why, now_ms } => {
+            cancel_in(c, *attempt_id, why, *now_ms)?;
+            OpResult::Done
+        }
+        Op::Release { name, holder } => {
+            release_in(c, name, holder)?;
+            OpResult::Done
+        }
+        Op::Get { name } => OpResult::State(get_in(c, name)?),
+    })
+}
+
+fn get_in(c: &Connection, name: &str) -> rusqlite::Result<Option<TokenState>> {
+    c.query_row(&format!("SELECT {STATE_COLUMNS} FROM credential c WHERE name = ?1"), [name], state_from_row).optional()
+}
+
+fn begin_in(
+    c: &Connection,
+    name: &str,
+    holder: &LeaseHolder,
+    lease_ttl: Duration,
+    now_ms: i64,
+) -> rusqlite::Result<Begin> {
+    let state = get_in(c, name)?;
+    let current: Option<(String, u32, i64)> = c
+        .query_row("SELECT holder, pid, deadline_ms FROM lease WHERE credential = ?1", [name], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    if let Some((other, pid, deadline_ms)) = current {
+        let ours = other == holder.id;
+        if !ours && deadline_ms > now_ms && process_alive(pid) {
+            return Ok(Begin::Busy { pid, deadline_ms });
+        }
+        if !ours {
+            tracing::warn!(
+                credential = name,
+                stale_pid = pid,
+                "reclaiming a stale lease (holder gone or past its deadline)"
+            );
+        }
+    }
+    let deadline = now_ms.saturating_add(i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX));
+    c.execute(
+        "INSERT INTO lease (credential, holder, pid, deadline_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (credential) DO UPDATE SET holder = excluded.holder, pid = excluded.pid, deadline_ms = excluded.deadline_ms",
+        params![name, holder.id, holder.pid, deadline],
+    )?;
+    c.execute(
+        "INSERT INTO attempt (credential, from_generation, spent_fp, holder, started_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            name,
+            state.as_ref().map_or(0, |s| s.generation),
+            state.as_ref().and_then(|s| s.refresh_token.as_ref()).map(|t| fingerprint(t.expose())),
+            holder.id,
+            now_ms
+        ],
+    )?;
+    Ok(Begin::Leased { state, attempt_id: c.last_insert_rowid() })
+}
+
+fn commit_in(
+    c: &Connection,
+    name: &str,
+    provider: &str,
+    attempt_id: i64,
+    from_generation: i64,
+    token: &NewToken,
+    now_ms: i64,
+) -> rusqlite::Result<Option<TokenState>> {
+    // No generation predicate: the provider has already rotated, so this answer is the only valid
+    // token there is and must be stored whatever happened meanwhile.
+    let previous: Option<i64> =
+        c.query_row("SELECT generation FROM credential WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+    let now_secs = now_ms.div_euclid(1000);
+    let changed = c.execute(
+        "UPDATE credential SET access_token = ?2, refresh_token = COALESCE(?3, refresh_token), token_type = ?4,
+             scope = COALESCE(?5, scope), expires_in = ?6, created_at = ?7, expires_at = ?8,
+             generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = ?9, updated_at = ?9
+         WHERE name = ?1",
+        params![
+            name,
+            token.access_token.expose(),
+            token.refresh_token.as_ref().map(Secret::expose),
+            token.token_type,
+            token.scope,
+            token.expires_in,
+            token.created_at,
+            token.expires_at(),
+            now_secs
+        ],
+    )?;
+    if changed == 0 {
+        // First token of an API-key credential, or removed while we were refreshing: create the
+        // row, the new token must not be lost.
+        c.execute(
+            "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
+                 created_at, expires_at, generation, status, last_refresh_at, updated_at)
+             VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
+            params![
+                name,
+                token.access_token.expose(),
+                token.refresh_token.as_ref().map(Secret::expose),
+                token.token_type,
+                token.scope,
+                token.expires_in,
+                token.created_at,
+                token.expires_at(),
+                from_generation + 1,
+                now_secs,
+                provider
+            ],
+        )?;
+    }
+    c.execute(
+        "UPDATE attempt SET finished_at_ms = ?2, result = 'refreshed' WHERE id = ?1",
+        params![attempt_id, now_ms],
+    )?;
+    if previous.is_some_and(|g| g != from_generation) {
+        tracing::warn!(credential = name, expected = from_generation, found = ?previous, "credential changed during a leased refresh");
+    }
+    get_in(c, name)
+}
+
+fn failure_in(
+    c: &Connection,
+    name: &str,
+    attempt_id: i64,
+    reason: &str,
+    needs_reauth: bool,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE credential SET last_error = ?2, updated_at = ?3,
+             status = CASE WHEN ?4 THEN 'needs_reauth' ELSE status END
+         WHERE name = ?1",
+        params![name, reason, now_ms.div_euclid(1000), needs_reauth],
+    )?;
+    c.execute(
+        "UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1",
+        params![attempt_id, now_ms, if needs_reauth { "needs_reauth" } else { "failed" }],
+    )?;
+    Ok(())
+}
+
+fn cancel_in(c: &Connection, attempt_id: i64, why: &str, now_ms: i64) -> rusqlite::Result<()> {
+    c.execute("UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1", params![attempt_id, now_ms, why])
+        .map(|_| ())
+}
+
+fn release_in(c: &Connection, name: &str, holder: &LeaseHolder) -> rusqlite::Result<()> {
+    c.execute("DELETE FROM lease WHERE credential = ?1 AND holder = ?2", params![name, holder.id]).map(|_| ())
 }
 
 /// The pid is the part of a holder id before the first '-'.

@@ -20,6 +20,7 @@ mod systemd;
 mod watch;
 
 use crate::clock::{now_ms, rfc3339, short_duration};
+use crate::committer::Committer;
 use crate::config::{self, Config, ConfigError, Credential};
 use crate::hooks::{self, Event};
 use crate::metrics::{self, CredentialMetrics};
@@ -121,7 +122,10 @@ type RefreshResult = (String, Result<Outcome, RefreshError>);
 
 struct Daemon {
     config: Config,
+    /// The daemon's own connection: reads, imports of rescued tokens, housekeeping.
     store: Arc<Mutex<Store>>,
+    /// The refresh path's connection, with group commit.
+    committer: Committer,
     http: HttpClient,
     queue: DeadlineQueue,
     entries: BTreeMap<String, Entry>,
@@ -169,6 +173,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     let mut daemon = Daemon {
         store_changed_path: store_changed_path(&config.daemon.database),
         global_slots: Arc::new(Semaphore::new(config.daemon.concurrency)),
+        committer: Committer::open(&config.daemon.database)?,
         config,
         store: Arc::new(Mutex::new(store)),
         http,
@@ -573,7 +578,7 @@ impl Daemon {
         }
         entry.in_flight = true;
         self.queue.cancel(name, Job::Refresh);
-        let store = self.store.clone();
+        let store = self.committer.clone();
         let http = self.http.clone();
         let credential = entry.credential.clone();
         let expected = entry.state.as_ref().map(|s| s.generation);
@@ -606,7 +611,11 @@ impl Daemon {
         };
         let now = now_ms();
         self.publish_soon();
-        let fresh_state = self.store().get(&name);
+        // Only failures need the stored state re-read (for last_error and status).
+        let fresh_state = match &result {
+            Ok(Outcome::Failed { .. }) | Err(_) => self.store().get(&name).ok().flatten(),
+            _ => None,
+        };
         let Some(entry) = self.entries.get_mut(&name) else { return };
         entry.in_flight = false;
         let category = match &result {
@@ -644,7 +653,7 @@ impl Daemon {
                 entry.state = Some(state);
             }
             Ok(Outcome::Failed { failure, needs_reauth }) => {
-                entry.state = fresh_state.ok().flatten().or(entry.state.take());
+                entry.state = fresh_state.or(entry.state.take());
                 if needs_reauth {
                     entry.retry_at = None;
                     hooks::spawn(&credential, Event::NeedsReauth, entry.state.as_ref(), Some(failure.reason()));
@@ -692,7 +701,7 @@ impl Daemon {
             Err(e) => {
                 tracing::error!(credential = %name, "{e}");
                 entry.failures += 1;
-                entry.state = fresh_state.ok().flatten().or(entry.state.take());
+                entry.state = fresh_state.or(entry.state.take());
                 let expires_at_ms = entry.state.as_ref().and_then(|s| s.expires_at).map(|t| t * 1000);
                 entry.retry_at = Some(schedule::retry_at_ms(
                     now,
