@@ -83,7 +83,7 @@ fn fixture(mock: &MockProvider, n: usize, sinks: bool, lifetime: impl Fn(usize) 
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("sinks")).unwrap();
     let mut config =
-        format!("[daemon]\ndatabase = \"tokend.db\"\nconcurrency = 64\n\n[provider.oauth2]\nconcurrency = 64\n\n");
+        String::from("[daemon]\ndatabase = \"tokend.db\"\nconcurrency = 64\n\n[provider.oauth2]\nconcurrency = 64\n\n");
     for i in 0..n {
         config.push_str(&format!(
             "[[credential]]\nname = \"c{i}\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n",
@@ -362,7 +362,7 @@ fn main() {
 
     let sizes: &[usize] = if smoke { &[1000] } else { &[1000, 10_000, 100_000] };
     let baseline_n = if smoke { 50 } else { 1000 };
-    line(format!("## catch-up (all due at once; every rotation committed and every sink written)\n"));
+    line("## catch-up (all due at once; every rotation committed and every sink written)\n".to_string());
     line("| N | seconds | rotations/s | CPU s | CPU ms / rotation | peak RSS MB |".into());
     line("| --- | --- | --- | --- | --- | --- |".into());
     let mut at_baseline_n = None;

@@ -37,7 +37,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -110,6 +109,8 @@ struct Entry {
     failures: u32,
     retry_at: Option<i64>,
     in_flight: bool,
+    /// In the `waiting` queue for a concurrency slot.
+    waiting: bool,
     last_trigger: Option<Instant>,
     /// Refresh results since start, for metrics.
     results: BTreeMap<&'static str, u64>,
@@ -129,9 +130,14 @@ struct Daemon {
     http: HttpClient,
     queue: DeadlineQueue,
     entries: BTreeMap<String, Entry>,
-    running: HashMap<tokio::task::Id, String>,
-    global_slots: Arc<Semaphore>,
-    provider_slots: HashMap<ProviderKind, Arc<Semaphore>>,
+    /// In-flight refresh tasks: credential and provider.
+    running: HashMap<tokio::task::Id, (String, ProviderKind)>,
+    /// Due credentials waiting for a free slot (global or per-provider concurrency). Tasks are
+    /// only spawned when a slot is free: 100,000 parked futures would cost hundreds of MB.
+    waiting: std::collections::VecDeque<String>,
+    in_flight_by_provider: HashMap<ProviderKind, usize>,
+    /// Set on shutdown: no new refresh starts.
+    stopping: bool,
     provider_paused_until: HashMap<ProviderKind, i64>,
     /// Sink path → credential, and `.refresh` trigger path → credential.
     sink_owner: HashMap<PathBuf, String>,
@@ -172,7 +178,9 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         store_changed_path: store_changed_path(&config.daemon.database),
-        global_slots: Arc::new(Semaphore::new(config.daemon.concurrency)),
+        waiting: std::collections::VecDeque::new(),
+        in_flight_by_provider: HashMap::new(),
+        stopping: false,
         committer: Committer::open(&config.daemon.database)?,
         config,
         store: Arc::new(Mutex::new(store)),
@@ -180,7 +188,6 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         queue: DeadlineQueue::default(),
         entries: BTreeMap::new(),
         running: HashMap::new(),
-        provider_slots: HashMap::new(),
         provider_paused_until: HashMap::new(),
         sink_owner: HashMap::new(),
         trigger_owner: HashMap::new(),
@@ -239,6 +246,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     }
 
     systemd::stopping();
+    daemon.stopping = true;
     tracing::info!(in_flight = inflight.len(), "shutting down: no new refreshes; letting in-flight ones finish");
     let grace = tokio::time::sleep(SHUTDOWN_GRACE);
     tokio::pin!(grace);
@@ -406,6 +414,7 @@ impl Daemon {
                             failures: 0,
                             retry_at: None,
                             in_flight: false,
+                            waiting: false,
                             last_trigger: None,
                             results: BTreeMap::new(),
                             pending: None,
@@ -415,13 +424,6 @@ impl Daemon {
             }
         }
         self.config = config;
-        self.global_slots = Arc::new(Semaphore::new(self.config.daemon.concurrency));
-        self.provider_slots = self
-            .config
-            .credentials
-            .iter()
-            .map(|c| (c.provider(), Arc::new(Semaphore::new(c.provider_concurrency))))
-            .collect();
         let names: Vec<String> = self.entries.keys().cloned().collect();
         for name in &names {
             self.sync_sinks(name);
@@ -561,6 +563,9 @@ impl Daemon {
     }
 
     fn start_refresh(&mut self, name: &str, inflight: &mut JoinSet<RefreshResult>) {
+        if self.stopping {
+            return;
+        }
         let now = now_ms();
         let Some(entry) = self.entries.get_mut(name) else { return };
         if entry.in_flight {
@@ -576,21 +581,41 @@ impl Daemon {
             self.commit_pending(name);
             return;
         }
-        entry.in_flight = true;
         self.queue.cancel(name, Job::Refresh);
+        let busy = self.in_flight_by_provider.get(&provider).copied().unwrap_or(0);
+        if self.running.len() >= self.config.daemon.concurrency || busy >= entry.credential.provider_concurrency {
+            if !entry.waiting {
+                entry.waiting = true;
+                self.waiting.push_back(name.to_string());
+            }
+            return;
+        }
+        entry.in_flight = true;
+        *self.in_flight_by_provider.entry(provider).or_default() += 1;
         let store = self.committer.clone();
         let http = self.http.clone();
         let credential = entry.credential.clone();
         let expected = entry.state.as_ref().map(|s| s.generation);
-        let global = self.global_slots.clone();
-        let per_provider = self.provider_slots.get(&provider).cloned().unwrap_or_else(|| Arc::new(Semaphore::new(1)));
         let handle = inflight.spawn(async move {
-            let _global = global.acquire_owned().await;
-            let _provider = per_provider.acquire_owned().await;
             let result = refresh::refresh(&store, &http, &credential, expected, Duration::ZERO).await;
             (credential.name.clone(), result)
         });
-        self.running.insert(handle.id(), name.to_string());
+        self.running.insert(handle.id(), (name.to_string(), provider));
+    }
+
+    /// Starts waiting refreshes while slots are free. Each waiting name is looked at once per
+    /// call, so a provider at its own limit does not spin.
+    fn start_waiting(&mut self, inflight: &mut JoinSet<RefreshResult>) {
+        for _ in 0..self.waiting.len() {
+            if self.running.len() >= self.config.daemon.concurrency {
+                break;
+            }
+            let Some(name) = self.waiting.pop_front() else { break };
+            if let Some(entry) = self.entries.get_mut(&name) {
+                entry.waiting = false;
+                self.start_refresh(&name, inflight);
+            }
+        }
     }
 
     fn finished(
@@ -598,15 +623,19 @@ impl Daemon {
         done: Result<(tokio::task::Id, RefreshResult), tokio::task::JoinError>,
         inflight: &mut JoinSet<RefreshResult>,
     ) {
-        let (name, result) = match done {
-            Ok((id, result)) => {
-                self.running.remove(&id);
-                result
-            }
+        let (id, outcome) = match done {
+            Ok((id, result)) => (id, Ok(result)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        let Some((name, provider)) = self.running.remove(&id) else { return };
+        if let Some(n) = self.in_flight_by_provider.get_mut(&provider) {
+            *n = n.saturating_sub(1);
+        }
+        let result = match outcome {
+            Ok((_, result)) => result,
             Err(e) => {
-                let Some(name) = self.running.remove(&e.id()) else { return };
                 tracing::error!(credential = %name, "refresh task died: {e}");
-                (name, Err(RefreshError::Busy { name: String::new(), pid: 0 }))
+                Err(RefreshError::Busy { name: String::new(), pid: 0 })
             }
         };
         let now = now_ms();
@@ -616,7 +645,10 @@ impl Daemon {
             Ok(Outcome::Failed { .. }) | Err(_) => self.store().get(&name).ok().flatten(),
             _ => None,
         };
-        let Some(entry) = self.entries.get_mut(&name) else { return };
+        let Some(entry) = self.entries.get_mut(&name) else {
+            self.start_waiting(inflight);
+            return;
+        };
         entry.in_flight = false;
         let category = match &result {
             Ok(Outcome::Refreshed { .. } | Outcome::AlreadyRefreshed(_)) => Some("success"),
@@ -717,6 +749,7 @@ impl Daemon {
         if self.entries.get(&name).is_some_and(|e| e.retry_at.is_some_and(|r| r <= now)) {
             self.start_refresh(&name, inflight);
         }
+        self.start_waiting(inflight);
     }
 
     /// Retries storing a token whose rotation commit failed.
