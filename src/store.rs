@@ -204,6 +204,12 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// `SELECT` of one credential's state, prepared once per connection.
+const STATE_BY_NAME: &str = "SELECT name, provider, access_token, refresh_token, token_type, scope, expires_in, created_at, \
+     expires_at, generation, status, last_error, last_refresh_at, \
+     (SELECT count(*) FROM attempt a WHERE a.credential = c.name AND a.finished_at_ms IS NULL) \
+     FROM credential c WHERE name = ?1";
+
 const STATE_COLUMNS: &str = "name, provider, access_token, refresh_token, token_type, scope, expires_in, created_at, \
      expires_at, generation, status, last_error, last_refresh_at, \
      (SELECT count(*) FROM attempt a WHERE a.credential = c.name AND a.finished_at_ms IS NULL)";
@@ -283,6 +289,8 @@ impl Store {
             return Err(other(format!("cannot switch to WAL journal (got {mode})")));
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(sql)?;
+        // The refresh path's dozen statements, parsed once.
+        conn.set_prepared_statement_cache_capacity(32);
         let mut store = Store { conn, path: path.to_path_buf() };
         store.migrate()?;
         Ok(store)
@@ -602,7 +610,7 @@ fn run_op(c: &Connection, op: &Op) -> rusqlite::Result<OpResult> {
 }
 
 fn get_in(c: &Connection, name: &str) -> rusqlite::Result<Option<TokenState>> {
-    c.query_row(&format!("SELECT {STATE_COLUMNS} FROM credential c WHERE name = ?1"), [name], state_from_row).optional()
+    c.prepare_cached(STATE_BY_NAME)?.query_row([name], state_from_row).optional()
 }
 
 fn begin_in(
@@ -614,9 +622,8 @@ fn begin_in(
 ) -> rusqlite::Result<Begin> {
     let state = get_in(c, name)?;
     let current: Option<(String, u32, i64)> = c
-        .query_row("SELECT holder, pid, deadline_ms FROM lease WHERE credential = ?1", [name], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .prepare_cached("SELECT holder, pid, deadline_ms FROM lease WHERE credential = ?1")?
+        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     if let Some((other, pid, deadline_ms)) = current {
         let ours = other == holder.id;
@@ -632,13 +639,11 @@ fn begin_in(
         }
     }
     let deadline = now_ms.saturating_add(i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX));
-    c.execute(
-        "INSERT INTO lease (credential, holder, pid, deadline_ms) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (credential) DO UPDATE SET holder = excluded.holder, pid = excluded.pid, deadline_ms = excluded.deadline_ms",
+    c.prepare_cached("INSERT INTO lease (credential, holder, pid, deadline_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (credential) DO UPDATE SET holder = excluded.holder, pid = excluded.pid, deadline_ms = excluded.deadline_ms")?.execute(
         params![name, holder.id, holder.pid, deadline],
     )?;
-    c.execute(
-        "INSERT INTO attempt (credential, from_generation, spent_fp, holder, started_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    c.prepare_cached("INSERT INTO attempt (credential, from_generation, spent_fp, holder, started_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(
         params![
             name,
             state.as_ref().map_or(0, |s| s.generation),
@@ -661,15 +666,19 @@ fn commit_in(
 ) -> rusqlite::Result<Option<TokenState>> {
     // No generation predicate: the provider has already rotated, so this answer is the only valid
     // token there is and must be stored whatever happened meanwhile.
-    let previous: Option<i64> =
-        c.query_row("SELECT generation FROM credential WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+    let previous: Option<i64> = c
+        .prepare_cached("SELECT generation FROM credential WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?;
     let now_secs = now_ms.div_euclid(1000);
-    let changed = c.execute(
-        "UPDATE credential SET access_token = ?2, refresh_token = COALESCE(?3, refresh_token), token_type = ?4,
+    let changed = c
+        .prepare_cached(
+            "UPDATE credential SET access_token = ?2, refresh_token = COALESCE(?3, refresh_token), token_type = ?4,
              scope = COALESCE(?5, scope), expires_in = ?6, created_at = ?7, expires_at = ?8,
              generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = ?9, updated_at = ?9
          WHERE name = ?1",
-        params![
+        )?
+        .execute(params![
             name,
             token.access_token.expose(),
             token.refresh_token.as_ref().map(Secret::expose),
@@ -679,34 +688,31 @@ fn commit_in(
             token.created_at,
             token.expires_at(),
             now_secs
-        ],
-    )?;
+        ])?;
     if changed == 0 {
         // First token of an API-key credential, or removed while we were refreshing: create the
         // row, the new token must not be lost.
-        c.execute(
+        c.prepare_cached(
             "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
                  created_at, expires_at, generation, status, last_refresh_at, updated_at)
              VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
-            params![
-                name,
-                token.access_token.expose(),
-                token.refresh_token.as_ref().map(Secret::expose),
-                token.token_type,
-                token.scope,
-                token.expires_in,
-                token.created_at,
-                token.expires_at(),
-                from_generation + 1,
-                now_secs,
-                provider
-            ],
-        )?;
+        )?
+        .execute(params![
+            name,
+            token.access_token.expose(),
+            token.refresh_token.as_ref().map(Secret::expose),
+            token.token_type,
+            token.scope,
+            token.expires_in,
+            token.created_at,
+            token.expires_at(),
+            from_generation + 1,
+            now_secs,
+            provider
+        ])?;
     }
-    c.execute(
-        "UPDATE attempt SET finished_at_ms = ?2, result = 'refreshed' WHERE id = ?1",
-        params![attempt_id, now_ms],
-    )?;
+    c.prepare_cached("UPDATE attempt SET finished_at_ms = ?2, result = 'refreshed' WHERE id = ?1")?
+        .execute(params![attempt_id, now_ms])?;
     if previous.is_some_and(|g| g != from_generation) {
         tracing::warn!(credential = name, expected = from_generation, found = ?previous, "credential changed during a leased refresh");
     }
@@ -721,26 +727,30 @@ fn failure_in(
     needs_reauth: bool,
     now_ms: i64,
 ) -> rusqlite::Result<()> {
-    c.execute(
+    c.prepare_cached(
         "UPDATE credential SET last_error = ?2, updated_at = ?3,
              status = CASE WHEN ?4 THEN 'needs_reauth' ELSE status END
          WHERE name = ?1",
-        params![name, reason, now_ms.div_euclid(1000), needs_reauth],
-    )?;
-    c.execute(
-        "UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1",
-        params![attempt_id, now_ms, if needs_reauth { "needs_reauth" } else { "failed" }],
-    )?;
+    )?
+    .execute(params![name, reason, now_ms.div_euclid(1000), needs_reauth])?;
+    c.prepare_cached("UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1")?.execute(params![
+        attempt_id,
+        now_ms,
+        if needs_reauth { "needs_reauth" } else { "failed" }
+    ])?;
     Ok(())
 }
 
 fn cancel_in(c: &Connection, attempt_id: i64, why: &str, now_ms: i64) -> rusqlite::Result<()> {
-    c.execute("UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1", params![attempt_id, now_ms, why])
+    c.prepare_cached("UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1")?
+        .execute(params![attempt_id, now_ms, why])
         .map(|_| ())
 }
 
 fn release_in(c: &Connection, name: &str, holder: &LeaseHolder) -> rusqlite::Result<()> {
-    c.execute("DELETE FROM lease WHERE credential = ?1 AND holder = ?2", params![name, holder.id]).map(|_| ())
+    c.prepare_cached("DELETE FROM lease WHERE credential = ?1 AND holder = ?2")?
+        .execute(params![name, holder.id])
+        .map(|_| ())
 }
 
 /// The pid is the part of a holder id before the first '-'.
