@@ -340,3 +340,33 @@ async fn refresh_cron_renews_on_its_schedule() {
     assert!(wait_for(Duration::from_secs(6), || w.generation("key") >= 4).await, "{}", daemon.log_text());
     assert!(daemon.log_text().contains("refresh_cron fired"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_reading_a_sink_do_not_wake_the_daemon() {
+    let w = World::new(MockSettings::default()).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config(ONE);
+    w.authorize_and_import("a").await;
+    let daemon = w.start_daemon().await;
+    let switches = || -> u64 {
+        let mut total = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).unwrap().flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            total += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        total
+    };
+    // A consumer reads its token a few times, as programs do.
+    for _ in 0..5 {
+        assert!(!std::fs::read_to_string(w.path("out/a.token")).unwrap().is_empty());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = switches();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let woken = switches() - before;
+    assert!(woken <= 5, "the daemon kept waking after a reader opened its sink: {woken} context switches in 2 s");
+}

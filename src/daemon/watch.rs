@@ -12,6 +12,9 @@ pub fn watch_dirs(
 ) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        // Opening or reading a file is not a change. Reacting to it would loop: every check of
+        // a sink reads it, and every reader of a sink would wake the daemon.
+        Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => {}
         Ok(event) => {
             for path in event.paths {
                 let _ = tx.send(path);
