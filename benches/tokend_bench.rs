@@ -352,6 +352,10 @@ fn baseline(rt: &tokio::runtime::Runtime, name: &'static str, n: usize) -> Optio
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let smoke = args.iter().any(|a| a == "smoke");
+    // Optional part filter: catchup, baselines, steady (default: all).
+    let parts: Vec<&str> =
+        args.iter().map(String::as_str).filter(|a| ["catchup", "baselines", "steady"].contains(a)).collect();
+    let want = |part: &str| parts.is_empty() || parts.contains(&part);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let mut report = String::new();
     let mut line = |s: String| {
@@ -366,7 +370,7 @@ fn main() {
     line("| N | seconds | rotations/s | CPU s | CPU ms / rotation | peak RSS MB |".into());
     line("| --- | --- | --- | --- | --- | --- |".into());
     let mut at_baseline_n = None;
-    for &n in sizes {
+    for &n in sizes.iter().filter(|_| want("catchup")) {
         let c = catch_up(&rt, n);
         line(format!(
             "| {} | {:.2} | {:.0} | {:.2} | {:.3} | {:.1} |",
@@ -381,31 +385,35 @@ fn main() {
             at_baseline_n = Some(c);
         }
     }
-    let tokend_small = if baseline_n == 1000 { at_baseline_n.unwrap() } else { catch_up(&rt, baseline_n) };
-
-    line(format!("\n## baselines (same mock, N = {baseline_n}, sequential, durable)\n"));
-    line("| tool | seconds | rotations/s | CPU s | CPU ms / rotation | tokend ÷ tool, wall | tokend ÷ tool, rotations per CPU-second |".into());
-    line("| --- | --- | --- | --- | --- | --- | --- |".into());
-    line(format!(
-        "| tokend | {:.2} | {:.0} | {:.2} | {:.3} | 1 | 1 |",
-        tokend_small.secs,
-        tokend_small.per_sec,
-        tokend_small.cpu_secs,
-        tokend_small.cpu_secs * 1000.0 / tokend_small.n as f64
-    ));
-    for name in ["bash", "python"] {
-        if let Some(b) = baseline(&rt, name, baseline_n) {
-            line(format!(
-                "| {} (`benches/baselines/refresh.{}`) | {:.2} | {:.0} | {:.2} | {:.3} | {:.1}× faster | {:.0}× |",
-                b.name,
-                if b.name == "bash" { "sh" } else { "py" },
-                b.secs,
-                b.n as f64 / b.secs,
-                b.cpu_secs,
-                b.cpu_secs * 1000.0 / b.n as f64,
-                b.secs / tokend_small.secs,
-                (b.cpu_secs / b.n as f64) / (tokend_small.cpu_secs / tokend_small.n as f64),
-            ));
+    if want("baselines") {
+        let tokend_small = match at_baseline_n.filter(|c: &CatchUp| c.n == baseline_n) {
+            Some(c) => c,
+            None => catch_up(&rt, baseline_n),
+        };
+        line(format!("\n## baselines (same mock, N = {baseline_n}, sequential, durable)\n"));
+        line("| tool | seconds | rotations/s | CPU s | CPU ms / rotation | tokend ÷ tool, wall | tokend ÷ tool, rotations per CPU-second |".into());
+        line("| --- | --- | --- | --- | --- | --- | --- |".into());
+        line(format!(
+            "| tokend | {:.2} | {:.0} | {:.2} | {:.3} | 1 | 1 |",
+            tokend_small.secs,
+            tokend_small.per_sec,
+            tokend_small.cpu_secs,
+            tokend_small.cpu_secs * 1000.0 / tokend_small.n as f64
+        ));
+        for name in ["bash", "python"] {
+            if let Some(b) = baseline(&rt, name, baseline_n) {
+                line(format!(
+                    "| {} (`benches/baselines/refresh.{}`) | {:.2} | {:.0} | {:.2} | {:.3} | {:.1}× faster | {:.0}× |",
+                    b.name,
+                    if b.name == "bash" { "sh" } else { "py" },
+                    b.secs,
+                    b.n as f64 / b.secs,
+                    b.cpu_secs,
+                    b.cpu_secs * 1000.0 / b.n as f64,
+                    b.secs / tokend_small.secs,
+                    (b.cpu_secs / b.n as f64) / (tokend_small.cpu_secs / tokend_small.n as f64),
+                ));
+            }
         }
     }
 
@@ -414,6 +422,9 @@ fn main() {
     } else {
         (100_000, 10_000, Duration::from_secs(30), Duration::from_secs(15))
     };
+    if !want("steady") {
+        return;
+    }
     let s = steady(&rt, n, due, window, idle);
     line(format!(
         "\n## steady state, start-up, memory (N = {}, {} due over {:?}, no sinks)\n",

@@ -62,12 +62,13 @@ impl fmt::Display for ConfigError {
 pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonConfig,
-    pub credentials: Vec<Credential>,
+    /// Shared with the daemon's schedule, so 100,000 credentials are held once.
+    pub credentials: Vec<std::sync::Arc<Credential>>,
 }
 
 impl Config {
     pub fn credential(&self, name: &str) -> Option<&Credential> {
-        self.credentials.iter().find(|c| c.name == name)
+        self.credentials.iter().find(|c| c.name == name).map(|c| &**c)
     }
 }
 
@@ -91,7 +92,8 @@ pub struct Credential {
     pub provider_concurrency: usize,
     pub sinks: Vec<SinkConfig>,
     /// Extra refreshes on a cron schedule (tokens without expiry that should still be re-issued).
-    pub refresh_cron: Option<CronSchedule>,
+    /// Boxed: most credentials have none, and a parsed cron expression is 300+ bytes.
+    pub refresh_cron: Option<Box<CronSchedule>>,
     pub hooks: Hooks,
 }
 
@@ -378,7 +380,7 @@ impl Validator<'_> {
         for (index, rc) in raw.credential.into_iter().enumerate() {
             if let Some(c) = self.credential(index, rc, &defaults, daemon.concurrency) {
                 if seen.insert(c.name.clone()) {
-                    credentials.push(c);
+                    credentials.push(std::sync::Arc::new(c));
                 } else {
                     self.report(
                         &format!("credential \"{}\"", c.name),
@@ -638,7 +640,7 @@ impl Validator<'_> {
             refresh_at,
             provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
             sinks,
-            refresh_cron,
+            refresh_cron: refresh_cron.map(Box::new),
             hooks,
         })
     }

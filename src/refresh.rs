@@ -171,9 +171,13 @@ pub async fn refresh(
                 access_token = %fingerprint(new_state.access_token.expose()),
                 "refreshed"
             );
-            // Sink writes fsync; they run on the blocking pool so they never stall the runtime.
-            let (sink_credential, sink_state) = (credential.clone(), new_state.clone());
-            let _ = tokio::task::spawn_blocking(move || write_sinks(&sink_credential, &sink_state)).await;
+            // Sink files of concurrent refreshes are written together, one file-system sync for
+            // the batch, off the async runtime.
+            for result in sink::write_batched(&credential.sinks, &new_state).await {
+                if let Err(e) = result {
+                    tracing::error!(credential = name, "{e}");
+                }
+            }
             Outcome::Refreshed { state: new_state, rate_limited_for }
         }
         Err(failure) => {

@@ -84,6 +84,114 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> R
     Ok(())
 }
 
+/// Writes many sinks at once with one `syncfs(2)` per file system instead of one `fsync` per
+/// file: every temp file is written, then synced together, then each is renamed into place and
+/// every touched directory is fsync'd once. The guarantees of [`write`] hold for each file: the
+/// rename happens only after the content is on disk, and a reader sees the old file or the new.
+pub fn write_many(items: &[(&SinkConfig, &TokenState)]) -> Vec<Result<(), SinkError>> {
+    let mut results: Vec<Result<(), SinkError>> = Vec::with_capacity(items.len());
+    let mut staged: Vec<(usize, PathBuf, File)> = Vec::new();
+    for (i, (sink, state)) in items.iter().enumerate() {
+        let staged_one = render(sink.format, state).map_err(|m| sink_error(&sink.path, m)).and_then(|bytes| {
+            check_target(&sink.path)?;
+            let file_name = sink.path.file_name().ok_or_else(|| sink_error(&sink.path, "does not name a file"))?;
+            let tmp = parent_dir(&sink.path).join(format!(
+                ".{}.tokend-{:08x}",
+                file_name.to_string_lossy(),
+                rand::random::<u32>()
+            ));
+            let file = create_temp(&tmp, &bytes, sink.mode, sink.group.as_ref().map(|g| g.1))
+                .map_err(|m| sink_error(&sink.path, m))?;
+            Ok((tmp, file))
+        });
+        match staged_one {
+            Ok((tmp, file)) => {
+                staged.push((i, tmp, file));
+                results.push(Ok(()));
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    // One syncfs per file system (st_dev) covers every temp file on it.
+    let mut synced: std::collections::HashMap<u64, Result<(), String>> = std::collections::HashMap::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    for (i, tmp, file) in staged {
+        let sink = items[i].0;
+        let dev = file.metadata().map(|m| m.dev()).unwrap_or(0);
+        let sync = synced
+            .entry(dev)
+            .or_insert_with(|| nix::unistd::syncfs(&file).map_err(|e| format!("cannot sync the file system: {e}")))
+            .clone();
+        let outcome =
+            sync.and_then(|()| std::fs::rename(&tmp, &sink.path).map_err(|e| format!("cannot rename into place: {e}")));
+        match outcome {
+            Ok(()) => {
+                dirs.insert(parent_dir(&sink.path));
+            }
+            Err(m) => {
+                let _ = std::fs::remove_file(&tmp);
+                results[i] = Err(sink_error(&sink.path, m));
+            }
+        }
+    }
+    for dir in dirs {
+        if let Err(m) = sync_dir(&dir) {
+            for (i, (sink, _)) in items.iter().enumerate() {
+                if parent_dir(&sink.path) == dir && results[i].is_ok() {
+                    results[i] = Err(sink_error(&sink.path, m.clone()));
+                }
+            }
+        }
+    }
+    results
+}
+
+/// Sink writes from many concurrent refreshes, batched by one thread through [`write_many`].
+/// `write_batched` returns once the caller's files are in place.
+pub async fn write_batched(sinks: &[SinkConfig], state: &TokenState) -> Vec<Result<(), SinkError>> {
+    type Job = (Vec<SinkConfig>, TokenState, tokio::sync::oneshot::Sender<Vec<Result<(), SinkError>>>);
+    static WRITER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
+    if sinks.is_empty() {
+        return Vec::new();
+    }
+    let sender = WRITER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            std::thread::Builder::new()
+                .name("tokend-sinks".into())
+                .spawn(move || {
+                    while let Ok(first) = rx.recv() {
+                        let mut jobs = vec![first];
+                        while let Ok(job) = rx.try_recv() {
+                            jobs.push(job);
+                            if jobs.len() >= 512 {
+                                break;
+                            }
+                        }
+                        let items: Vec<(&SinkConfig, &TokenState)> =
+                            jobs.iter().flat_map(|(sinks, state, _)| sinks.iter().map(move |s| (s, state))).collect();
+                        let mut results = write_many(&items).into_iter();
+                        for (sinks, _, reply) in jobs {
+                            let mine: Vec<_> = results.by_ref().take(sinks.len()).collect();
+                            let _ = reply.send(mine);
+                        }
+                    }
+                })
+                .expect("spawning the sink writer thread");
+            std::sync::Mutex::new(tx)
+        })
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if sender.send((sinks.to_vec(), state.clone(), reply)).is_err() {
+        return sinks.iter().map(|s| Err(sink_error(&s.path, "the sink writer thread is gone"))).collect();
+    }
+    answer
+        .await
+        .unwrap_or_else(|_| sinks.iter().map(|s| Err(sink_error(&s.path, "the sink writer thread is gone"))).collect())
+}
+
 /// Whether the sink already holds exactly what [`write`] would put there (content and mode), so
 /// that a watcher can tell our own writes from someone else's changes.
 pub fn is_current(sink: &SinkConfig, state: &TokenState) -> bool {
@@ -134,6 +242,12 @@ fn check_target(path: &Path) -> Result<(), SinkError> {
 }
 
 fn write_new_file(tmp: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<(), String> {
+    let file = create_temp(tmp, bytes, mode, gid)?;
+    file.sync_all().map_err(|e| format!("cannot fsync: {e}"))
+}
+
+/// Creates `tmp` exclusively (never through a link) with `bytes`, `mode` and group; not synced.
+fn create_temp(tmp: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<File, String> {
     let mut file: File = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -149,8 +263,11 @@ fn write_new_file(tmp: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Resu
     // clear set-id bits).
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set mode {mode:04o}: {e}"))?;
-    file.write_all(bytes).map_err(|e| format!("cannot write: {e}"))?;
-    file.sync_all().map_err(|e| format!("cannot fsync: {e}"))
+    file.write_all(bytes).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
+        format!("cannot write: {e}")
+    })?;
+    Ok(file)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), String> {
