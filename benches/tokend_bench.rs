@@ -82,8 +82,9 @@ impl Fixture {
 fn fixture(mock: &MockProvider, n: usize, sinks: bool, lifetime: impl Fn(usize) -> (i64, i64)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("sinks")).unwrap();
-    let mut config =
-        String::from("[daemon]\ndatabase = \"tokend.db\"\nconcurrency = 64\n\n[provider.oauth2]\nconcurrency = 64\n\n");
+    let mut config = String::from(
+        "[daemon]\ndatabase = \"tokend.db\"\nconcurrency = 512\n\n[provider.oauth2]\nconcurrency = 512\n\n",
+    );
     for i in 0..n {
         config.push_str(&format!(
             "[[credential]]\nname = \"c{i}\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n",
@@ -364,7 +365,11 @@ fn main() {
         report.push('\n');
     };
 
-    let sizes: &[usize] = if smoke { &[1000] } else { &[1000, 10_000, 100_000] };
+    let sizes: Vec<usize> = match args.iter().find_map(|a| a.strip_prefix("n=")) {
+        Some(n) => vec![n.parse().expect("n=NUMBER")],
+        None if smoke => vec![1000],
+        None => vec![1000, 10_000, 100_000],
+    };
     let baseline_n = if smoke { 50 } else { 1000 };
     line("## catch-up (all due at once; every rotation committed and every sink written)\n".to_string());
     line("| N | seconds | rotations/s | CPU s | CPU ms / rotation | peak RSS MB |".into());

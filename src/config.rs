@@ -10,7 +10,7 @@ use crate::provider::{self, ClientAuth, Endpoint, GrantKind, ProviderKind};
 use crate::redact::Secret;
 use crate::schedule::RefreshAt;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,7 +86,9 @@ pub struct DaemonConfig {
 #[derive(Debug, Clone)]
 pub struct Credential {
     pub name: String,
-    pub endpoint: Endpoint,
+    /// Shared by every credential with the same client and endpoints (an agency's 100,000
+    /// nations usually share one client), so it is held once.
+    pub endpoint: std::sync::Arc<Endpoint>,
     pub refresh_at: RefreshAt,
     /// Refreshes in flight at once for this credential's provider.
     pub provider_concurrency: usize,
@@ -324,7 +326,15 @@ fn parse_with_secrets(path: &Path, text: &str, env: &dyn Environment, secrets: S
             message: e.message().trim().replace('\n', " "),
         }])
     })?;
-    Validator { file: path.to_path_buf(), base_dir: base_dir(path), env, secrets, problems: Vec::new() }.config(raw)
+    Validator {
+        file: path.to_path_buf(),
+        base_dir: base_dir(path),
+        env,
+        secrets,
+        problems: Vec::new(),
+        endpoints: HashMap::new(),
+    }
+    .config(raw)
 }
 
 /// The directory relative paths are resolved against, made absolute so that paths in the config
@@ -343,6 +353,8 @@ struct Validator<'a> {
     env: &'a dyn Environment,
     secrets: Secrets,
     problems: Vec<ConfigProblem>,
+    /// Identical endpoints, interned.
+    endpoints: HashMap<String, std::sync::Arc<Endpoint>>,
 }
 
 impl Validator<'_> {
@@ -624,25 +636,51 @@ impl Validator<'_> {
         if self.problems.len() > before {
             return None;
         }
+        let endpoint = Endpoint {
+            kind,
+            token_url: token_url?,
+            client_id,
+            client_secret,
+            auth,
+            scope,
+            grant,
+            authorization: authorization?,
+            revocation_url,
+        };
         Some(Credential {
             name,
-            endpoint: Endpoint {
-                kind,
-                token_url: token_url?,
-                client_id,
-                client_secret,
-                auth,
-                scope,
-                grant,
-                authorization: authorization?,
-                revocation_url,
-            },
+            endpoint: self.intern(endpoint),
             refresh_at,
             provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
             sinks,
             refresh_cron: refresh_cron.map(Box::new),
             hooks,
         })
+    }
+
+    fn intern(&mut self, endpoint: Endpoint) -> std::sync::Arc<Endpoint> {
+        // Every field that makes two endpoints differ, secrets included (the key never leaves
+        // this map).
+        let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_string());
+        let api_key = match &endpoint.grant {
+            GrantKind::ApiKey(k) => Some(k.expose().to_string()),
+            GrantKind::RefreshToken => None,
+        };
+        let key = format!(
+            "{:?}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}\u{0}{:?}",
+            endpoint.kind,
+            endpoint.token_url,
+            endpoint.client_id,
+            secret(&endpoint.client_secret),
+            endpoint.auth,
+            endpoint.scope,
+            api_key,
+            endpoint.authorization.authorize_url.as_ref().map(Url::as_str),
+            endpoint.authorization.redirect_uri,
+            endpoint.authorization.pkce,
+            endpoint.revocation_url.as_ref().map(Url::as_str),
+        );
+        self.endpoints.entry(key).or_insert_with(|| std::sync::Arc::new(endpoint)).clone()
     }
 
     fn token_url(&mut self, place: &str, kind: ProviderKind, raw: &RawCredential) -> Option<Url> {
