@@ -204,15 +204,19 @@ pub struct Store {
     path: PathBuf,
 }
 
-/// `SELECT` of one credential's state, prepared once per connection.
-const STATE_BY_NAME: &str = "SELECT name, provider, access_token, refresh_token, token_type, scope, expires_in, created_at, \
-     expires_at, generation, status, last_error, last_refresh_at, \
-     (SELECT count(*) FROM attempt a WHERE a.credential = c.name AND a.finished_at_ms IS NULL) \
-     FROM credential c WHERE name = ?1";
+/// The columns [`state_from_row`] reads, in its order; a macro so the queries below can be
+/// `const` strings built from one list.
+macro_rules! state_columns {
+    () => {
+        "name, provider, access_token, refresh_token, token_type, scope, expires_in, created_at, \
+         expires_at, generation, status, last_error, last_refresh_at, \
+         (SELECT count(*) FROM attempt a WHERE a.credential = c.name AND a.finished_at_ms IS NULL)"
+    };
+}
 
-const STATE_COLUMNS: &str = "name, provider, access_token, refresh_token, token_type, scope, expires_in, created_at, \
-     expires_at, generation, status, last_error, last_refresh_at, \
-     (SELECT count(*) FROM attempt a WHERE a.credential = c.name AND a.finished_at_ms IS NULL)";
+/// One credential's state; prepared once per connection on the refresh path.
+const STATE_BY_NAME: &str = concat!("SELECT ", state_columns!(), " FROM credential c WHERE name = ?1");
+const STATE_ALL: &str = concat!("SELECT ", state_columns!(), " FROM credential c ORDER BY name");
 
 fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenState> {
     let status: String = row.get(10)?;
@@ -332,17 +336,11 @@ impl Store {
     }
 
     pub fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
-        self.conn
-            .query_row(&format!("SELECT {STATE_COLUMNS} FROM credential c WHERE name = ?1"), [name], state_from_row)
-            .optional()
-            .map_err(|e| self.err(e))
+        get_in(&self.conn, name).map_err(|e| self.err(e))
     }
 
     pub fn list(&self) -> Result<Vec<TokenState>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("SELECT {STATE_COLUMNS} FROM credential c ORDER BY name"))
-            .map_err(|e| self.err(e))?;
+        let mut stmt = self.conn.prepare(STATE_ALL).map_err(|e| self.err(e))?;
         let rows = stmt.query_map([], state_from_row).map_err(|e| self.err(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }

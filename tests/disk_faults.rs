@@ -49,6 +49,13 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The one-credential config with the database moved into `db/` (the tmpfs).
+fn config_with_database_in_db_dir(w: &World) {
+    w.write_config(ONE);
+    let text = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(w.config_path(), text.replace("database = \"tokend.db\"", "database = \"db/tokend.db\"")).unwrap();
+}
+
 const ONE: &str = "[[credential]]\nname = \"c\"\nprovider = \"oauth2\"\ntoken_url = \"{mock}/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\n";
 
 fn fill(dir: &Path) {
@@ -63,14 +70,7 @@ async fn disk_full_after_the_provider_rotated_rescues_the_token() {
     let w = World::new(MockSettings { delay: Duration::from_millis(1500), ..MockSettings::default() }).await;
     let Some(disk) = Tmpfs::mount(&w.path("db"), "1m", "disk_full") else { return };
     std::fs::create_dir(w.path("tmp")).unwrap();
-    w.write_config(ONE);
-    std::fs::write(
-        w.config_path(),
-        std::fs::read_to_string(w.config_path())
-            .unwrap()
-            .replace("database = \"tokend.db\"", "database = \"db/tokend.db\""),
-    )
-    .unwrap();
+    config_with_database_in_db_dir(&w);
     w.authorize_and_import("c").await;
     let tmp = w.path("tmp");
     let env = [("TMPDIR", tmp.to_str().unwrap())];
@@ -108,14 +108,7 @@ async fn disk_full_after_the_provider_rotated_rescues_the_token() {
 async fn daemon_keeps_the_token_when_its_disk_fills_and_commits_it_later() {
     let w = World::new(MockSettings { delay: Duration::from_millis(1500), ..MockSettings::default() }).await;
     let Some(disk) = Tmpfs::mount(&w.path("db"), "1m", "daemon_disk_full") else { return };
-    w.write_config(ONE);
-    std::fs::write(
-        w.config_path(),
-        std::fs::read_to_string(w.config_path())
-            .unwrap()
-            .replace("database = \"tokend.db\"", "database = \"db/tokend.db\""),
-    )
-    .unwrap();
+    config_with_database_in_db_dir(&w);
     w.authorize_and_import("c").await;
     let daemon = w.start_daemon_env(&[("TMPDIR", w.dir.path().to_str().unwrap())]).await;
     daemon.signal(Signal::SIGUSR1);
@@ -175,14 +168,7 @@ async fn read_only_sink_directory_degrades_but_never_loses_the_token() {
 async fn read_only_database_refuses_before_spending_anything() {
     let w = World::new(MockSettings::default()).await;
     let Some(disk) = Tmpfs::mount(&w.path("db"), "1m", "read_only_database") else { return };
-    w.write_config(ONE);
-    std::fs::write(
-        w.config_path(),
-        std::fs::read_to_string(w.config_path())
-            .unwrap()
-            .replace("database = \"tokend.db\"", "database = \"db/tokend.db\""),
-    )
-    .unwrap();
+    config_with_database_in_db_dir(&w);
     w.authorize_and_import("c").await;
     disk.remount("ro");
     let run = w.tokend(&["refresh", "c"], None).await;
