@@ -145,6 +145,16 @@ fn start_tokend(f: &Fixture) -> Running {
     Running { child, ready_after: started.elapsed() }
 }
 
+/// A failed assertion must not leave a daemon running on a deleted directory.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.try_wait().is_ok_and(|status| status.is_none()) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn stop(mut r: Running) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = r.child.wait().unwrap();

@@ -218,6 +218,36 @@ async fn altered_or_deleted_sinks_are_rewritten_and_symlinks_refused() {
     );
 }
 
+/// Found by the 10,000-credential catch-up: a sink repaired from the state in memory while that
+/// credential's refresh was in flight put the old token back over the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_never_goes_back_to_an_older_token_while_a_refresh_is_in_flight() {
+    let w = World::new(MockSettings { delay: Duration::from_millis(1500), ..MockSettings::default() }).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config(ONE);
+    w.authorize_and_import("a").await;
+    let daemon = w.start_daemon().await;
+    let sink = w.path("out/a.token");
+    let old = std::fs::read_to_string(&sink).unwrap();
+    daemon.signal(Signal::SIGUSR1);
+    assert!(wait_for(Duration::from_secs(5), || w.mock.requests().len() == 1).await, "refresh sent");
+    std::fs::remove_file(&sink).unwrap();
+    // The answer is 1.5 s away; until it is committed, the sink may be absent but never old again.
+    let mut seen = Vec::new();
+    let settled = wait_for(Duration::from_secs(10), || {
+        let now = std::fs::read_to_string(&sink).ok();
+        if seen.last() != Some(&now) {
+            seen.push(now.clone());
+        }
+        w.generation("a") == 2 && now.is_some_and(|t| t != old)
+    })
+    .await;
+    assert!(settled, "new token in the sink; contents seen: {}", seen.len());
+    assert!(!seen.contains(&Some(old.clone())), "the old token came back after the sink was deleted");
+    let state = w.store().get("a").unwrap().unwrap();
+    assert_eq!(std::fs::read_to_string(&sink).unwrap(), state.access_token.expose());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn touching_the_trigger_file_refreshes_now() {
     let w = World::new(MockSettings::default()).await;

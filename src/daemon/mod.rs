@@ -758,6 +758,9 @@ impl Daemon {
                 ));
             }
         }
+        if self.dirty_sinks.contains(&name) {
+            self.fs_due.get_or_insert(Instant::now() + FS_DEBOUNCE);
+        }
         self.plan(&name);
         if self.entries.get(&name).is_some_and(|e| e.retry_at.is_some_and(|r| r <= now)) {
             self.start_refresh(&name, inflight);
@@ -832,6 +835,12 @@ impl Daemon {
     /// removed if the token is expired.
     fn sync_sinks(&mut self, name: &str) {
         let Some(entry) = self.entries.get(name) else { return };
+        if entry.in_flight {
+            // The state in memory is about to be replaced and the refresh writes the sinks itself;
+            // writing now could put the old token back over the new one. `finished` looks again.
+            self.dirty_sinks.insert(name.to_string());
+            return;
+        }
         let Some(state) = &entry.state else { return };
         if state.expires_at.is_some_and(|t| t * 1000 <= now_ms()) {
             remove_sinks(&entry.credential, "token expired");
@@ -849,7 +858,12 @@ impl Daemon {
 
     fn fs_event(&mut self, path: PathBuf) {
         let soon = Instant::now() + FS_DEBOUNCE;
-        if path == self.config.path {
+        if path.as_os_str().is_empty() {
+            tracing::warn!("file events were lost (the kernel's queue overflowed); checking every sink");
+            let with_sinks = self.entries.iter().filter(|(_, e)| !e.credential.sinks.is_empty());
+            self.dirty_sinks.extend(with_sinks.map(|(name, _)| name.clone()));
+            self.fs_due.get_or_insert(soon);
+        } else if path == self.config.path {
             self.reload_due = Some(Instant::now() + CONFIG_DEBOUNCE);
         } else if path == self.store_changed_path {
             self.store_sync_due.get_or_insert(soon);

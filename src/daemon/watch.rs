@@ -1,6 +1,7 @@
 //! File-system events (inotify via `notify`) turned into paths on a channel. Directories are
 //! watched, not files: an atomic rename replaces the file, and a watch on the old inode would go
-//! silent after the first write (CRATES.md).
+//! silent after the first write (CRATES.md). An empty path means "events were lost; re-check
+//! everything".
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -15,6 +16,11 @@ pub fn watch_dirs(
         // Opening or reading a file is not a change. Reacting to it would loop: every check of
         // a sink reads it, and every reader of a sink would wake the daemon.
         Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => {}
+        // The kernel's event queue overflowed (thousands of sinks rewritten at once): which files
+        // changed is lost, so the daemon must look at all of them.
+        Ok(event) if event.need_rescan() => {
+            let _ = tx.send(PathBuf::new());
+        }
         Ok(event) => {
             for path in event.paths {
                 let _ = tx.send(path);
