@@ -110,6 +110,14 @@ fn fixture(mock: &MockProvider, n: usize, sinks: bool, lifetime: impl Fn(usize) 
     let rows: Vec<(&str, &str, &tokend::store::NewToken)> =
         names.iter().zip(&tokens).map(|(n, t)| (n.as_str(), "oauth2", t)).collect();
     Store::open(&dir.path().join("tokend.db")).unwrap().import_many(&rows, now_secs()).unwrap();
+    if sinks {
+        // As a previous run left them: each sink holds the token that is now due.
+        for (i, token) in tokens.iter().enumerate() {
+            let path = dir.path().join("sinks").join(format!("c{i}.token"));
+            std::fs::write(&path, token.access_token.expose()).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        }
+    }
     Fixture { dir }
 }
 
@@ -203,6 +211,11 @@ fn catch_up(rt: &tokio::runtime::Runtime, n: usize) -> CatchUp {
         assert!(Instant::now() < deadline, "catch-up of {n} did not finish in 600 s");
         std::thread::sleep(Duration::from_millis(10));
     }
+    eprintln!(
+        "catch-up {n}: READY after {:.2} s, every rotation committed {:.2} s later",
+        running.ready_after.as_secs_f64(),
+        ready.elapsed().as_secs_f64()
+    );
     while sinks_current(&f) < n {
         assert!(Instant::now() < deadline, "sinks of {n} not written in 600 s");
         std::thread::sleep(Duration::from_millis(10));

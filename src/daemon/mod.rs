@@ -172,6 +172,7 @@ pub fn notify_store_changed(database: &Path) {
 pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) -> Result<(), DaemonError> {
     let config_path = std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let config = config::load(&config_path)?;
+    raise_open_file_limit();
     let _lock = lock_database(&config.daemon.database)?;
     let store = Store::open(&config.daemon.database)?;
     let http = HttpClient::new(config.daemon.http).map_err(DaemonError::Io)?;
@@ -264,6 +265,19 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     daemon.publish();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `concurrency` requests in flight each hold a socket, and sink batches hold files: the soft
+/// limit of 1,024 is too low for `concurrency = 512`. The hard limit (systemd's default is 524,288)
+/// is what the operator allows.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(soft, hard, "cannot raise the open-file limit: {e}");
+    }
 }
 
 /// Start-up parses the whole configuration and reads the whole store; the allocator keeps that
@@ -438,8 +452,8 @@ impl Daemon {
         }
         self.config = config;
         let names: Vec<String> = self.entries.keys().cloned().collect();
+        self.sync_sinks_of(names.iter().cloned());
         for name in &names {
-            self.sync_sinks(name);
             self.plan(name);
             self.plan_cron(name);
         }
@@ -834,24 +848,43 @@ impl Daemon {
     /// Makes every sink of `name` match its stored token: rewritten if missing or altered,
     /// removed if the token is expired.
     fn sync_sinks(&mut self, name: &str) {
-        let Some(entry) = self.entries.get(name) else { return };
-        if entry.in_flight {
-            // The state in memory is about to be replaced and the refresh writes the sinks itself;
-            // writing now could put the old token back over the new one. `finished` looks again.
-            self.dirty_sinks.insert(name.to_string());
-            return;
+        self.sync_sinks_of([name.to_string()]);
+    }
+
+    /// [`Self::sync_sinks`] for many credentials, with the rewrites done as one batch.
+    fn sync_sinks_of(&mut self, names: impl IntoIterator<Item = String>) {
+        let now = now_ms();
+        let mut settled = Vec::new();
+        for name in names {
+            let Some(entry) = self.entries.get(&name) else { continue };
+            if entry.in_flight {
+                // The state in memory is about to be replaced and the refresh writes the sinks
+                // itself; writing now could put the old token back over the new one. `finished`
+                // looks again.
+                self.dirty_sinks.insert(name);
+                continue;
+            }
+            let Some(state) = &entry.state else { continue };
+            if state.expires_at.is_some_and(|t| t * 1000 <= now) {
+                remove_sinks(&entry.credential, "token expired");
+                continue;
+            }
+            settled.push(name);
         }
-        let Some(state) = &entry.state else { return };
-        if state.expires_at.is_some_and(|t| t * 1000 <= now_ms()) {
-            remove_sinks(&entry.credential, "token expired");
-            return;
-        }
-        for s in &entry.credential.sinks {
-            if !sink::is_current(s, state) {
-                match sink::write(s, state) {
-                    Ok(()) => tracing::info!(credential = name, sink = %s.path.display(), "sink written"),
-                    Err(e) => tracing::error!(credential = name, "{e}"),
-                }
+        let stale: Vec<(&str, &config::SinkConfig, &TokenState)> = settled
+            .iter()
+            .filter_map(|name| self.entries.get(name))
+            .filter_map(|entry| Some((entry, entry.state.as_ref()?)))
+            .flat_map(|(entry, state)| {
+                entry.credential.sinks.iter().map(move |s| (entry.credential.name.as_str(), s, state))
+            })
+            .filter(|(_, s, state)| !sink::is_current(s, state))
+            .collect();
+        let items: Vec<(&config::SinkConfig, &TokenState)> = stale.iter().map(|(_, s, state)| (*s, *state)).collect();
+        for ((name, s, _), result) in stale.iter().zip(sink::write_many(&items)) {
+            match result {
+                Ok(()) => tracing::info!(credential = name, sink = %s.path.display(), "sink written"),
+                Err(e) => tracing::error!(credential = name, "{e}"),
             }
         }
     }
@@ -894,9 +927,8 @@ impl Daemon {
         }
         if self.fs_due.is_some_and(|t| t <= now) {
             self.fs_due = None;
-            for name in std::mem::take(&mut self.dirty_sinks) {
-                self.sync_sinks(&name);
-            }
+            let dirty = std::mem::take(&mut self.dirty_sinks);
+            self.sync_sinks_of(dirty);
             for name in std::mem::take(&mut self.triggered) {
                 self.trigger(&name, inflight);
             }
