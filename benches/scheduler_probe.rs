@@ -89,7 +89,7 @@ async fn deadline_queue(n: usize) {
         timer.sleep_until(next).await.unwrap();
         let now = now_ms();
         for (name, _) in queue.pop_due(now) {
-            lateness.push((now - due_of[name.as_str()]) as f64);
+            lateness.push((now - due_of[&*name]) as f64);
         }
     }
     queue.schedule("idle", Job::Refresh, now_ms() + 3_600_000);

@@ -325,17 +325,8 @@ struct Row {
 
 /// When `state` is next due under `cred`'s policy, in unix ms; `None` when it is never refreshed.
 pub fn next_refresh_ms(cred: Option<&Credential>, state: &TokenState) -> Option<i64> {
-    if state.status.is_dead() {
-        return None;
-    }
-    let expires_at = state.expires_at?;
     let policy = cred.map_or(schedule::RefreshAt::Default, |c| c.refresh_at);
-    Some(schedule::due_at_ms(
-        state.created_at,
-        expires_at,
-        policy,
-        schedule::jitter_unit(&state.name, state.generation),
-    ))
+    schedule::next_refresh_ms(&state.name, policy, &state.lifetime())
 }
 
 fn display_status(state: &TokenState, now: i64) -> &'static str {

@@ -86,6 +86,16 @@ pub fn jitter_unit(name: &str, generation: i64) -> f64 {
     f64::from(n) / f64::from(u32::MAX) * 2.0 - 1.0
 }
 
+/// When the daemon refreshes the stored token of credential `name`: `None` for a dead credential
+/// or a token that never expires. `tokend list` shows the same time.
+pub fn next_refresh_ms(name: &str, policy: RefreshAt, lifetime: &crate::store::Lifetime) -> Option<i64> {
+    if lifetime.status.is_dead() {
+        return None;
+    }
+    let expires_at = lifetime.expires_at?;
+    Some(due_at_ms(lifetime.created_at, expires_at, policy, jitter_unit(name, lifetime.generation)))
+}
+
 /// When a token issued at `created_at` (s) and expiring at `expires_at` (s) should be refreshed,
 /// in unix milliseconds. `jitter` is in [-1, 1] (see [`jitter_unit`]).
 pub fn due_at_ms(created_at: i64, expires_at: i64, policy: RefreshAt, jitter: f64) -> i64 {

@@ -266,10 +266,17 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+const TEMP_MARK: &str = ".tokend-";
+
 /// A fresh name next to `path` (same directory, so the rename is atomic), hidden from globs.
 fn temp_path(path: &Path) -> Result<PathBuf, SinkError> {
     let file_name = path.file_name().ok_or_else(|| sink_error(path, "does not name a file"))?;
-    Ok(parent_dir(path).join(format!(".{}.tokend-{:08x}", file_name.to_string_lossy(), rand::random::<u32>())))
+    Ok(parent_dir(path).join(format!(".{}{TEMP_MARK}{:08x}", file_name.to_string_lossy(), rand::random::<u32>())))
+}
+
+/// Whether `path` is one of our temp files, whose comings and goings a watcher can ignore.
+pub fn is_temp_file(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.') && n.to_string_lossy().contains(TEMP_MARK))
 }
 
 fn check_target(path: &Path) -> Result<(), SinkError> {

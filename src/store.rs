@@ -139,6 +139,32 @@ pub struct TokenState {
     pub attempts_in_flight: i64,
 }
 
+/// What decides when a stored token is due, and what the daemon reports about it: all it keeps
+/// in memory per credential. The tokens stay in the store and are read when a sink or a hook
+/// needs them, so 100,000 credentials do not hold 100,000 pairs of tokens in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    pub generation: i64,
+    pub created_at: i64,
+    pub expires_in: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub status: Status,
+    pub last_refresh_at: Option<i64>,
+}
+
+impl TokenState {
+    pub fn lifetime(&self) -> Lifetime {
+        Lifetime {
+            generation: self.generation,
+            created_at: self.created_at,
+            expires_in: self.expires_in,
+            expires_at: self.expires_at,
+            status: self.status,
+            last_refresh_at: self.last_refresh_at,
+        }
+    }
+}
+
 /// A token to store, from a refresh or an import.
 #[derive(Debug, Clone)]
 pub struct NewToken {
@@ -218,6 +244,17 @@ macro_rules! state_columns {
 const STATE_BY_NAME: &str = concat!("SELECT ", state_columns!(), " FROM credential c WHERE name = ?1");
 const STATE_ALL: &str = concat!("SELECT ", state_columns!(), " FROM credential c ORDER BY name");
 
+const LIFETIMES_ALL: &str =
+    "SELECT name, expires_in, created_at, expires_at, generation, status, last_refresh_at FROM credential";
+
+fn status_from_text(text: &str) -> Status {
+    match text {
+        "needs_reauth" => Status::NeedsReauth,
+        "revoked" => Status::Revoked,
+        _ => Status::Active,
+    }
+}
+
 fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenState> {
     let status: String = row.get(10)?;
     Ok(TokenState {
@@ -231,11 +268,7 @@ fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenState> {
         created_at: row.get(7)?,
         expires_at: row.get(8)?,
         generation: row.get(9)?,
-        status: match status.as_str() {
-            "needs_reauth" => Status::NeedsReauth,
-            "revoked" => Status::Revoked,
-            _ => Status::Active,
-        },
+        status: status_from_text(&status),
         last_error: row.get(11)?,
         last_refresh_at: row.get(12)?,
         attempts_in_flight: row.get(13)?,
@@ -337,6 +370,28 @@ impl Store {
 
     pub fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
         get_in(&self.conn, name).map_err(|e| self.err(e))
+    }
+
+    /// Every credential's [`Lifetime`], by name, without reading the tokens.
+    pub fn list_lifetimes(&self) -> Result<Vec<(String, Lifetime)>, StoreError> {
+        let mut stmt = self.conn.prepare(LIFETIMES_ALL).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |row| {
+                let status: String = row.get(5)?;
+                Ok((
+                    row.get(0)?,
+                    Lifetime {
+                        expires_in: row.get(1)?,
+                        created_at: row.get(2)?,
+                        expires_at: row.get(3)?,
+                        generation: row.get(4)?,
+                        status: status_from_text(&status),
+                        last_refresh_at: row.get(6)?,
+                    },
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
     pub fn list(&self) -> Result<Vec<TokenState>, StoreError> {

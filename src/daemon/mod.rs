@@ -28,7 +28,7 @@ use crate::provider::{Failure, GrantKind, HttpClient, ProviderKind};
 use crate::refresh::{self, Outcome, RefreshError};
 use crate::schedule;
 use crate::sink;
-use crate::store::{Status, Store, StoreError, TokenState};
+use crate::store::{Lifetime, Status, Store, StoreError, TokenState};
 use crate::timer::WallTimer;
 use queue::{DeadlineQueue, Job};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -105,7 +105,8 @@ impl Summary {
 
 struct Entry {
     credential: Arc<Credential>,
-    state: Option<TokenState>,
+    /// `None` while no token is stored.
+    lifetime: Option<Lifetime>,
     failures: u32,
     retry_at: Option<i64>,
     in_flight: bool,
@@ -339,11 +340,7 @@ impl Daemon {
     fn summary(&self) -> Summary {
         Summary {
             credentials: self.entries.len(),
-            needs_reauth: self
-                .entries
-                .values()
-                .filter(|e| e.state.as_ref().is_some_and(|s| s.status.is_dead()))
-                .count(),
+            needs_reauth: self.entries.values().filter(|e| e.lifetime.is_some_and(|l| l.status.is_dead())).count(),
             failing: self.entries.values().filter(|e| e.failures > 0).count(),
             next_refresh_ms: self.entries.keys().filter_map(|n| self.queue.get(n, Job::Refresh)).min(),
         }
@@ -374,9 +371,9 @@ impl Daemon {
             .map(|(name, e)| {
                 let m = CredentialMetrics {
                     provider: e.credential.provider().to_string(),
-                    expires_at: e.state.as_ref().and_then(|s| s.expires_at),
-                    needs_reauth: e.state.as_ref().is_some_and(|s| s.status.is_dead()),
-                    last_refresh_at: e.state.as_ref().and_then(|s| s.last_refresh_at),
+                    expires_at: e.lifetime.and_then(|l| l.expires_at),
+                    needs_reauth: e.lifetime.is_some_and(|l| l.status.is_dead()),
+                    last_refresh_at: e.lifetime.and_then(|l| l.last_refresh_at),
                     refreshes: e.results.clone(),
                 };
                 (name.clone(), m)
@@ -409,8 +406,7 @@ impl Daemon {
     /// Installs `config`: entries added, changed or dropped; sinks synced; everything re-planned;
     /// watches and concurrency limits rebuilt.
     fn apply_config(&mut self, config: Config) -> Result<(), DaemonError> {
-        let states: HashMap<String, TokenState> =
-            self.store().list()?.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let lifetimes: HashMap<String, Lifetime> = self.store().list_lifetimes()?.into_iter().collect();
         let wanted: HashSet<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
         let dropped: Vec<String> = self.entries.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
         for name in dropped {
@@ -437,7 +433,7 @@ impl Daemon {
                         name.clone(),
                         Entry {
                             credential,
-                            state: states.get(&name).cloned(),
+                            lifetime: lifetimes.get(&name).copied(),
                             failures: 0,
                             retry_at: None,
                             in_flight: false,
@@ -526,18 +522,18 @@ impl Daemon {
             return; // `finished` plans again.
         }
         let now = now_ms();
-        match &entry.state {
+        match &entry.lifetime {
             None if matches!(entry.credential.endpoint.grant, GrantKind::ApiKey(_)) => {
                 self.queue.schedule(name, Job::Refresh, entry.retry_at.unwrap_or(now));
             }
             None => {}
-            Some(state) => {
-                if state.status == Status::Active
-                    && let Some(due) = crate::cli::next_refresh_ms(Some(&entry.credential), state)
+            Some(lifetime) => {
+                if lifetime.status == Status::Active
+                    && let Some(due) = schedule::next_refresh_ms(name, entry.credential.refresh_at, lifetime)
                 {
                     self.queue.schedule(name, Job::Refresh, entry.retry_at.unwrap_or(due));
                 }
-                if let Some(expiry) = state.expires_at.map(|t| t * 1000).filter(|t| *t > now) {
+                if let Some(expiry) = lifetime.expires_at.map(|t| t * 1000).filter(|t| *t > now) {
                     self.queue.schedule(name, Job::Expire, expiry);
                 }
             }
@@ -622,7 +618,7 @@ impl Daemon {
         let store = self.committer.clone();
         let http = self.http.clone();
         let credential = entry.credential.clone();
-        let expected = entry.state.as_ref().map(|s| s.generation);
+        let expected = entry.lifetime.map(|l| l.generation);
         let handle = inflight.spawn(async move {
             let result = refresh::refresh(&store, &http, &credential, expected, Duration::ZERO).await;
             (credential.name.clone(), result)
@@ -689,9 +685,12 @@ impl Daemon {
             *entry.results.entry(category).or_default() += 1;
         }
         let credential = entry.credential.clone();
-        let lifetime = |state: Option<&TokenState>| {
-            Duration::from_secs(state.and_then(|s| s.expires_in).unwrap_or(3600).unsigned_abs())
+        let token_life = |held: Option<Lifetime>| {
+            Duration::from_secs(held.and_then(|l| l.expires_in).unwrap_or(3600).unsigned_abs())
         };
+        if let Some(fresh) = &fresh_state {
+            entry.lifetime = Some(fresh.lifetime());
+        }
         match result {
             Ok(Outcome::Refreshed { state, rate_limited_for }) => {
                 entry.failures = 0;
@@ -702,20 +701,19 @@ impl Daemon {
                     self.provider_paused_until.insert(credential.provider(), until);
                 }
                 hooks::spawn(&credential, Event::Refreshed, Some(&state), None);
-                entry.state = Some(state);
+                entry.lifetime = Some(state.lifetime());
             }
             Ok(Outcome::AlreadyRefreshed(state)) => {
                 tracing::info!(credential = %name, generation = state.generation, "refreshed by another process meanwhile");
                 entry.failures = 0;
                 entry.retry_at = None;
                 refresh::write_sinks(&credential, &state);
-                entry.state = Some(state);
+                entry.lifetime = Some(state.lifetime());
             }
             Ok(Outcome::Failed { failure, needs_reauth }) => {
-                entry.state = fresh_state.or(entry.state.take());
                 if needs_reauth {
                     entry.retry_at = None;
-                    hooks::spawn(&credential, Event::NeedsReauth, entry.state.as_ref(), Some(failure.reason()));
+                    hooks::spawn(&credential, Event::NeedsReauth, fresh_state.as_ref(), Some(failure.reason()));
                 } else {
                     entry.failures += 1;
                     let provider_wait = match &failure {
@@ -726,24 +724,24 @@ impl Daemon {
                         let until = now + i64::try_from(wait.as_millis()).unwrap_or(0);
                         self.provider_paused_until.insert(credential.provider(), until);
                     }
-                    let expires_at_ms = entry.state.as_ref().and_then(|s| s.expires_at).map(|t| t * 1000);
+                    let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
                     let at = schedule::retry_at_ms(
                         now,
                         entry.failures,
-                        lifetime(entry.state.as_ref()),
+                        token_life(entry.lifetime),
                         expires_at_ms,
                         provider_wait,
                         rand::random::<f64>(),
                     );
                     tracing::info!(credential = %name, failures = entry.failures, retry_in_ms = at - now, "will retry");
                     entry.retry_at = Some(at);
-                    hooks::spawn(&credential, Event::Failed, entry.state.as_ref(), Some(failure.reason()));
+                    hooks::spawn(&credential, Event::Failed, fresh_state.as_ref(), Some(failure.reason()));
                 }
             }
             Ok(Outcome::Skipped { reason, state }) => {
                 tracing::info!(credential = %name, "not refreshed: {}", reason.text());
                 entry.retry_at = None;
-                entry.state = state;
+                entry.lifetime = state.as_ref().map(TokenState::lifetime);
             }
             Err(RefreshError::Busy { .. }) => {
                 entry.retry_at = Some(now + LEASE_BUSY_RETRY_MS);
@@ -760,12 +758,11 @@ impl Daemon {
             Err(e) => {
                 tracing::error!(credential = %name, "{e}");
                 entry.failures += 1;
-                entry.state = fresh_state.or(entry.state.take());
-                let expires_at_ms = entry.state.as_ref().and_then(|s| s.expires_at).map(|t| t * 1000);
+                let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
                 entry.retry_at = Some(schedule::retry_at_ms(
                     now,
                     entry.failures,
-                    lifetime(entry.state.as_ref()),
+                    token_life(entry.lifetime),
                     expires_at_ms,
                     None,
                     rand::random::<f64>(),
@@ -805,7 +802,7 @@ impl Daemon {
                     tracing::info!(credential = name, rescue = %rescue, "rescue file removed");
                 }
                 refresh::write_sinks(&entry.credential, &state);
-                entry.state = Some(state);
+                entry.lifetime = Some(state.lifetime());
                 entry.failures = 0;
                 entry.retry_at = None;
             }
@@ -832,16 +829,13 @@ impl Daemon {
     /// the sinks are removed.
     fn expire(&mut self, name: &str) {
         let Some(entry) = self.entries.get(name) else { return };
-        let Some(state) = &entry.state else { return };
-        if state.expires_at.is_some_and(|t| t * 1000 <= now_ms()) {
-            tracing::error!(credential = name, expired_at = %state.expires_at.map(rfc3339).unwrap_or_default(), "access token expired without a successful refresh; its sink files are removed");
+        let Some(expires_at) = entry.lifetime.and_then(|l| l.expires_at) else { return };
+        if expires_at * 1000 <= now_ms() {
+            tracing::error!(credential = name, expired_at = %rfc3339(expires_at), "access token expired without a successful refresh; its sink files are removed");
             remove_sinks(&entry.credential, "token expired");
-            hooks::spawn(
-                &entry.credential,
-                Event::Expired,
-                Some(state),
-                entry.state.as_ref().and_then(|s| s.last_error.as_deref()),
-            );
+            let stored = self.store().get(name).ok().flatten();
+            let last_error = stored.as_ref().and_then(|s| s.last_error.as_deref());
+            hooks::spawn(&entry.credential, Event::Expired, stored.as_ref(), last_error);
         }
     }
 
@@ -856,7 +850,7 @@ impl Daemon {
         let now = now_ms();
         let mut settled = Vec::new();
         for name in names {
-            let Some(entry) = self.entries.get(&name) else { continue };
+            let Some(entry) = self.entries.get(&name).filter(|e| !e.credential.sinks.is_empty()) else { continue };
             if entry.in_flight {
                 // The state in memory is about to be replaced and the refresh writes the sinks
                 // itself; writing now could put the old token back over the new one. `finished`
@@ -864,17 +858,17 @@ impl Daemon {
                 self.dirty_sinks.insert(name);
                 continue;
             }
-            let Some(state) = &entry.state else { continue };
-            if state.expires_at.is_some_and(|t| t * 1000 <= now) {
+            let Some(lifetime) = entry.lifetime else { continue };
+            if lifetime.expires_at.is_some_and(|t| t * 1000 <= now) {
                 remove_sinks(&entry.credential, "token expired");
                 continue;
             }
             settled.push(name);
         }
-        let stale: Vec<(&str, &config::SinkConfig, &TokenState)> = settled
+        let states = self.stored_states(settled);
+        let stale: Vec<(&str, &config::SinkConfig, &TokenState)> = states
             .iter()
-            .filter_map(|name| self.entries.get(name))
-            .filter_map(|entry| Some((entry, entry.state.as_ref()?)))
+            .filter_map(|state| Some((self.entries.get(&state.name)?, state)))
             .flat_map(|(entry, state)| {
                 entry.credential.sinks.iter().map(move |s| (entry.credential.name.as_str(), s, state))
             })
@@ -887,6 +881,22 @@ impl Daemon {
                 Err(e) => tracing::error!(credential = name, "{e}"),
             }
         }
+    }
+
+    /// The stored states of `names` (tokens included), read in one pass when there are many.
+    fn stored_states(&self, names: Vec<String>) -> Vec<TokenState> {
+        const ONE_BY_ONE_UP_TO: usize = 256;
+        let store = self.store();
+        let read = if names.len() > ONE_BY_ONE_UP_TO {
+            let wanted: HashSet<String> = names.into_iter().collect();
+            store.list().map(|all| all.into_iter().filter(|s| wanted.contains(&s.name)).collect())
+        } else {
+            names.iter().filter_map(|name| store.get(name).transpose()).collect::<Result<Vec<_>, _>>()
+        };
+        read.unwrap_or_else(|e| {
+            tracing::error!("cannot read tokens from the store to check their sinks: {e}");
+            Vec::new()
+        })
     }
 
     fn fs_event(&mut self, path: PathBuf) {
@@ -954,23 +964,22 @@ impl Daemon {
 
     /// `tokend import` / `remove` / `refresh` changed the store: pick up their state.
     fn sync_from_store(&mut self) {
-        let states = match self.store().list() {
-            Ok(s) => s,
+        let lifetimes = match self.store().list_lifetimes() {
+            Ok(l) => l,
             Err(e) => {
                 tracing::error!("cannot re-read the store: {e}");
                 return;
             }
         };
-        let mut by_name: HashMap<String, TokenState> = states.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let mut by_name: HashMap<String, Lifetime> = lifetimes.into_iter().collect();
         let names: Vec<String> = self.entries.keys().cloned().collect();
         for name in names {
             let Some(entry) = self.entries.get_mut(&name) else { continue };
             let new = by_name.remove(&name);
-            let changed = new.as_ref().map(|s| (s.generation, s.status))
-                != entry.state.as_ref().map(|s| (s.generation, s.status));
+            let changed = new.map(|l| (l.generation, l.status)) != entry.lifetime.map(|l| (l.generation, l.status));
             if changed && !entry.in_flight {
-                tracing::info!(credential = %name, generation = new.as_ref().map(|s| s.generation), "store changed by another process; picked up");
-                entry.state = new;
+                tracing::info!(credential = %name, generation = new.map(|l| l.generation), "store changed by another process; picked up");
+                entry.lifetime = new;
                 entry.failures = 0;
                 entry.retry_at = None;
                 self.sync_sinks(&name);

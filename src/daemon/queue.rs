@@ -3,6 +3,7 @@
 //! no more per event than ten.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// What happens at a deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -17,24 +18,31 @@ pub enum Job {
     Maintenance,
 }
 
+const JOBS: usize = 4;
+
 #[derive(Default)]
 pub struct DeadlineQueue {
-    by_time: BTreeSet<(i64, String, Job)>,
-    by_key: HashMap<(String, Job), i64>,
+    by_time: BTreeSet<(i64, Arc<str>, Job)>,
+    /// Each name's deadlines, indexed by `Job`. The name is allocated once here and shared by
+    /// its entries in `by_time`: at 100,000 credentials the keys are most of the queue's memory.
+    by_name: HashMap<Arc<str>, [Option<i64>; JOBS]>,
 }
 
 impl DeadlineQueue {
     /// Sets (or moves) `job` of `name` to `at_ms`.
     pub fn schedule(&mut self, name: &str, job: Job, at_ms: i64) {
         self.cancel(name, job);
-        self.by_time.insert((at_ms, name.to_string(), job));
-        self.by_key.insert((name.to_string(), job), at_ms);
+        let key = self.by_name.get_key_value(name).map_or_else(|| Arc::from(name), |(key, _)| key.clone());
+        self.by_time.insert((at_ms, key.clone(), job));
+        self.by_name.entry(key).or_default()[job as usize] = Some(at_ms);
     }
 
     pub fn cancel(&mut self, name: &str, job: Job) {
-        if let Some(at) = self.by_key.remove(&(name.to_string(), job)) {
-            self.by_time.remove(&(at, name.to_string(), job));
-        }
+        let Some((key, slots)) = self.by_name.get_key_value(name) else { return };
+        let Some(at) = slots[job as usize] else { return };
+        let key = key.clone();
+        self.by_time.remove(&(at, key.clone(), job));
+        self.clear_slot(&key, job);
     }
 
     pub fn cancel_all(&mut self, name: &str) {
@@ -44,7 +52,7 @@ impl DeadlineQueue {
     }
 
     pub fn get(&self, name: &str, job: Job) -> Option<i64> {
-        self.by_key.get(&(name.to_string(), job)).copied()
+        self.by_name.get(name).and_then(|slots| slots[job as usize])
     }
 
     /// The earliest deadline.
@@ -53,17 +61,26 @@ impl DeadlineQueue {
     }
 
     /// Removes and returns every job due at or before `now_ms`, earliest first.
-    pub fn pop_due(&mut self, now_ms: i64) -> Vec<(String, Job)> {
+    pub fn pop_due(&mut self, now_ms: i64) -> Vec<(Arc<str>, Job)> {
         let mut due = Vec::new();
         while let Some((at, _, _)) = self.by_time.first() {
             if *at > now_ms {
                 break;
             }
             let (_, name, job) = self.by_time.pop_first().expect("checked non-empty");
-            self.by_key.remove(&(name.clone(), job));
+            self.clear_slot(&name, job);
             due.push((name, job));
         }
         due
+    }
+
+    fn clear_slot(&mut self, name: &str, job: Job) {
+        if let Some(slots) = self.by_name.get_mut(name) {
+            slots[job as usize] = None;
+            if slots.iter().all(Option::is_none) {
+                self.by_name.remove(name);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -88,9 +105,11 @@ mod tests {
         q.schedule("a", Job::Refresh, 10); // moved earlier
         assert_eq!(q.len(), 3);
         assert_eq!(q.next_at(), Some(10));
-        assert_eq!(q.pop_due(20), vec![("a".to_string(), Job::Refresh), ("b".to_string(), Job::Refresh)]);
+        assert_eq!(q.pop_due(20), vec![(Arc::from("a"), Job::Refresh), (Arc::from("b"), Job::Refresh)]);
+        assert_eq!(q.get("a", Job::Expire), Some(40));
         q.cancel("a", Job::Expire);
         assert!(q.is_empty());
+        assert!(q.by_name.is_empty(), "names of finished credentials are not kept");
         assert_eq!(q.pop_due(i64::MAX), vec![]);
     }
 }

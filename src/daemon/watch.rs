@@ -22,7 +22,8 @@ pub fn watch_dirs(
             let _ = tx.send(PathBuf::new());
         }
         Ok(event) => {
-            for path in event.paths {
+            // Our own temp files: five events per written sink that can never concern a reader.
+            for path in event.paths.into_iter().filter(|p| !crate::sink::is_temp_file(p)) {
                 let _ = tx.send(path);
             }
         }
