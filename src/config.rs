@@ -309,7 +309,94 @@ pub fn parse_with(path: &Path, text: &str, env: &dyn Environment) -> Result<Conf
 }
 
 fn parse_with_secrets(path: &Path, text: &str, env: &dyn Environment, secrets: Secrets) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+    let raw = match parse_in_parallel(text) {
+        Some(raw) => raw,
+        None => parse_whole(path, text)?,
+    };
+    Validator {
+        file: path.to_path_buf(),
+        base_dir: base_dir(path),
+        env,
+        secrets,
+        problems: Vec::new(),
+        endpoints: HashSet::new(),
+        secure_urls: HashMap::new(),
+        plain_urls: HashMap::new(),
+    }
+    .config(raw)
+}
+
+/// Credentials per piece when a large file is parsed in pieces.
+const CREDENTIALS_PER_PIECE: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredentialsOnly {
+    credential: Vec<RawCredential>,
+}
+
+/// A configuration with 100,000 credentials is 15 MB of TOML, and parsing it was most of
+/// start-up: it is cut before `[[credential]]` headers into pieces parsed on every core. Only a
+/// file where that cut cannot change the meaning is cut (no multi-line strings, no other way of
+/// writing `credential`, nothing but credentials after the first piece), and any problem in any
+/// piece returns `None`: the whole file is then parsed in one go, so errors and their line
+/// numbers are exactly those of a plain parse.
+fn parse_in_parallel(text: &str) -> Option<RawConfig> {
+    const HEADER: &str = "[[credential]]";
+    if text.len() < 1 << 20 || text.contains("\"\"\"") || text.contains("'''") {
+        return None;
+    }
+    let mut cuts = vec![0];
+    let mut credentials = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("credential")
+            || trimmed.starts_with("\"credential")
+            || trimmed.starts_with("'credential")
+        {
+            return None;
+        }
+        if line.starts_with(HEADER) && line[HEADER.len()..].trim_start().chars().next().is_none_or(|c| c == '#') {
+            if credentials > 0 && credentials % CREDENTIALS_PER_PIECE == 0 {
+                cuts.push(offset);
+            }
+            credentials += 1;
+        }
+        offset += line.len();
+    }
+    cuts.push(text.len());
+    let pieces: Vec<&str> = cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+    let workers = std::thread::available_parallelism().map_or(1, usize::from).min(pieces.len());
+    let per_worker = pieces.len().div_ceil(workers);
+    let (first, rest) = pieces.split_first()?;
+    let (head, tails) = std::thread::scope(|scope| {
+        let tails: Vec<_> = rest
+            .chunks(per_worker)
+            .map(|group| {
+                std::thread::Builder::new().spawn_scoped(scope, move || {
+                    let mut credentials = Vec::new();
+                    for piece in group {
+                        credentials.extend(toml::from_str::<RawCredentialsOnly>(piece).ok()?.credential);
+                    }
+                    Some(credentials)
+                })
+            })
+            .collect();
+        let head = toml::from_str::<RawConfig>(first).ok();
+        let tails: Vec<Option<Vec<RawCredential>>> =
+            tails.into_iter().map(|t| t.ok().and_then(|t| t.join().ok().flatten())).collect();
+        (head, tails)
+    });
+    let mut raw = head?;
+    for credentials in tails {
+        raw.credential.extend(credentials?);
+    }
+    Some(raw)
+}
+
+fn parse_whole(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
         let place = match e.span() {
             Some(span) => {
                 let before = &text[..span.start.min(text.len())];
@@ -325,16 +412,7 @@ fn parse_with_secrets(path: &Path, text: &str, env: &dyn Environment, secrets: S
             field: None,
             message: e.message().trim().replace('\n', " "),
         }])
-    })?;
-    Validator {
-        file: path.to_path_buf(),
-        base_dir: base_dir(path),
-        env,
-        secrets,
-        problems: Vec::new(),
-        endpoints: HashMap::new(),
-    }
-    .config(raw)
+    })
 }
 
 /// The directory relative paths are resolved against, made absolute so that paths in the config
@@ -354,7 +432,11 @@ struct Validator<'a> {
     secrets: Secrets,
     problems: Vec<ConfigProblem>,
     /// Identical endpoints, interned.
-    endpoints: HashMap<String, std::sync::Arc<Endpoint>>,
+    endpoints: HashSet<std::sync::Arc<Endpoint>>,
+    /// URLs already parsed and found acceptable, by their text: token URLs (held to the
+    /// stricter check) and the others.
+    secure_urls: HashMap<String, Url>,
+    plain_urls: HashMap<String, Url>,
 }
 
 impl Validator<'_> {
@@ -658,32 +740,20 @@ impl Validator<'_> {
         })
     }
 
+    /// Identical endpoints (secrets included) are held once.
     fn intern(&mut self, endpoint: Endpoint) -> std::sync::Arc<Endpoint> {
-        // Every field that makes two endpoints differ, secrets included (the key never leaves
-        // this map).
-        let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_string());
-        let api_key = match &endpoint.grant {
-            GrantKind::ApiKey(k) => Some(k.expose().to_string()),
-            GrantKind::RefreshToken => None,
-        };
-        let key = format!(
-            "{:?}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{}\u{0}{}\u{0}{:?}",
-            endpoint.kind,
-            endpoint.token_url,
-            endpoint.client_id,
-            secret(&endpoint.client_secret),
-            endpoint.auth,
-            endpoint.scope,
-            api_key,
-            endpoint.authorization.authorize_url.as_ref().map(Url::as_str),
-            endpoint.authorization.redirect_uri,
-            endpoint.authorization.pkce,
-            endpoint.revocation_url.as_ref().map(Url::as_str),
-        );
-        self.endpoints.entry(key).or_insert_with(|| std::sync::Arc::new(endpoint)).clone()
+        if let Some(known) = self.endpoints.get(&endpoint) {
+            return known.clone();
+        }
+        let shared = std::sync::Arc::new(endpoint);
+        self.endpoints.insert(shared.clone());
+        shared
     }
 
     fn token_url(&mut self, place: &str, kind: ProviderKind, raw: &RawCredential) -> Option<Url> {
+        if let Some(known) = raw.token_url.as_deref().and_then(|text| self.secure_urls.get(text)) {
+            return Some(known.clone());
+        }
         let parsed = match (&raw.token_url, kind) {
             (Some(u), _) => Url::parse(u).map_err(|e| ("token_url", format!("\"{u}\" is not a URL ({e})"))),
             (None, ProviderKind::NationBuilder) => match &raw.slug {
@@ -707,7 +777,12 @@ impl Validator<'_> {
         let field = if raw.token_url.is_some() { "token_url" } else { "base_url" };
         match parsed {
             Ok(url) => match provider::check_token_url(&url) {
-                Ok(()) => Some(url),
+                Ok(()) => {
+                    if let Some(text) = &raw.token_url {
+                        self.secure_urls.insert(text.clone(), url.clone());
+                    }
+                    Some(url)
+                }
                 Err(e) => {
                     self.report(place, Some(if kind == ProviderKind::Nudge { field } else { "token_url" }), e);
                     None
@@ -721,6 +796,11 @@ impl Validator<'_> {
     }
 
     fn url_field(&mut self, place: &str, field: &str, text: &str, must_be_secure: bool) -> Option<Url> {
+        // Thousands of credentials usually name the same few URLs; each is parsed and checked once.
+        let known = if must_be_secure { &self.secure_urls } else { &self.plain_urls };
+        if let Some(url) = known.get(text) {
+            return Some(url.clone());
+        }
         let url = match Url::parse(text) {
             Ok(u) => u,
             Err(e) => {
@@ -736,7 +816,11 @@ impl Validator<'_> {
             Err(format!("{url} must be an http or https URL"))
         };
         match check {
-            Ok(()) => Some(url),
+            Ok(()) => {
+                let known = if must_be_secure { &mut self.secure_urls } else { &mut self.plain_urls };
+                known.insert(text.to_string(), url.clone());
+                Some(url)
+            }
             Err(e) => {
                 self.report(place, Some(field), e);
                 None
@@ -966,6 +1050,53 @@ mod tests {
     fn parse(text: &str) -> Result<Config, ConfigError> {
         let env: BTreeMap<String, String> = [("NB_SECRET".to_string(), "from-env".to_string())].into();
         parse_with(Path::new("/etc/tokend/tokend.toml"), text, &env)
+    }
+
+    fn large_config(count: usize) -> String {
+        let mut text = String::from("[daemon]\nconcurrency = 16\n\n[provider.oauth2]\nconcurrency = 4\n\n");
+        for i in 0..count {
+            text.push_str(&format!(
+                "[[credential]]\nname = \"c{i}\"\nprovider = \"oauth2\"\ntoken_url = \"https://auth.example.com/token\"\n\
+                 client_id = \"agency\"\nclient_secret = \"s\"\n[[credential.sink]]\npath = \"out/c{i}.token\"\n\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn a_large_file_parsed_in_pieces_means_what_it_means_whole() {
+        let text = large_config(12_345);
+        assert!(text.len() > 1 << 20, "large enough to be parsed in pieces");
+        let pieces = parse_in_parallel(&text).expect("cut into pieces");
+        let whole = parse_whole(Path::new("t.toml"), &text).ok().unwrap();
+        let names = |raw: &RawConfig| raw.credential.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&pieces), names(&whole));
+        assert_eq!(pieces.daemon.concurrency, Some(16));
+        assert_eq!(pieces.provider.len(), 1);
+        let config = parse(&text).unwrap();
+        assert_eq!(config.credentials.len(), 12_345);
+        assert_eq!(config.credentials[12_344].sinks[0].path, Path::new("/etc/tokend/out/c12344.token"));
+        assert!(
+            std::sync::Arc::ptr_eq(&config.credentials[0].endpoint, &config.credentials[12_344].endpoint),
+            "one endpoint held once"
+        );
+    }
+
+    #[test]
+    fn a_large_file_with_a_mistake_reports_it_as_a_whole_parse_does() {
+        let good = large_config(9_000);
+        // A mistake in a late piece, a table that must not follow the credentials, a duplicate.
+        let typo = good.replacen("name = \"c7500\"\nprovider", "name = \"c7500\"\nprovder", 1);
+        let late_daemon = format!("{good}[daemon]\nconcurrency = 3\n");
+        let duplicate = good.replacen("name = \"c8000\"", "name = \"c10\"", 1);
+        assert!(parse_in_parallel(&typo).is_none() && parse_in_parallel(&late_daemon).is_none());
+        // 6 lines of [daemon] and [provider], 9 per credential, the field is the credential's 3rd line.
+        let typo_line = format!("line {}, column 1: unknown field `provder`", 6 + 7500 * 9 + 3);
+        for (text, expected) in [(&typo, typo_line.as_str()), (&late_daemon, "duplicate key"), (&duplicate, "\"c10\"")]
+        {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}: {}", &err[..err.len().min(300)]);
+        }
     }
 
     #[test]

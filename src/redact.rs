@@ -13,7 +13,7 @@ pub fn fingerprint(value: &str) -> String {
 }
 
 /// A secret string (client secret, API key, token) that prints as its fingerprint.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(String);
 
 impl Secret {

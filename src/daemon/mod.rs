@@ -342,7 +342,7 @@ impl Daemon {
             credentials: self.entries.len(),
             needs_reauth: self.entries.values().filter(|e| e.lifetime.is_some_and(|l| l.status.is_dead())).count(),
             failing: self.entries.values().filter(|e| e.failures > 0).count(),
-            next_refresh_ms: self.entries.keys().filter_map(|n| self.queue.get(n, Job::Refresh)).min(),
+            next_refresh_ms: self.queue.next_of(Job::Refresh),
         }
     }
 

@@ -55,6 +55,11 @@ impl DeadlineQueue {
         self.by_name.get(name).and_then(|slots| slots[job as usize])
     }
 
+    /// The earliest deadline of `job`, whoever it belongs to.
+    pub fn next_of(&self, job: Job) -> Option<i64> {
+        self.by_time.iter().find(|(_, _, j)| *j == job).map(|(at, _, _)| *at)
+    }
+
     /// The earliest deadline.
     pub fn next_at(&self) -> Option<i64> {
         self.by_time.first().map(|(at, _, _)| *at)
@@ -105,6 +110,7 @@ mod tests {
         q.schedule("a", Job::Refresh, 10); // moved earlier
         assert_eq!(q.len(), 3);
         assert_eq!(q.next_at(), Some(10));
+        assert_eq!(q.next_of(Job::Expire), Some(40));
         assert_eq!(q.pop_due(20), vec![(Arc::from("a"), Job::Refresh), (Arc::from("b"), Job::Refresh)]);
         assert_eq!(q.get("a", Job::Expire), Some(40));
         q.cancel("a", Job::Expire);

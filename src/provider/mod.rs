@@ -65,7 +65,7 @@ impl FromStr for ProviderKind {
 }
 
 /// Where the client id and secret travel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClientAuth {
     /// HTTP Basic `client_id:client_secret`, form body (RFC 6749 §2.3.1, the recommended way).
     Basic,
@@ -98,7 +98,7 @@ impl FromStr for ClientAuth {
 }
 
 /// How a credential obtains a new access token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum GrantKind {
     /// Spend the stored refresh token (rotated by most providers).
     RefreshToken,
@@ -107,7 +107,7 @@ pub enum GrantKind {
 }
 
 /// Everything needed to talk to one credential's token endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub kind: ProviderKind,
     pub token_url: Url,
@@ -123,7 +123,7 @@ pub struct Endpoint {
 }
 
 /// Settings for the authorization-code flow.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Authorization {
     /// Where the user's browser goes; `None` when it cannot be derived (Wild Apricot without
     /// `site`, `oauth2` without `authorize_url`).
