@@ -14,8 +14,8 @@ pub struct CredentialMetrics {
     pub expires_at: Option<i64>,
     pub needs_reauth: bool,
     pub last_refresh_at: Option<i64>,
-    /// Counts by [`RESULTS`] since the daemon started.
-    pub refreshes: BTreeMap<&'static str, u64>,
+    /// Counts by [`RESULTS`] (same order) since the daemon started.
+    pub refreshes: [u64; RESULTS.len()],
 }
 
 pub fn render(credentials: &BTreeMap<String, CredentialMetrics>) -> String {
@@ -52,9 +52,10 @@ pub fn render(credentials: &BTreeMap<String, CredentialMetrics>) -> String {
         credentials
             .iter()
             .flat_map(|(n, m)| {
-                RESULTS.iter().map(move |r| {
-                    (format!("{},result=\"{r}\"", label(n, m)), m.refreshes.get(r).copied().unwrap_or(0).to_string())
-                })
+                RESULTS
+                    .iter()
+                    .zip(m.refreshes)
+                    .map(move |(r, count)| (format!("{},result=\"{r}\"", label(n, m)), count.to_string()))
             })
             .collect(),
     );
@@ -68,7 +69,7 @@ mod tests {
     #[test]
     fn renders_every_family() {
         let mut m = CredentialMetrics { provider: "nudge".into(), expires_at: Some(1700000000), ..Default::default() };
-        m.refreshes.insert("success", 3);
+        m.refreshes[0] = 3;
         let text = render(&BTreeMap::from([("n1".to_string(), m)]));
         assert!(text.contains("# TYPE tokend_refresh_total counter\n"));
         assert!(text.contains("tokend_token_expires_at_seconds{credential=\"n1\",provider=\"nudge\"} 1700000000\n"));

@@ -113,8 +113,9 @@ struct Entry {
     /// In the `waiting` queue for a concurrency slot.
     waiting: bool,
     last_trigger: Option<Instant>,
-    /// Refresh results since start, for metrics.
-    results: BTreeMap<&'static str, u64>,
+    /// Refresh results since start by `metrics::RESULTS`, for metrics. (A map here cost a
+    /// 300-byte node per credential once it had refreshed.)
+    results: [u64; metrics::RESULTS.len()],
     /// A rotated token the provider issued but the store could not take (disk full, read-only):
     /// committed before anything else is tried, so the chain survives the outage.
     pending: Option<(Box<crate::store::NewToken>, String)>,
@@ -374,7 +375,7 @@ impl Daemon {
                     expires_at: e.lifetime.and_then(|l| l.expires_at),
                     needs_reauth: e.lifetime.is_some_and(|l| l.status.is_dead()),
                     last_refresh_at: e.lifetime.and_then(|l| l.last_refresh_at),
-                    refreshes: e.results.clone(),
+                    refreshes: e.results,
                 };
                 (name.clone(), m)
             })
@@ -439,7 +440,7 @@ impl Daemon {
                             in_flight: false,
                             waiting: false,
                             last_trigger: None,
-                            results: BTreeMap::new(),
+                            results: [0; metrics::RESULTS.len()],
                             pending: None,
                         },
                     );
@@ -681,8 +682,8 @@ impl Daemon {
             Ok(Outcome::Skipped { .. }) | Err(RefreshError::Busy { .. }) => None,
             Err(_) => Some("error"),
         };
-        if let Some(category) = category {
-            *entry.results.entry(category).or_default() += 1;
+        if let Some(index) = category.and_then(|c| metrics::RESULTS.iter().position(|r| *r == c)) {
+            entry.results[index] += 1;
         }
         let credential = entry.credential.clone();
         let token_life = |held: Option<Lifetime>| {
