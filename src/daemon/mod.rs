@@ -131,7 +131,7 @@ struct Daemon {
     committer: Committer,
     http: HttpClient,
     queue: DeadlineQueue,
-    entries: BTreeMap<String, Entry>,
+    entries: HashMap<String, Entry>,
     /// In-flight refresh tasks: credential and provider.
     running: HashMap<tokio::task::Id, (String, ProviderKind)>,
     /// Due credentials waiting for a free slot (global or per-provider concurrency). Tasks are
@@ -189,7 +189,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         store: Arc::new(Mutex::new(store)),
         http,
         queue: DeadlineQueue::default(),
-        entries: BTreeMap::new(),
+        entries: HashMap::new(),
         running: HashMap::new(),
         provider_paused_until: HashMap::new(),
         sink_owner: HashMap::new(),
