@@ -88,8 +88,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> R
 /// created and written, the kernel is asked to start writing all of them back, then each is
 /// fsync'd — by then most of the data and the journal commit that covers their creation are
 /// already done, so the fsyncs mostly wait on work shared by the batch — then renamed; every
-/// touched directory is fsync'd once for the whole batch. (One `syncfs(2)` per batch was measured
-/// too: it flushes the whole file system, and the rotation commits queued behind it.)
+/// touched directory is fsync'd once for the whole batch. (An earlier version used one `syncfs(2)`
+/// per batch: it flushes everything on the file system, the store's own commits included, which
+/// then wait behind unrelated data.)
 pub fn write_many(items: &[(&SinkConfig, &TokenState)]) -> Vec<Result<(), SinkError>> {
     let mut results: Vec<Result<(), SinkError>> = Vec::with_capacity(items.len());
     let mut dirs = std::collections::BTreeSet::new();
@@ -158,10 +159,10 @@ fn place_chunk(
     }
 }
 
-/// Threads that fsync a batch's files at the same time. The file system folds concurrent fsyncs
-/// into shared journal commits and device flushes: on this project's VM, 2,000 files measured
+/// Threads that fsync a batch's files at the same time, so the disk gets many files' writes and
+/// flushes at once instead of one round trip each: on this project's VM, 2,000 files measured
 /// about 2,300–3,400 fsyncs/s one after another and about 9,000/s with 16 threads after the
-/// writeback hint (`benches/BENCHMARKS.md`). The threads only wait on the disk.
+/// writeback hint (`benches/fsync_probe.py`, BENCHMARKS.md). The threads only wait on the disk.
 const FSYNC_THREADS: usize = 16;
 
 fn fsync_in_parallel(staged: &[(usize, PathBuf, File)]) -> Vec<Result<(), String>> {
