@@ -368,8 +368,9 @@ fn parse_in_parallel(text: &str) -> Option<RawConfig> {
     cuts.push(text.len());
     let pieces: Vec<&str> = cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
     let workers = std::thread::available_parallelism().map_or(1, usize::from).min(pieces.len());
-    let per_worker = pieces.len().div_ceil(workers);
     let (first, rest) = pieces.split_first()?;
+    // The first piece (with `[daemon]` and the providers) is parsed on this thread meanwhile.
+    let per_worker = rest.len().div_ceil(workers).max(1);
     let (head, tails) = std::thread::scope(|scope| {
         let tails: Vec<_> = rest
             .chunks(per_worker)

@@ -85,10 +85,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> R
 
 /// Writes many sinks at once with the guarantees of [`write`] for each file (its content is on
 /// disk before the rename; a reader sees the old file or the new), in phases: every temp file is
-/// created and written, the kernel is asked to start writing all of them back, then each is
-/// fsync'd — by then most of the data and the journal commit that covers their creation are
-/// already done, so the fsyncs mostly wait on work shared by the batch — then renamed; every
-/// touched directory is fsync'd once for the whole batch. (An earlier version used one `syncfs(2)`
+/// created and written, the kernel is asked to start writing all of them back, then all are
+/// fsync'd at once (see [`FSYNC_THREADS`]), then renamed; every touched directory is fsync'd once
+/// for the whole batch. (An earlier version used one `syncfs(2)`
 /// per batch: it flushes everything on the file system, the store's own commits included, which
 /// then wait behind unrelated data.)
 pub fn write_many(items: &[(&SinkConfig, &TokenState)]) -> Vec<Result<(), SinkError>> {
@@ -160,9 +159,9 @@ fn place_chunk(
 }
 
 /// Threads that fsync a batch's files at the same time, so the disk gets many files' writes and
-/// flushes at once instead of one round trip each: on this project's VM, 2,000 files measured
-/// about 2,300–3,400 fsyncs/s one after another and about 9,000/s with 16 threads after the
-/// writeback hint (`benches/fsync_probe.py`, BENCHMARKS.md). The threads only wait on the disk.
+/// flushes at once instead of one round trip each: on this project's VM, `benches/fsync_probe.py`
+/// measured about 3,000 files/s fsync'd one after another and 6,600–8,200/s with the writeback hint
+/// and 16 threads (BENCHMARKS.md). The threads only wait on the disk.
 const FSYNC_THREADS: usize = 16;
 
 fn fsync_in_parallel(staged: &[(usize, PathBuf, File)]) -> Vec<Result<(), String>> {
@@ -277,7 +276,7 @@ fn temp_path(path: &Path) -> Result<PathBuf, SinkError> {
 
 /// Whether `path` is one of our temp files, whose comings and goings a watcher can ignore.
 pub fn is_temp_file(path: &Path) -> bool {
-    path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.') && n.to_string_lossy().contains(TEMP_MARK))
+    path.file_name().map(|n| n.to_string_lossy()).is_some_and(|n| n.starts_with('.') && n.contains(TEMP_MARK))
 }
 
 fn check_target(path: &Path) -> Result<(), SinkError> {

@@ -40,9 +40,8 @@ impl DeadlineQueue {
     pub fn cancel(&mut self, name: &str, job: Job) {
         let Some((key, slots)) = self.by_name.get_key_value(name) else { return };
         let Some(at) = slots[job as usize] else { return };
-        let key = key.clone();
         self.by_time.remove(&(at, key.clone(), job));
-        self.clear_slot(&key, job);
+        self.clear_slot(name, job);
     }
 
     pub fn cancel_all(&mut self, name: &str) {
