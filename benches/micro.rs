@@ -30,7 +30,7 @@ fn parsing(c: &mut Criterion) {
 }
 
 fn queue(c: &mut Criterion) {
-    let names: Vec<String> = (0..100_000).map(|i| format!("c{i}")).collect();
+    let names: Vec<std::sync::Arc<str>> = (0..100_000).map(|i| format!("c{i}").into()).collect();
     c.bench_function("deadline queue: schedule 100k, pop all", |b| {
         b.iter_batched(
             DeadlineQueue::default,

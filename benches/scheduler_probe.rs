@@ -76,7 +76,7 @@ async fn deadline_queue(n: usize) {
     let mut queue = DeadlineQueue::default();
     let mut timer = WallTimer::new().unwrap();
     let start = now_ms() + 1000;
-    let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    let names: Vec<std::sync::Arc<str>> = (0..n).map(|i| format!("c{i}").into()).collect();
     for (i, name) in names.iter().enumerate() {
         queue.schedule(name, Job::Refresh, start + (2000 * i / n) as i64);
     }
@@ -92,7 +92,7 @@ async fn deadline_queue(n: usize) {
             lateness.push((now - due_of[&*name]) as f64);
         }
     }
-    queue.schedule("idle", Job::Refresh, now_ms() + 3_600_000);
+    queue.schedule(&"idle".into(), Job::Refresh, now_ms() + 3_600_000);
     let idle_sleep = tokio::spawn(async move {
         let at = queue.next_at().unwrap();
         timer.sleep_until(at).await.unwrap();

@@ -343,10 +343,10 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
     let now = now_secs();
     let mut rows = Vec::new();
     for cred in &config.credentials {
-        let row = match states.iter().find(|s| s.name == cred.name) {
+        let row = match states.iter().find(|s| *s.name == *cred.name) {
             Some(state) => row_for(Some(cred), state, now),
             None => Row {
-                name: cred.name.clone(),
+                name: cred.name.to_string(),
                 provider: cred.provider().to_string(),
                 status: "no_token".into(),
                 expires_at: None,

@@ -68,7 +68,7 @@ pub struct Config {
 
 impl Config {
     pub fn credential(&self, name: &str) -> Option<&Credential> {
-        self.credentials.iter().find(|c| c.name == name).map(|c| &**c)
+        self.credentials.iter().find(|c| &*c.name == name).map(|c| &**c)
     }
 }
 
@@ -85,7 +85,8 @@ pub struct DaemonConfig {
 /// One credential: who to ask, how, when, and where its token goes.
 #[derive(Debug, Clone)]
 pub struct Credential {
-    pub name: String,
+    /// Shared with the daemon's entry and deadline queue: one allocation per credential.
+    pub name: std::sync::Arc<str>,
     /// Shared by every credential with the same client and endpoints (an agency's 100,000
     /// nations usually share one client), so it is held once.
     pub endpoint: std::sync::Arc<Endpoint>,
@@ -96,7 +97,8 @@ pub struct Credential {
     /// Extra refreshes on a cron schedule (tokens without expiry that should still be re-issued).
     /// Boxed: most credentials have none, and a parsed cron expression is 300+ bytes.
     pub refresh_cron: Option<Box<CronSchedule>>,
-    pub hooks: Hooks,
+    /// Interned like `endpoint`: nearly every credential has the same (usually empty) hooks.
+    pub hooks: std::sync::Arc<Hooks>,
 }
 
 /// A parsed cron expression (croner syntax, the parser tokio-cron-scheduler uses), evaluated in
@@ -132,7 +134,7 @@ impl PartialEq for CronSchedule {
 }
 
 /// Commands run after a refresh or a failure. argv, never a shell string.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Hooks {
     pub on_refresh: Option<Vec<String>>,
     pub on_failure: Option<Vec<String>>,
@@ -320,6 +322,7 @@ fn parse_with_secrets(path: &Path, text: &str, env: &dyn Environment, secrets: S
         secrets,
         problems: Vec::new(),
         endpoints: HashSet::new(),
+        hooks: HashSet::new(),
         secure_urls: HashMap::new(),
         plain_urls: HashMap::new(),
     }
@@ -434,6 +437,7 @@ struct Validator<'a> {
     problems: Vec<ConfigProblem>,
     /// Identical endpoints, interned.
     endpoints: HashSet<std::sync::Arc<Endpoint>>,
+    hooks: HashSet<std::sync::Arc<Hooks>>,
     /// URLs already parsed and found acceptable, by their text: token URLs (held to the
     /// stricter check) and the others.
     secure_urls: HashMap<String, Url>,
@@ -731,14 +735,23 @@ impl Validator<'_> {
             revocation_url,
         };
         Some(Credential {
-            name,
+            name: name.into(),
             endpoint: self.intern(endpoint),
             refresh_at,
             provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
             sinks,
             refresh_cron: refresh_cron.map(Box::new),
-            hooks,
+            hooks: self.intern_hooks(hooks),
         })
+    }
+
+    fn intern_hooks(&mut self, hooks: Hooks) -> std::sync::Arc<Hooks> {
+        if let Some(known) = self.hooks.get(&hooks) {
+            return known.clone();
+        }
+        let shared = std::sync::Arc::new(hooks);
+        self.hooks.insert(shared.clone());
+        shared
     }
 
     /// Identical endpoints (secrets included) are held once.

@@ -41,7 +41,7 @@ pub fn spawn(credential: &Credential, event: Event, state: Option<&TokenState>, 
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env("TOKEND_EVENT", event.as_str())
-        .env("TOKEND_CREDENTIAL", &credential.name)
+        .env("TOKEND_CREDENTIAL", &*credential.name)
         .env("TOKEND_PROVIDER", credential.provider().as_str())
         .env(
             "TOKEND_SINKS",

@@ -15,6 +15,7 @@
 //! | [`daemon`] | `tokend run`: timers, signals, file watches, config reload — wiring only |
 //! | [`hooks`] | `on_refresh` / `on_failure` commands, with a timeout |
 //! | [`logging`] | tracing set-up: human text, JSON, or journald priorities |
+//! | [`memory`] | allocator settings that keep a large daemon's memory what it uses |
 //! | [`metrics`] | Prometheus textfile rendering |
 //! | [`timer`] | sleeping until a wall-clock time (survives suspend and clock steps) |
 //! | [`authorize`] | `tokend authorize`: code + PKCE + state, password grant, first token |
@@ -33,6 +34,7 @@ pub mod daemon;
 pub mod dev;
 pub mod hooks;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod mock_provider;
 pub mod provider;

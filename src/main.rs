@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use tokend::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    tokend::memory::tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -87,7 +87,7 @@ pub async fn refresh(
     expected_generation: Option<i64>,
     lease_wait: Duration,
 ) -> Result<Outcome, RefreshError> {
-    let name = credential.name.as_str();
+    let name = &*credential.name;
     let holder = LeaseHolder::new();
     let lease_ttl = http.limits().total_timeout + LEASE_MARGIN;
 

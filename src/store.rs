@@ -146,10 +146,17 @@ pub struct TokenState {
 pub struct Lifetime {
     pub generation: i64,
     pub created_at: i64,
-    pub expires_in: Option<i64>,
+    /// `created_at + expires_in`: the lifetime itself is not kept (100,000 × 16 bytes).
     pub expires_at: Option<i64>,
     pub status: Status,
     pub last_refresh_at: Option<i64>,
+}
+
+impl Lifetime {
+    /// The life the provider granted, in seconds.
+    pub fn expires_in(&self) -> Option<i64> {
+        self.expires_at.map(|at| at.saturating_sub(self.created_at))
+    }
 }
 
 impl TokenState {
@@ -157,7 +164,6 @@ impl TokenState {
         Lifetime {
             generation: self.generation,
             created_at: self.created_at,
-            expires_in: self.expires_in,
             expires_at: self.expires_at,
             status: self.status,
             last_refresh_at: self.last_refresh_at,
@@ -245,7 +251,7 @@ const STATE_BY_NAME: &str = concat!("SELECT ", state_columns!(), " FROM credenti
 const STATE_ALL: &str = concat!("SELECT ", state_columns!(), " FROM credential c ORDER BY name");
 
 const LIFETIMES_ALL: &str =
-    "SELECT name, expires_in, created_at, expires_at, generation, status, last_refresh_at FROM credential";
+    "SELECT name, created_at, expires_at, generation, status, last_refresh_at FROM credential";
 
 fn status_from_text(text: &str) -> Status {
     match text {
@@ -377,16 +383,15 @@ impl Store {
         let mut stmt = self.conn.prepare(LIFETIMES_ALL).map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |row| {
-                let status: String = row.get(5)?;
+                let status: String = row.get(4)?;
                 Ok((
                     row.get(0)?,
                     Lifetime {
-                        expires_in: row.get(1)?,
-                        created_at: row.get(2)?,
-                        expires_at: row.get(3)?,
-                        generation: row.get(4)?,
+                        created_at: row.get(1)?,
+                        expires_at: row.get(2)?,
+                        generation: row.get(3)?,
                         status: status_from_text(&status),
-                        last_refresh_at: row.get(6)?,
+                        last_refresh_at: row.get(5)?,
                     },
                 ))
             })

@@ -19,7 +19,7 @@ fn example_config_validates() {
     ]
     .into();
     let config = tokend::config::parse_with(Path::new("/etc/tokend/tokend.toml"), &text, &env).unwrap();
-    let names: Vec<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
+    let names: Vec<&str> = config.credentials.iter().map(|c| &*c.name).collect();
     assert_eq!(names, ["my-nation", "nudge", "wa-members", "wa-admin", "generic"]);
     assert_eq!(config.credentials[0].endpoint.client_secret.as_ref().unwrap().expose(), "my-nation-secret");
     assert_eq!(config.credentials[1].provider_concurrency, 4);

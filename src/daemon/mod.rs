@@ -31,6 +31,7 @@ use crate::sink;
 use crate::store::{Lifetime, Status, Store, StoreError, TokenState};
 use crate::timer::WallTimer;
 use queue::{DeadlineQueue, Job};
+use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
@@ -112,16 +113,16 @@ struct Entry {
     in_flight: bool,
     /// In the `waiting` queue for a concurrency slot.
     waiting: bool,
-    last_trigger: Option<Instant>,
     /// Refresh results since start by `metrics::RESULTS`, for metrics. (A map here cost a
     /// 300-byte node per credential once it had refreshed.)
-    results: [u64; metrics::RESULTS.len()],
-    /// A rotated token the provider issued but the store could not take (disk full, read-only):
-    /// committed before anything else is tried, so the chain survives the outage.
-    pending: Option<(Box<crate::store::NewToken>, String)>,
+    results: [u32; metrics::RESULTS.len()],
+    /// A rotated token the provider issued but the store could not take (disk full, read-only),
+    /// and its rescue file: committed before anything else is tried, so the chain survives the
+    /// outage. Boxed: rare, and every credential carries the field.
+    pending: Option<Box<(crate::store::NewToken, String)>>,
 }
 
-type RefreshResult = (String, Result<Outcome, RefreshError>);
+type RefreshResult = (Arc<str>, Result<Outcome, RefreshError>);
 
 struct Daemon {
     config: Config,
@@ -131,23 +132,27 @@ struct Daemon {
     committer: Committer,
     http: HttpClient,
     queue: DeadlineQueue,
-    entries: HashMap<String, Entry>,
+    /// Keyed by the credential's own name allocation (`Credential::name`), shared with the queue.
+    /// Fx hashing: the names come from the operator's configuration, not from an adversary.
+    entries: FxHashMap<Arc<str>, Entry>,
     /// In-flight refresh tasks: credential and provider.
-    running: HashMap<tokio::task::Id, (String, ProviderKind)>,
+    running: HashMap<tokio::task::Id, (Arc<str>, ProviderKind)>,
     /// Due credentials waiting for a free slot (global or per-provider concurrency). Tasks are
     /// only spawned when a slot is free: 100,000 parked futures would cost hundreds of MB.
-    waiting: std::collections::VecDeque<String>,
+    waiting: std::collections::VecDeque<Arc<str>>,
     in_flight_by_provider: HashMap<ProviderKind, usize>,
     /// Set on shutdown: no new refresh starts.
     stopping: bool,
     provider_paused_until: HashMap<ProviderKind, i64>,
     /// Sink path → credential, and `.refresh` trigger path → credential.
-    sink_owner: HashMap<PathBuf, String>,
-    trigger_owner: HashMap<PathBuf, String>,
+    sink_owner: HashMap<PathBuf, Arc<str>>,
+    trigger_owner: HashMap<PathBuf, Arc<str>>,
+    /// When each credential was last refreshed through its trigger file (few ever are).
+    last_trigger: HashMap<Arc<str>, Instant>,
     fs_tx: mpsc::UnboundedSender<PathBuf>,
     watcher: Option<notify::RecommendedWatcher>,
-    dirty_sinks: HashSet<String>,
-    triggered: HashSet<String>,
+    dirty_sinks: HashSet<Arc<str>>,
+    triggered: HashSet<Arc<str>>,
     fs_due: Option<Instant>,
     reload_due: Option<Instant>,
     store_sync_due: Option<Instant>,
@@ -172,8 +177,10 @@ pub fn notify_store_changed(database: &Path) {
 /// Runs the daemon until [`Control::Shutdown`]; tells systemd READY=1 once every credential is
 /// scheduled.
 pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) -> Result<(), DaemonError> {
+    let started = Instant::now();
     let config_path = std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let config = config::load(&config_path)?;
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis(), credentials = config.credentials.len(), "configuration read");
     raise_open_file_limit();
     let _lock = lock_database(&config.daemon.database)?;
     let store = Store::open(&config.daemon.database)?;
@@ -189,11 +196,12 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         store: Arc::new(Mutex::new(store)),
         http,
         queue: DeadlineQueue::default(),
-        entries: HashMap::new(),
+        entries: FxHashMap::default(),
         running: HashMap::new(),
         provider_paused_until: HashMap::new(),
         sink_owner: HashMap::new(),
         trigger_owner: HashMap::new(),
+        last_trigger: HashMap::new(),
         fs_tx,
         watcher: None,
         dirty_sinks: HashSet::new(),
@@ -205,9 +213,11 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     };
     daemon.config.path = config_path;
     daemon.recover_abandoned_attempts()?;
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "store opened");
     daemon.apply_config(daemon.config.clone())?;
     daemon.schedule_maintenance();
-    release_freed_memory();
+    crate::memory::release_freed_memory();
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "every credential scheduled");
     let summary = daemon.summary();
     tracing::info!(config = %daemon.config.path.display(), database = %daemon.config.daemon.database.display(), "tokend running: {}", summary.describe());
     daemon.publish();
@@ -279,18 +289,6 @@ fn raise_open_file_limit() {
         && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
     {
         tracing::warn!(soft, hard, "cannot raise the open-file limit: {e}");
-    }
-}
-
-/// Start-up parses the whole configuration and reads the whole store; the allocator keeps that
-/// transient memory unless told to hand it back, which would leave a 100,000-credential daemon
-/// hundreds of MB larger than what it actually holds.
-#[allow(unsafe_code)]
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the OS; it touches no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
@@ -375,9 +373,9 @@ impl Daemon {
                     expires_at: e.lifetime.and_then(|l| l.expires_at),
                     needs_reauth: e.lifetime.is_some_and(|l| l.status.is_dead()),
                     last_refresh_at: e.lifetime.and_then(|l| l.last_refresh_at),
-                    refreshes: e.results,
+                    refreshes: e.results.map(u64::from),
                 };
-                (name.clone(), m)
+                (name.to_string(), m)
             })
             .collect();
         // Readable by node_exporter's user: counts and times only, no secrets.
@@ -407,12 +405,17 @@ impl Daemon {
     /// Installs `config`: entries added, changed or dropped; sinks synced; everything re-planned;
     /// watches and concurrency limits rebuilt.
     fn apply_config(&mut self, config: Config) -> Result<(), DaemonError> {
-        let lifetimes: HashMap<String, Lifetime> = self.store().list_lifetimes()?.into_iter().collect();
-        let wanted: HashSet<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
-        let dropped: Vec<String> = self.entries.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        let lifetimes: FxHashMap<String, Lifetime> = self.store().list_lifetimes()?.into_iter().collect();
+        // Logged one by one only when a reload adds them: at start-up, 100,000 lines say nothing.
+        let starting = self.entries.is_empty();
+        self.entries.reserve(config.credentials.len().saturating_sub(self.entries.len()));
+        self.queue.reserve(config.credentials.len());
+        let wanted: HashSet<&str> = config.credentials.iter().map(|c| &*c.name).collect();
+        let dropped: Vec<Arc<str>> = self.entries.keys().filter(|n| !wanted.contains(&***n)).cloned().collect();
         for name in dropped {
             if let Some(entry) = self.entries.remove(&name) {
                 self.queue.cancel_all(&name);
+                self.last_trigger.remove(&name);
                 remove_sinks(&entry.credential, "credential removed from the configuration");
                 tracing::info!(credential = %name, "dropped (no longer configured); its stored token is kept");
             }
@@ -429,17 +432,20 @@ impl Daemon {
                     entry.credential = credential;
                 }
                 None => {
-                    tracing::info!(credential = %name, provider = %credential.provider(), "configured");
+                    if starting {
+                        tracing::debug!(credential = %name, provider = %credential.provider(), "configured");
+                    } else {
+                        tracing::info!(credential = %name, provider = %credential.provider(), "configured");
+                    }
                     self.entries.insert(
                         name.clone(),
                         Entry {
                             credential,
-                            lifetime: lifetimes.get(&name).copied(),
+                            lifetime: lifetimes.get(&*name).copied(),
                             failures: 0,
                             retry_at: None,
                             in_flight: false,
                             waiting: false,
-                            last_trigger: None,
                             results: [0; metrics::RESULTS.len()],
                             pending: None,
                         },
@@ -448,7 +454,7 @@ impl Daemon {
             }
         }
         self.config = config;
-        let names: Vec<String> = self.entries.keys().cloned().collect();
+        let names: Vec<Arc<str>> = self.entries.keys().cloned().collect();
         self.sync_sinks_of(names.iter().cloned());
         for name in &names {
             self.plan(name);
@@ -461,6 +467,7 @@ impl Daemon {
     fn reload(&mut self) {
         systemd::reloading();
         self.reload_config();
+        crate::memory::release_freed_memory();
         systemd::ready(&self.summary().describe());
         self.publish_soon();
     }
@@ -523,19 +530,20 @@ impl Daemon {
             return; // `finished` plans again.
         }
         let now = now_ms();
+        let key = &entry.credential.name;
         match &entry.lifetime {
             None if matches!(entry.credential.endpoint.grant, GrantKind::ApiKey(_)) => {
-                self.queue.schedule(name, Job::Refresh, entry.retry_at.unwrap_or(now));
+                self.queue.schedule(key, Job::Refresh, entry.retry_at.unwrap_or(now));
             }
             None => {}
             Some(lifetime) => {
                 if lifetime.status == Status::Active
                     && let Some(due) = schedule::next_refresh_ms(name, entry.credential.refresh_at, lifetime)
                 {
-                    self.queue.schedule(name, Job::Refresh, entry.retry_at.unwrap_or(due));
+                    self.queue.schedule(key, Job::Refresh, entry.retry_at.unwrap_or(due));
                 }
                 if let Some(expiry) = lifetime.expires_at.map(|t| t * 1000).filter(|t| *t > now) {
-                    self.queue.schedule(name, Job::Expire, expiry);
+                    self.queue.schedule(key, Job::Expire, expiry);
                 }
             }
         }
@@ -543,17 +551,18 @@ impl Daemon {
 
     fn plan_cron(&mut self, name: &str) {
         self.queue.cancel(name, Job::Cron);
-        if let Some(cron) = self.entries.get(name).and_then(|e| e.credential.refresh_cron.as_ref())
+        if let Some(entry) = self.entries.get(name)
+            && let Some(cron) = &entry.credential.refresh_cron
             && let Some(at) = cron.next_after_ms(now_ms())
         {
-            self.queue.schedule(name, Job::Cron, at);
+            self.queue.schedule(&entry.credential.name, Job::Cron, at);
         }
     }
 
     fn schedule_maintenance(&mut self) {
         let cron = config::CronSchedule::parse(MAINTENANCE_CRON).expect("constant cron expression parses");
         if let Some(at) = cron.next_after_ms(now_ms()) {
-            self.queue.schedule(DAEMON_KEY, Job::Maintenance, at);
+            self.queue.schedule(&Arc::from(DAEMON_KEY), Job::Maintenance, at);
         }
     }
 
@@ -579,7 +588,7 @@ impl Daemon {
     }
 
     fn refresh_all(&mut self, inflight: &mut JoinSet<RefreshResult>) {
-        let names: Vec<String> = self.entries.keys().cloned().collect();
+        let names: Vec<Arc<str>> = self.entries.keys().cloned().collect();
         tracing::info!(credentials = names.len(), "refreshing everything now");
         for name in names {
             self.start_refresh(&name, inflight);
@@ -598,7 +607,7 @@ impl Daemon {
         let provider = entry.credential.provider();
         if let Some(until) = self.provider_paused_until.get(&provider).copied().filter(|u| *u > now) {
             tracing::info!(credential = name, %provider, until = %rfc3339(until / 1000), "provider asked us to wait; refresh deferred");
-            self.queue.schedule(name, Job::Refresh, until);
+            self.queue.schedule(&entry.credential.name, Job::Refresh, until);
             return;
         }
         if entry.pending.is_some() {
@@ -610,7 +619,7 @@ impl Daemon {
         if self.running.len() >= self.config.daemon.concurrency || busy >= entry.credential.provider_concurrency {
             if !entry.waiting {
                 entry.waiting = true;
-                self.waiting.push_back(name.to_string());
+                self.waiting.push_back(entry.credential.name.clone());
             }
             return;
         }
@@ -624,7 +633,7 @@ impl Daemon {
             let result = refresh::refresh(&store, &http, &credential, expected, Duration::ZERO).await;
             (credential.name.clone(), result)
         });
-        self.running.insert(handle.id(), (name.to_string(), provider));
+        self.running.insert(handle.id(), (entry.credential.name.clone(), provider));
     }
 
     /// Starts waiting refreshes while slots are free. Each waiting name is looked at once per
@@ -687,7 +696,7 @@ impl Daemon {
         }
         let credential = entry.credential.clone();
         let token_life = |held: Option<Lifetime>| {
-            Duration::from_secs(held.and_then(|l| l.expires_in).unwrap_or(3600).unsigned_abs())
+            Duration::from_secs(held.and_then(|l| l.expires_in()).unwrap_or(3600).unsigned_abs())
         };
         if let Some(fresh) = &fresh_state {
             entry.lifetime = Some(fresh.lifetime());
@@ -751,7 +760,7 @@ impl Daemon {
                 // The error is already logged loudly by `refresh`; keep the token and retry the
                 // commit itself — never another refresh with the revoked refresh token.
                 entry.failures += 1;
-                entry.pending = Some((token, rescue));
+                entry.pending = Some(Box::new((*token, rescue)));
                 let lifetime = Duration::from_secs(60);
                 entry.retry_at =
                     Some(schedule::retry_at_ms(now, entry.failures, lifetime, None, None, rand::random::<f64>()));
@@ -784,7 +793,8 @@ impl Daemon {
     fn commit_pending(&mut self, name: &str) {
         let now = now_ms();
         let Some(entry) = self.entries.get_mut(name) else { return };
-        let Some((token, rescue)) = entry.pending.take() else { return };
+        let Some(pending) = entry.pending.take() else { return };
+        let (token, rescue) = *pending;
         let provider = entry.credential.provider();
         let committed = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).import(
             name,
@@ -818,7 +828,7 @@ impl Daemon {
                     rand::random::<f64>(),
                 );
                 tracing::error!(credential = name, rescue = %rescue, retry_in_ms = at - now, "rescued token still cannot be stored: {e}");
-                entry.pending = Some((token, rescue));
+                entry.pending = Some(Box::new((token, rescue)));
                 entry.retry_at = Some(at);
             }
         }
@@ -843,11 +853,13 @@ impl Daemon {
     /// Makes every sink of `name` match its stored token: rewritten if missing or altered,
     /// removed if the token is expired.
     fn sync_sinks(&mut self, name: &str) {
-        self.sync_sinks_of([name.to_string()]);
+        if let Some(entry) = self.entries.get(name) {
+            self.sync_sinks_of([entry.credential.name.clone()]);
+        }
     }
 
     /// [`Self::sync_sinks`] for many credentials, with the rewrites done as one batch.
-    fn sync_sinks_of(&mut self, names: impl IntoIterator<Item = String>) {
+    fn sync_sinks_of(&mut self, names: impl IntoIterator<Item = Arc<str>>) {
         let now = now_ms();
         let mut settled = Vec::new();
         for name in names {
@@ -869,9 +881,9 @@ impl Daemon {
         let states = self.stored_states(settled);
         let stale: Vec<(&str, &config::SinkConfig, &TokenState)> = states
             .iter()
-            .filter_map(|state| Some((self.entries.get(&state.name)?, state)))
+            .filter_map(|state| Some((self.entries.get(state.name.as_str())?, state)))
             .flat_map(|(entry, state)| {
-                entry.credential.sinks.iter().map(move |s| (entry.credential.name.as_str(), s, state))
+                entry.credential.sinks.iter().map(move |s| (&*entry.credential.name, s, state))
             })
             .filter(|(_, s, state)| !sink::is_current(s, state))
             .collect();
@@ -885,12 +897,12 @@ impl Daemon {
     }
 
     /// The stored states of `names` (tokens included), read in one pass when there are many.
-    fn stored_states(&self, names: Vec<String>) -> Vec<TokenState> {
+    fn stored_states(&self, names: Vec<Arc<str>>) -> Vec<TokenState> {
         const ONE_BY_ONE_UP_TO: usize = 256;
         let store = self.store();
         let read = if names.len() > ONE_BY_ONE_UP_TO {
-            let wanted: HashSet<String> = names.into_iter().collect();
-            store.list().map(|all| all.into_iter().filter(|s| wanted.contains(&s.name)).collect())
+            let wanted: HashSet<Arc<str>> = names.into_iter().collect();
+            store.list().map(|all| all.into_iter().filter(|s| wanted.contains(s.name.as_str())).collect())
         } else {
             names.iter().filter_map(|name| store.get(name).transpose()).collect::<Result<Vec<_>, _>>()
         };
@@ -952,13 +964,14 @@ impl Daemon {
         for s in &entry.credential.sinks {
             let _ = std::fs::remove_file(trigger_path(&s.path));
         }
-        if let Some(last) = entry.last_trigger.filter(|t| t.elapsed() < TRIGGER_MIN_INTERVAL) {
+        if let Some(last) = self.last_trigger.get(name).filter(|t| t.elapsed() < TRIGGER_MIN_INTERVAL) {
             let at = now_ms() + i64::try_from((TRIGGER_MIN_INTERVAL - last.elapsed()).as_millis()).unwrap_or(0);
             tracing::info!(credential = name, "refresh requested through a trigger file again too soon; deferred");
-            self.queue.schedule(name, Job::Refresh, at.min(self.queue.get(name, Job::Refresh).unwrap_or(i64::MAX)));
+            let at = at.min(self.queue.get(name, Job::Refresh).unwrap_or(i64::MAX));
+            self.queue.schedule(&entry.credential.name, Job::Refresh, at);
             return;
         }
-        entry.last_trigger = Some(Instant::now());
+        self.last_trigger.insert(entry.credential.name.clone(), Instant::now());
         tracing::info!(credential = name, "refresh requested through a trigger file");
         self.start_refresh(name, inflight);
     }
@@ -973,10 +986,10 @@ impl Daemon {
             }
         };
         let mut by_name: HashMap<String, Lifetime> = lifetimes.into_iter().collect();
-        let names: Vec<String> = self.entries.keys().cloned().collect();
+        let names: Vec<Arc<str>> = self.entries.keys().cloned().collect();
         for name in names {
             let Some(entry) = self.entries.get_mut(&name) else { continue };
-            let new = by_name.remove(&name);
+            let new = by_name.remove(&*name);
             let changed = new.map(|l| (l.generation, l.status)) != entry.lifetime.map(|l| (l.generation, l.status));
             if changed && !entry.in_flight {
                 tracing::info!(credential = %name, generation = new.map(|l| l.generation), "store changed by another process; picked up");

@@ -2,7 +2,8 @@
 //! for the earliest entry; scheduling and cancelling are O(log n), so 100,000 credentials cost
 //! no more per event than ten.
 
-use std::collections::{BTreeSet, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// What happens at a deadline.
@@ -19,29 +20,69 @@ pub enum Job {
 }
 
 const JOBS: usize = 4;
+/// A job with no deadline (a slot's deadlines are plain integers: an `Option` would double them).
+const UNSET: i64 = i64::MIN;
 
+/// Names are interned into small integer slots so the time index holds 16-byte keys: at
+/// 100,000 credentials (a refresh and an expiry each) the keys are most of the queue's memory.
 #[derive(Default)]
 pub struct DeadlineQueue {
-    by_time: BTreeSet<(i64, Arc<str>, Job)>,
-    /// Each name's deadlines, indexed by `Job`. The name is allocated once here and shared by
-    /// its entries in `by_time`: at 100,000 credentials the keys are most of the queue's memory.
-    by_name: HashMap<Arc<str>, [Option<i64>; JOBS]>,
+    by_time: BTreeSet<(i64, u32, Job)>,
+    /// Fx hashing: the names come from the operator's configuration, not from an adversary.
+    slot_of: FxHashMap<Arc<str>, u32>,
+    slots: Vec<Slot>,
+    /// Slots whose name has no deadline left, for reuse.
+    free: Vec<u32>,
+}
+
+struct Slot {
+    /// Shared with the caller (the credential's own name): no allocation of its own.
+    name: Arc<str>,
+    at: [i64; JOBS],
 }
 
 impl DeadlineQueue {
     /// Sets (or moves) `job` of `name` to `at_ms`.
-    pub fn schedule(&mut self, name: &str, job: Job, at_ms: i64) {
+    pub fn schedule(&mut self, name: &Arc<str>, job: Job, at_ms: i64) {
         self.cancel(name, job);
-        let key = self.by_name.get_key_value(name).map_or_else(|| Arc::from(name), |(key, _)| key.clone());
-        self.by_time.insert((at_ms, key.clone(), job));
-        self.by_name.entry(key).or_default()[job as usize] = Some(at_ms);
+        let slot = match self.slot_of.get(&**name) {
+            Some(&slot) => slot,
+            None => self.new_slot(name),
+        };
+        self.by_time.insert((at_ms, slot, job));
+        self.slots[slot as usize].at[job as usize] = at_ms;
+    }
+
+    /// Room for `names` more names without growing (start-up knows how many credentials).
+    pub fn reserve(&mut self, names: usize) {
+        let more = names.saturating_sub(self.slot_of.len());
+        self.slot_of.reserve(more);
+        self.slots.reserve(more.saturating_sub(self.free.len()));
+    }
+
+    fn new_slot(&mut self, name: &Arc<str>) -> u32 {
+        let fresh = Slot { name: name.clone(), at: [UNSET; JOBS] };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = fresh;
+                slot
+            }
+            None => {
+                self.slots.push(fresh);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 4 billion names")
+            }
+        };
+        self.slot_of.insert(name.clone(), slot);
+        slot
     }
 
     pub fn cancel(&mut self, name: &str, job: Job) {
-        let Some((key, slots)) = self.by_name.get_key_value(name) else { return };
-        let Some(at) = slots[job as usize] else { return };
-        self.by_time.remove(&(at, key.clone(), job));
-        self.clear_slot(name, job);
+        let Some(&slot) = self.slot_of.get(name) else { return };
+        let at = std::mem::replace(&mut self.slots[slot as usize].at[job as usize], UNSET);
+        if at != UNSET {
+            self.by_time.remove(&(at, slot, job));
+        }
+        self.release_if_idle(slot);
     }
 
     pub fn cancel_all(&mut self, name: &str) {
@@ -51,7 +92,8 @@ impl DeadlineQueue {
     }
 
     pub fn get(&self, name: &str, job: Job) -> Option<i64> {
-        self.by_name.get(name).and_then(|slots| slots[job as usize])
+        let slot = *self.slot_of.get(name)?;
+        Some(self.slots[slot as usize].at[job as usize]).filter(|at| *at != UNSET)
     }
 
     /// The earliest deadline of `job`, whoever it belongs to.
@@ -71,19 +113,20 @@ impl DeadlineQueue {
             if *at > now_ms {
                 break;
             }
-            let (_, name, job) = self.by_time.pop_first().expect("checked non-empty");
-            self.clear_slot(&name, job);
-            due.push((name, job));
+            let (_, slot, job) = self.by_time.pop_first().expect("checked non-empty");
+            let entry = &mut self.slots[slot as usize];
+            entry.at[job as usize] = UNSET;
+            due.push((entry.name.clone(), job));
+            self.release_if_idle(slot);
         }
         due
     }
 
-    fn clear_slot(&mut self, name: &str, job: Job) {
-        if let Some(slots) = self.by_name.get_mut(name) {
-            slots[job as usize] = None;
-            if slots.iter().all(Option::is_none) {
-                self.by_name.remove(name);
-            }
+    fn release_if_idle(&mut self, slot: u32) {
+        let entry = &self.slots[slot as usize];
+        if entry.at.iter().all(|at| *at == UNSET) {
+            self.slot_of.remove(&entry.name);
+            self.free.push(slot);
         }
     }
 
@@ -103,10 +146,11 @@ mod tests {
     #[test]
     fn orders_moves_and_cancels() {
         let mut q = DeadlineQueue::default();
-        q.schedule("b", Job::Refresh, 20);
-        q.schedule("a", Job::Refresh, 30);
-        q.schedule("a", Job::Expire, 40);
-        q.schedule("a", Job::Refresh, 10); // moved earlier
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        q.schedule(&b, Job::Refresh, 20);
+        q.schedule(&a, Job::Refresh, 30);
+        q.schedule(&a, Job::Expire, 40);
+        q.schedule(&a, Job::Refresh, 10); // moved earlier
         assert_eq!(q.len(), 3);
         assert_eq!(q.next_at(), Some(10));
         assert_eq!(q.next_of(Job::Expire), Some(40));
@@ -114,7 +158,12 @@ mod tests {
         assert_eq!(q.get("a", Job::Expire), Some(40));
         q.cancel("a", Job::Expire);
         assert!(q.is_empty());
-        assert!(q.by_name.is_empty(), "names of finished credentials are not kept");
-        assert_eq!(q.pop_due(i64::MAX), vec![]);
+        assert!(q.slot_of.is_empty(), "names of finished credentials are not kept");
+        assert_eq!(q.free.len(), 2, "their slots are free for reuse");
+        q.schedule(&b, Job::Cron, 50);
+        assert_eq!(q.slots.len(), 2, "a free slot was reused");
+        assert_eq!(q.get("b", Job::Cron), Some(50));
+        assert_eq!(q.get("a", Job::Cron), None);
+        assert_eq!(q.pop_due(i64::MAX), vec![(b.clone(), Job::Cron)]);
     }
 }
