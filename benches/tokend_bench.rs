@@ -237,6 +237,8 @@ struct Steady {
     max: i64,
     startup_ms: f64,
     rss_mb: f64,
+    /// After the window's refreshes: connections, buffers and moved deadlines included.
+    rss_after_window_mb: f64,
     idle_switches_per_min: f64,
     idle_cpu_ticks_per_min: f64,
 }
@@ -279,6 +281,7 @@ fn steady(rt: &tokio::runtime::Runtime, n: usize, due: usize, window: Duration, 
         assert!(now_ms() < end + 120_000, "steady state: only {} of {due} refreshed", mock.refreshes());
         std::thread::sleep(Duration::from_millis(100));
     }
+    let rss_after_window_mb = proc_status_kb(pid, "VmRSS") as f64 / 1024.0;
     stop(running);
     let mut lateness: Vec<i64> = mock
         .requests()
@@ -299,6 +302,7 @@ fn steady(rt: &tokio::runtime::Runtime, n: usize, due: usize, window: Duration, 
         max: pct(1.0),
         startup_ms,
         rss_mb,
+        rss_after_window_mb,
         idle_switches_per_min: (cs1 - cs0) as f64 / minutes,
         idle_cpu_ticks_per_min: (t1 - t0) as f64 / minutes,
     }
@@ -467,6 +471,7 @@ fn main() {
         s.rss_mb,
         s.rss_mb * 1048576.0 / s.n as f64
     ));
+    line(format!("| RSS after the {} refreshes of the window | {:.1} MB |", s.due_in_window, s.rss_after_window_mb));
     line(format!("| idle: context switches per minute, nothing due | {:.1} |", s.idle_switches_per_min));
     line(format!("| idle: CPU ticks (1/100 s) per minute | {:.1} |", s.idle_cpu_ticks_per_min));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-report.md");

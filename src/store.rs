@@ -250,8 +250,7 @@ macro_rules! state_columns {
 const STATE_BY_NAME: &str = concat!("SELECT ", state_columns!(), " FROM credential c WHERE name = ?1");
 const STATE_ALL: &str = concat!("SELECT ", state_columns!(), " FROM credential c ORDER BY name");
 
-const LIFETIMES_ALL: &str =
-    "SELECT name, created_at, expires_at, generation, status, last_refresh_at FROM credential";
+const LIFETIMES_ALL: &str = "SELECT name, created_at, expires_at, generation, status, last_refresh_at FROM credential";
 
 fn status_from_text(text: &str) -> Status {
     match text {

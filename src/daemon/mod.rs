@@ -180,7 +180,11 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     let started = Instant::now();
     let config_path = std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let config = config::load(&config_path)?;
-    tracing::debug!(elapsed_ms = started.elapsed().as_millis(), credentials = config.credentials.len(), "configuration read");
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis(),
+        credentials = config.credentials.len(),
+        "configuration read"
+    );
     raise_open_file_limit();
     let _lock = lock_database(&config.daemon.database)?;
     let store = Store::open(&config.daemon.database)?;
@@ -456,10 +460,12 @@ impl Daemon {
         self.config = config;
         let names: Vec<Arc<str>> = self.entries.keys().cloned().collect();
         self.sync_sinks_of(names.iter().cloned());
+        self.queue.defer();
         for name in &names {
             self.plan(name);
             self.plan_cron(name);
         }
+        self.queue.settle();
         self.rebuild_watches();
         Ok(())
     }
@@ -882,9 +888,7 @@ impl Daemon {
         let stale: Vec<(&str, &config::SinkConfig, &TokenState)> = states
             .iter()
             .filter_map(|state| Some((self.entries.get(state.name.as_str())?, state)))
-            .flat_map(|(entry, state)| {
-                entry.credential.sinks.iter().map(move |s| (&*entry.credential.name, s, state))
-            })
+            .flat_map(|(entry, state)| entry.credential.sinks.iter().map(move |s| (&*entry.credential.name, s, state)))
             .filter(|(_, s, state)| !sink::is_current(s, state))
             .collect();
         let items: Vec<(&config::SinkConfig, &TokenState)> = stale.iter().map(|(_, s, state)| (*s, *state)).collect();
