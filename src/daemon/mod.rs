@@ -900,11 +900,13 @@ impl Daemon {
         }
     }
 
-    /// The stored states of `names` (tokens included), read in one pass when there are many.
+    /// The stored states of `names` (tokens included): one pass over the table when they are a
+    /// good part of it (start-up, reload), else one lookup each — a catch-up of 100,000 checks
+    /// its sinks in batches of a few hundred, and reading every row for each batch cost more
+    /// than the refreshes themselves.
     fn stored_states(&self, names: Vec<Arc<str>>) -> Vec<TokenState> {
-        const ONE_BY_ONE_UP_TO: usize = 256;
         let store = self.store();
-        let read = if names.len() > ONE_BY_ONE_UP_TO {
+        let read = if names.len() > 256 && names.len() * 4 > self.entries.len() {
             let wanted: HashSet<Arc<str>> = names.into_iter().collect();
             store.list().map(|all| all.into_iter().filter(|s| wanted.contains(s.name.as_str())).collect())
         } else {
