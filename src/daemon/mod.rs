@@ -413,7 +413,9 @@ impl Daemon {
         // Logged one by one only when a reload adds them: at start-up, 100,000 lines say nothing.
         let starting = self.entries.is_empty();
         self.entries.reserve(config.credentials.len().saturating_sub(self.entries.len()));
-        self.queue.reserve(config.credentials.len());
+        // One more name than credentials: the daemon's own maintenance job (a full vector would
+        // double for it).
+        self.queue.reserve(config.credentials.len() + 1);
         let wanted: HashSet<&str> = config.credentials.iter().map(|c| &*c.name).collect();
         let dropped: Vec<Arc<str>> = self.entries.keys().filter(|n| !wanted.contains(&***n)).cloned().collect();
         for name in dropped {
