@@ -46,6 +46,7 @@ struct Slot {
 impl DeadlineQueue {
     /// Sets (or moves) `job` of `name` to `at_ms`.
     pub fn schedule(&mut self, name: &Arc<str>, job: Job, at_ms: i64) {
+        let at_ms = at_ms.max(UNSET + 1);
         self.cancel(name, job);
         let slot = match self.slot_of.get(&**name) {
             Some(&slot) => slot,
