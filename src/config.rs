@@ -429,13 +429,23 @@ fn base_dir(path: &Path) -> PathBuf {
     std::path::absolute(&dir).unwrap_or(dir)
 }
 
+/// Identical values (secrets included) are held once, shared by every credential that has them.
+fn intern<T: std::hash::Hash + Eq>(known: &mut HashSet<std::sync::Arc<T>>, value: T) -> std::sync::Arc<T> {
+    if let Some(shared) = known.get(&value) {
+        return shared.clone();
+    }
+    let shared = std::sync::Arc::new(value);
+    known.insert(shared.clone());
+    shared
+}
+
 struct Validator<'a> {
     file: PathBuf,
     base_dir: PathBuf,
     env: &'a dyn Environment,
     secrets: Secrets,
     problems: Vec<ConfigProblem>,
-    /// Identical endpoints, interned.
+    /// Endpoints and hooks, interned: an agency's 100,000 credentials share a handful.
     endpoints: HashSet<std::sync::Arc<Endpoint>>,
     hooks: HashSet<std::sync::Arc<Hooks>>,
     /// URLs already parsed and found acceptable, by their text: token URLs (held to the
@@ -736,32 +746,13 @@ impl Validator<'_> {
         };
         Some(Credential {
             name: name.into(),
-            endpoint: self.intern(endpoint),
+            endpoint: intern(&mut self.endpoints, endpoint),
             refresh_at,
             provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
             sinks,
             refresh_cron: refresh_cron.map(Box::new),
-            hooks: self.intern_hooks(hooks),
+            hooks: intern(&mut self.hooks, hooks),
         })
-    }
-
-    fn intern_hooks(&mut self, hooks: Hooks) -> std::sync::Arc<Hooks> {
-        if let Some(known) = self.hooks.get(&hooks) {
-            return known.clone();
-        }
-        let shared = std::sync::Arc::new(hooks);
-        self.hooks.insert(shared.clone());
-        shared
-    }
-
-    /// Identical endpoints (secrets included) are held once.
-    fn intern(&mut self, endpoint: Endpoint) -> std::sync::Arc<Endpoint> {
-        if let Some(known) = self.endpoints.get(&endpoint) {
-            return known.clone();
-        }
-        let shared = std::sync::Arc::new(endpoint);
-        self.endpoints.insert(shared.clone());
-        shared
     }
 
     fn token_url(&mut self, place: &str, kind: ProviderKind, raw: &RawCredential) -> Option<Url> {
