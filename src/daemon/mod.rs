@@ -968,7 +968,7 @@ impl Daemon {
 
     /// A script touched `<sink>.refresh`: it got a 401 and wants a new token now.
     fn trigger(&mut self, name: &str, inflight: &mut JoinSet<RefreshResult>) {
-        let Some(entry) = self.entries.get_mut(name) else { return };
+        let Some(entry) = self.entries.get(name) else { return };
         for s in &entry.credential.sinks {
             let _ = std::fs::remove_file(trigger_path(&s.path));
         }
