@@ -83,7 +83,7 @@ pub struct DaemonConfig {
 }
 
 /// One credential: who to ask, how, when, and where its token goes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Credential {
     /// Shared with the daemon's entry and deadline queue: one allocation per credential.
     pub name: std::sync::Arc<str>,

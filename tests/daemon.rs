@@ -167,6 +167,40 @@ path = "out/key.token"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_replans_changed_credentials_and_leaves_the_others_alone() {
+    // 10 s tokens; "2s" before expiry puts both refreshes 8 s after the import.
+    let w = World::new(MockSettings { expires_in: 10, ..MockSettings::default() }).await;
+    let config = |a_refresh_at: &str| {
+        ["a", "b"]
+            .iter()
+            .map(|name| {
+                let refresh_at = if *name == "a" { a_refresh_at } else { "2s" };
+                format!(
+                    "[[credential]]\nname = \"{name}\"\nprovider = \"oauth2\"\ntoken_url = \"{{mock}}/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\nrefresh_at = \"{refresh_at}\"\n\n"
+                )
+            })
+            .collect::<String>()
+    };
+    w.write_config(&config("2s"));
+    w.authorize_and_import("a").await;
+    w.authorize_and_import("b").await;
+    let imported = std::time::Instant::now();
+    let mut daemon = w.start_daemon().await;
+
+    // "10%" of the lifetime elapsed: already past, so "a" is due the moment it is re-planned.
+    w.write_config(&config("10%"));
+    daemon.signal(Signal::SIGHUP);
+    assert!(wait_for(Duration::from_secs(4), || w.generation("a") == 2).await, "{}", daemon.log_text());
+    assert!(imported.elapsed() < Duration::from_secs(5), "too slow to tell the two deadlines apart");
+    assert_eq!(w.generation("b"), 1, "the unchanged credential is not refreshed early");
+    // ... and it still has its deadline: refreshed 8 s after the import, with no reload needed.
+    assert!(wait_for(Duration::from_secs(12), || w.generation("b") == 2).await, "{}", daemon.log_text());
+    assert!(imported.elapsed() >= Duration::from_secs(6), "b refreshed at its own time");
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_change_reloads_without_a_signal() {
     let w = World::new(MockSettings::default()).await;
     std::fs::create_dir(w.path("out")).unwrap();

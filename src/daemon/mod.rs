@@ -408,7 +408,7 @@ impl Daemon {
 
     /// Installs `config`: entries added, changed or dropped; sinks synced; everything re-planned;
     /// watches and concurrency limits rebuilt.
-    fn apply_config(&mut self, config: Config) -> Result<(), DaemonError> {
+    fn apply_config(&mut self, mut config: Config) -> Result<(), DaemonError> {
         let lifetimes: FxHashMap<String, Lifetime> = self.store().list_lifetimes()?.into_iter().collect();
         // Logged one by one only when a reload adds them: at start-up, 100,000 lines say nothing.
         let starting = self.entries.is_empty();
@@ -426,10 +426,19 @@ impl Daemon {
                 tracing::info!(credential = %name, "dropped (no longer configured); its stored token is kept");
             }
         }
-        for credential in &config.credentials {
-            let credential = credential.clone();
+        // New and changed credentials; an unchanged one keeps its deadlines as they are.
+        let mut replan = Vec::new();
+        for configured in &mut config.credentials {
+            let credential = configured.clone();
             let name = credential.name.clone();
             match self.entries.get_mut(&name) {
+                Some(entry) if entry.credential == credential => {
+                    // The running copy stays and the reloaded one is dropped. Kept side by side,
+                    // a reload of 100,000 credentials left a second copy scattered through the
+                    // heap (RSS 60 → 76 MB).
+                    *configured = entry.credential.clone();
+                    continue;
+                }
                 Some(entry) => {
                     let new_paths: HashSet<&PathBuf> = credential.sinks.iter().map(|s| &s.path).collect();
                     for old in entry.credential.sinks.iter().filter(|s| !new_paths.contains(&s.path)) {
@@ -458,12 +467,15 @@ impl Daemon {
                     );
                 }
             }
+            replan.push(name);
         }
         self.config = config;
+        // Every sink is checked: the watches are rebuilt below, and a change in between would
+        // go unseen.
         let names: Vec<Arc<str>> = self.entries.keys().cloned().collect();
-        self.sync_sinks_of(names.iter().cloned());
+        self.sync_sinks_of(names);
         self.queue.defer();
-        for name in &names {
+        for name in &replan {
             self.plan(name);
             self.plan_cron(name);
         }

@@ -72,7 +72,9 @@ impl DeadlineQueue {
         let Some(mut deferred) = self.deferred.take() else { return };
         // A deadline moved or cancelled meanwhile left its old key behind; the slot has the truth.
         deferred.retain(|(at, slot, job)| self.slots[*slot as usize].at[*job as usize] == *at);
-        if self.by_time.is_empty() {
+        if deferred.len() >= self.by_time.len() {
+            // Rebuilt whole (a reload re-plans everything): sorted keys again give full nodes.
+            deferred.extend(std::mem::take(&mut self.by_time));
             self.by_time = deferred.into_iter().collect();
         } else {
             self.by_time.extend(deferred);
