@@ -147,6 +147,29 @@ fn fixture(mock: &MockProvider, n: usize, sinks: bool, lifetime: impl Fn(usize) 
 struct Running {
     child: Child,
     ready_after: Duration,
+    /// The daemon's `NOTIFY_SOCKET`: READY=1 again after each reload.
+    notify: UnixDatagram,
+}
+
+impl Running {
+    fn wait_ready(&self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self.notify.recv(&mut buf).expect("READY=1 within 120 s");
+            if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+                return;
+            }
+        }
+    }
+
+    /// SIGHUP, then the time until the daemon says READY=1 again.
+    fn reload(&self) -> Duration {
+        let started = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGHUP)
+            .unwrap();
+        self.wait_ready();
+        started.elapsed()
+    }
 }
 
 fn start_tokend(f: &Fixture) -> Running {
@@ -166,14 +189,10 @@ fn start_tokend(f: &Fixture) -> Running {
         .stderr(std::fs::File::create(f.dir.path().join("tokend.log")).unwrap())
         .spawn()
         .unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = socket.recv(&mut buf).expect("READY=1 within 120 s");
-        if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-            break;
-        }
-    }
-    Running { child, ready_after: started.elapsed() }
+    let mut running = Running { child, ready_after: Duration::ZERO, notify: socket };
+    running.wait_ready();
+    running.ready_after = started.elapsed();
+    running
 }
 
 /// A failed assertion must not leave a daemon running on a deleted directory.
@@ -264,6 +283,9 @@ struct Steady {
     rss_mb: f64,
     /// After the window's refreshes: connections, buffers and moved deadlines included.
     rss_after_window_mb: f64,
+    /// Three reloads (SIGHUP) of the unchanged configuration: each one's time, then RSS.
+    reloads_ms: Vec<f64>,
+    rss_after_reloads_mb: f64,
     idle_switches_per_min: f64,
     idle_cpu_ticks_per_min: f64,
 }
@@ -307,6 +329,9 @@ fn steady(rt: &tokio::runtime::Runtime, n: usize, due: usize, window: Duration, 
         std::thread::sleep(Duration::from_millis(100));
     }
     let rss_after_window_mb = proc_status_kb(pid, "VmRSS") as f64 / 1024.0;
+    let reloads_ms: Vec<f64> = (0..3).map(|_| running.reload().as_secs_f64() * 1000.0).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_after_reloads_mb = proc_status_kb(pid, "VmRSS") as f64 / 1024.0;
     stop(running);
     let mut lateness: Vec<i64> = mock
         .requests()
@@ -328,6 +353,8 @@ fn steady(rt: &tokio::runtime::Runtime, n: usize, due: usize, window: Duration, 
         startup_ms,
         rss_mb,
         rss_after_window_mb,
+        reloads_ms,
+        rss_after_reloads_mb,
         idle_switches_per_min: (cs1 - cs0) as f64 / minutes,
         idle_cpu_ticks_per_min: (t1 - t0) as f64 / minutes,
     }
@@ -505,6 +532,9 @@ fn main() {
         s.rss_mb * 1048576.0 / s.n as f64
     ));
     line(format!("| RSS after the {} refreshes of the window | {:.1} MB |", s.due_in_window, s.rss_after_window_mb));
+    let reloads: Vec<String> = s.reloads_ms.iter().map(|ms| format!("{ms:.0}")).collect();
+    line(format!("| three reloads (SIGHUP → READY=1), unchanged configuration | {} ms |", reloads.join(", ")));
+    line(format!("| RSS after the reloads | {:.1} MB |", s.rss_after_reloads_mb));
     line(format!("| idle: context switches per minute, nothing due | {:.1} |", s.idle_switches_per_min));
     line(format!("| idle: CPU ticks (1/100 s) per minute | {:.1} |", s.idle_cpu_ticks_per_min));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-report.md");
