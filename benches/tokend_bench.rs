@@ -15,6 +15,8 @@ use rusqlite::OpenFlags;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokend::clock::{now_ms, now_secs};
 use tokend::mock_provider::{MockProvider, MockSettings};
@@ -147,19 +149,27 @@ fn fixture(mock: &MockProvider, n: usize, sinks: bool, lifetime: impl Fn(usize) 
 struct Running {
     child: Child,
     ready_after: Duration,
-    /// The daemon's `NOTIFY_SOCKET`: READY=1 again after each reload.
-    notify: UnixDatagram,
+    /// One `()` per READY=1 on the daemon's `NOTIFY_SOCKET` (again after each reload). The
+    /// socket is read all the time, as systemd does: status lines are sent once a second.
+    ready: std::sync::mpsc::Receiver<()>,
+    reading: Arc<AtomicBool>,
+}
+
+fn read_notifications(socket: UnixDatagram, ready: std::sync::mpsc::Sender<()>, reading: Arc<AtomicBool>) {
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buf = [0u8; 4096];
+    while reading.load(Ordering::Relaxed) {
+        if let Ok(n) = socket.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1")
+        {
+            let _ = ready.send(());
+        }
+    }
 }
 
 impl Running {
     fn wait_ready(&self) {
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = self.notify.recv(&mut buf).expect("READY=1 within 120 s");
-            if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                return;
-            }
-        }
+        self.ready.recv_timeout(Duration::from_secs(120)).expect("READY=1 within 120 s");
     }
 
     /// SIGHUP, then the time until the daemon says READY=1 again.
@@ -176,7 +186,6 @@ fn start_tokend(f: &Fixture) -> Running {
     let socket_path = f.dir.path().join("notify.sock");
     let _ = std::fs::remove_file(&socket_path);
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
         .args(["--log-level", "warn", "run"])
@@ -189,7 +198,11 @@ fn start_tokend(f: &Fixture) -> Running {
         .stderr(std::fs::File::create(f.dir.path().join("tokend.log")).unwrap())
         .spawn()
         .unwrap();
-    let mut running = Running { child, ready_after: Duration::ZERO, notify: socket };
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let reading = Arc::new(AtomicBool::new(true));
+    let flag = reading.clone();
+    std::thread::spawn(move || read_notifications(socket, ready_tx, flag));
+    let mut running = Running { child, ready_after: Duration::ZERO, ready, reading };
     running.wait_ready();
     running.ready_after = started.elapsed();
     running
@@ -198,6 +211,7 @@ fn start_tokend(f: &Fixture) -> Running {
 /// A failed assertion must not leave a daemon running on a deleted directory.
 impl Drop for Running {
     fn drop(&mut self) {
+        self.reading.store(false, Ordering::Relaxed);
         if self.child.try_wait().is_ok_and(|status| status.is_none()) {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -65,6 +65,28 @@ async fn ready_watchdog_stopping_arrive_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_that_stops_reading_does_not_stall_refreshes() {
+    // 4 s tokens: a refresh every two seconds or so.
+    let w = World::new(MockSettings { expires_in: 4, ..MockSettings::default() }).await;
+    w.write_config(ONE);
+    w.authorize_and_import("a").await;
+    let socket_path = w.path("notify.sock");
+    // Bound and never read: the kernel queues a few datagrams (net.unix.max_dgram_qlen, 10 by
+    // default), then a blocking sender waits forever.
+    let _socket = UnixDatagram::bind(&socket_path).unwrap();
+    let daemon =
+        w.start_daemon_env(&[("NOTIFY_SOCKET", socket_path.to_str().unwrap()), ("WATCHDOG_USEC", "100000")]).await;
+    // A watchdog ping every 50 ms fills the queue within a second; refreshes must go on.
+    assert!(
+        wait_for(Duration::from_secs(15), || w.generation("a") >= 5).await,
+        "generation {} after 15 s: {}",
+        w.generation("a"),
+        daemon.log_text()
+    );
+    assert!(daemon.log_text().contains("notification queue is full"), "{}", daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_journald_lines_carry_priorities_not_timestamps() {
     let w = World::new(MockSettings::default()).await;
     w.write_config(ONE);
