@@ -28,7 +28,7 @@ fn send(states: &[NotifyState], wait: Option<Duration>) {
     match sent {
         Ok(_) => {}
         Err(e) if wait.is_none() && e.kind() == std::io::ErrorKind::WouldBlock => {
-            tracing::debug!("systemd's notification queue is full; status line dropped");
+            tracing::debug!("systemd's notification queue is full; this status line or watchdog ping is dropped");
         }
         Err(e) => tracing::warn!("cannot notify systemd: {e}"),
     }
