@@ -57,7 +57,11 @@ fn context_switches(pid: u32) -> u64 {
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// utime + stime of a `/proc/.../stat` line (the fields after the parenthesised name).
+fn stat_ticks(stat: &str) -> u64 {
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
         + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
@@ -69,8 +73,7 @@ fn cpu_by_thread(pid: u32) -> Vec<(String, f64)> {
     let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let parse = |stat: &str| -> Option<(String, u64)> {
         let name = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
-        let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-        Some((name, fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?))
+        Some((name, stat_ticks(stat)))
     };
     let mut by_name: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
