@@ -406,10 +406,14 @@ impl Daemon {
         Ok(())
     }
 
-    /// Installs `config`: entries added, changed or dropped; sinks synced; everything re-planned;
-    /// watches and concurrency limits rebuilt.
+    /// Installs `config`: entries added, changed or dropped; sinks synced; new and changed
+    /// credentials planned; watches and concurrency limits rebuilt.
     fn apply_config(&mut self, mut config: Config) -> Result<(), DaemonError> {
-        let lifetimes: FxHashMap<String, Lifetime> = self.store().list_lifetimes()?.into_iter().collect();
+        // Only new entries take their lifetime from here (`sync_from_store` keeps the others'),
+        // so a reload that adds none does not read 100,000 rows for nothing.
+        let adds = config.credentials.iter().any(|c| !self.entries.contains_key(&*c.name));
+        let lifetimes: FxHashMap<String, Lifetime> =
+            if adds { self.store().list_lifetimes()?.into_iter().collect() } else { FxHashMap::default() };
         // Logged one by one only when a reload adds them: at start-up, 100,000 lines say nothing.
         let starting = self.entries.is_empty();
         self.entries.reserve(config.credentials.len().saturating_sub(self.entries.len()));
