@@ -87,9 +87,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> R
 /// disk before the rename; a reader sees the old file or the new), in phases: every temp file is
 /// created and written, the kernel is asked to start writing all of them back, then all are
 /// fsync'd at once (see [`FSYNC_THREADS`]), then renamed; every touched directory is fsync'd once
-/// for the whole batch. (An earlier version used one `syncfs(2)`
-/// per batch: it flushes everything on the file system, the store's own commits included, which
-/// then wait behind unrelated data.)
+/// for the whole batch. (An earlier version used one `syncfs(2)` per batch: it flushes everything
+/// on the file system, the store's own commits included, which then wait behind unrelated data.)
 pub fn write_many(items: &[(&SinkConfig, &TokenState)]) -> Vec<Result<(), SinkError>> {
     let mut results: Vec<Result<(), SinkError>> = Vec::with_capacity(items.len());
     let mut dirs = std::collections::BTreeSet::new();
