@@ -12,7 +12,7 @@
 use crate::clock::now_secs;
 use crate::config::{Config, Credential};
 use crate::provider::{self, FirstGrant, GrantKind, HttpClient, TokenAnswer};
-use crate::redact::Secret;
+use crate::redact::{Secret, clean_text};
 use crate::refresh::{self, Outcome};
 use crate::schedule::issue_time;
 use crate::store::{Store, StoreError, TokenState};
@@ -28,6 +28,11 @@ use url::Url;
 
 /// The callback request head is a few hundred bytes; more is not a browser redirect.
 const MAX_CALLBACK_HEAD: usize = 16 * 1024;
+/// One connection to the redirect listener gets this long to send its request and take the
+/// answer: any local user can connect, and an idle connection must not hold up the browser's.
+const CALLBACK_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; further ones are closed until some finish.
+const MAX_CALLBACK_CONNECTIONS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthorizeError {
@@ -68,7 +73,7 @@ pub async fn authorize(
     credential: &Credential,
     options: Options,
 ) -> Result<TokenState, AuthorizeError> {
-    let http = HttpClient::new(config.daemon.http).map_err(AuthorizeError::Io)?;
+    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(AuthorizeError::Io)?;
     if let GrantKind::ApiKey(_) = credential.endpoint.grant {
         return api_key(config, credential, &http).await;
     }
@@ -89,10 +94,8 @@ pub async fn authorize(
         .map_err(AuthorizeError::Refused)?;
         (request, now_secs())
     };
-    let answer = http.send(&request).await.and_then(|raw| {
-        let secrets: Vec<&str> = credential.endpoint.client_secret.iter().map(Secret::expose).collect();
-        provider::interpret(&raw, now_secs(), &secrets)
-    });
+    // The scrubber knows every secret of the request: client secret, code, PKCE verifier, password.
+    let answer = http.send(&request).await.and_then(|raw| provider::interpret(&raw, now_secs(), &request.scrubber()));
     let answer = answer.map_err(|f| AuthorizeError::Provider(f.reason().to_string()))?;
     store_answer(config, credential, &answer, sent_at)
 }
@@ -167,12 +170,12 @@ pub async fn revoke(config: &Config, credential: &Credential, forget: bool) -> R
         crate::daemon::notify_store_changed(&config.daemon.database);
         return Ok(Revoked::ForgottenLocally);
     };
-    let http = HttpClient::new(config.daemon.http).map_err(AuthorizeError::Io)?;
+    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(AuthorizeError::Io)?;
     let raw = http.send(&request).await.map_err(|f| AuthorizeError::Provider(f.reason().to_string()))?;
     // RFC 7009 §2.2: 200 for success, including for a token that was already invalid.
     if !(200..300).contains(&raw.status) {
-        let body = String::from_utf8_lossy(&raw.body).chars().take(200).collect::<String>();
-        let body = crate::redact::scrub(&body, &[token]);
+        // Scrubbed whole (token and client secret, every encoding) before it is cut.
+        let body = request.scrubber().clean(&String::from_utf8_lossy(&raw.body), 200);
         return Err(AuthorizeError::Provider(format!("revocation refused (HTTP {}): {body}", raw.status)));
     }
     store.mark_revoked(name, now_secs())?;
@@ -214,7 +217,7 @@ async fn code_flow(credential: &Credential, options: Options) -> Result<Code, Au
     drop(out);
 
     let params = if listen {
-        tokio::time::timeout(options.timeout, receive_redirect(redirect))
+        tokio::time::timeout(options.timeout, receive_redirect(redirect, &state))
             .await
             .map_err(|_| AuthorizeError::TimedOut(options.timeout))??
     } else {
@@ -234,6 +237,7 @@ async fn code_flow(credential: &Credential, options: Options) -> Result<Code, Au
 fn check_redirect(params: &HashMap<String, String>, state: &str) -> Result<Secret, AuthorizeError> {
     if let Some(error) = params.get("error") {
         let description = params.get("error_description").map(|d| format!(": {d}")).unwrap_or_default();
+        let (error, description) = (clean_text(error, 64), clean_text(&description, 300));
         let what = if error == "access_denied" {
             "access was denied at the provider"
         } else {
@@ -258,47 +262,97 @@ fn check_redirect(params: &HashMap<String, String>, state: &str) -> Result<Secre
     }
 }
 
-/// Serves the loopback redirect: answers the browser and returns the query parameters of the
-/// first request to the redirect path.
-async fn receive_redirect(redirect: &Url) -> Result<HashMap<String, String>, AuthorizeError> {
+/// Serves the loopback redirect until a request carrying this authorization's `state` arrives,
+/// and returns its query parameters. Any local user can connect to the port: connections are
+/// served concurrently, each with a timeout, and a request without the right `state` — an
+/// `error=` one included — is answered, logged and ignored, so it can neither jam nor abort the
+/// flow.
+async fn receive_redirect(redirect: &Url, state: &str) -> Result<HashMap<String, String>, AuthorizeError> {
     let host = redirect.host_str().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']');
     let port = redirect.port_or_known_default().unwrap_or(80);
     let listener = TcpListener::bind((host, port))
         .await
         .map_err(|e| AuthorizeError::Io(format!("cannot listen on {host}:{port} for the redirect: {e}")))?;
+    let (found_tx, mut found) = tokio::sync::mpsc::channel(1);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (mut stream, _) = listener.accept().await.map_err(|e| AuthorizeError::Io(e.to_string()))?;
-        let mut head = Vec::new();
-        let mut buf = [0u8; 2048];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_CALLBACK_HEAD {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
+        tokio::select! {
+            Some(params) = found.recv() => return Ok(params),
+            accepted = listener.accept() => {
+                let (stream, peer) = accepted.map_err(|e| AuthorizeError::Io(e.to_string()))?;
+                while connections.try_join_next().is_some() {}
+                if connections.len() >= MAX_CALLBACK_CONNECTIONS {
+                    tracing::warn!(%peer, "too many connections to the redirect listener; closing this one");
+                    continue;
+                }
+                let (redirect, state, found_tx) = (redirect.clone(), state.to_string(), found_tx.clone());
+                connections.spawn(async move {
+                    let served = tokio::time::timeout(
+                        CALLBACK_CONNECTION_TIMEOUT,
+                        serve_callback(stream, &redirect, &state),
+                    );
+                    match served.await {
+                        Ok(Some(params)) => {
+                            let _ = found_tx.send(params).await;
+                        }
+                        Ok(None) => {}
+                        Err(_) => tracing::debug!(%peer, "redirect listener: connection timed out"),
+                    }
+                });
             }
         }
-        let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
-        let target = line.split_whitespace().nth(1).unwrap_or("/");
-        let Ok(url) = redirect.join(target) else { continue };
-        if url.path() != redirect.path() {
-            let _ = respond(&mut stream, 404, "Not the tokend callback.").await;
-            continue;
-        }
-        let params: HashMap<String, String> = url.query_pairs().into_owned().collect();
-        let page = if params.contains_key("code") {
-            "tokend received the authorization. You can close this tab."
-        } else {
-            "tokend received the redirect, without a code. See the terminal."
-        };
-        let _ = respond(&mut stream, 200, page).await;
-        return Ok(params);
     }
+}
+
+/// Reads one request; answers it; returns its parameters if it carries `state`.
+async fn serve_callback(
+    mut stream: tokio::net::TcpStream,
+    redirect: &Url,
+    state: &str,
+) -> Option<HashMap<String, String>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_CALLBACK_HEAD {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
+    let target = line.split_whitespace().nth(1).unwrap_or("/");
+    let url = redirect.join(target).ok()?;
+    if url.path() != redirect.path() {
+        let _ = respond(&mut stream, 404, "Not the tokend callback.").await;
+        return None;
+    }
+    let params: HashMap<String, String> = url.query_pairs().into_owned().collect();
+    if params.get("state").map(String::as_str) != Some(state) {
+        tracing::warn!(
+            error = params.get("error").map(|e| clean_text(e, 64)),
+            "ignored a request to the redirect listener without this authorization's state (an old browser tab, or someone else)"
+        );
+        let _ = respond(&mut stream, 400, "This redirect does not belong to the authorization tokend is waiting for.")
+            .await;
+        return None;
+    }
+    let page = if params.contains_key("code") {
+        "tokend received the authorization. You can close this tab."
+    } else {
+        "tokend received the redirect, without a code. See the terminal."
+    };
+    let _ = respond(&mut stream, 200, page).await;
+    Some(params)
 }
 
 async fn respond(stream: &mut tokio::net::TcpStream, status: u16, text: &str) -> std::io::Result<()> {
     let body = format!("<!doctype html><meta charset=utf-8><title>tokend</title><p>{text}</p>\n");
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        if status == 200 { "OK" } else { "Not Found" },
+        match status {
+            200 => "OK",
+            400 => "Bad Request",
+            _ => "Not Found",
+        },
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

@@ -225,6 +225,9 @@ async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
 
 fn check(path: &std::path::Path) -> Result<(), CliError> {
     let config = config::load(path)?;
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
     println!(
         "{}: ok, {} credential(s), database {}",
         path.display(),
@@ -438,7 +441,8 @@ fn show(config: &Config, name: &str) -> Result<(), CliError> {
 
 async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
     let cred = credential(config, name)?;
-    let http = HttpClient::new(config.daemon.http).map_err(|e| CliError::new(exit::FAILURE, e))?;
+    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref())
+        .map_err(|e| CliError::new(exit::FAILURE, e))?;
     let generation = open_store(config)?.get(name)?.map(|s| s.generation);
     let store = crate::committer::Committer::open(&config.daemon.database)?;
     // Wait as long as another holder may legitimately keep the lease, then a little more.

@@ -64,6 +64,10 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// Shared with the daemon's schedule, so 100,000 credentials are held once.
     pub credentials: Vec<std::sync::Arc<Credential>>,
+    /// Problems that do not stop tokend but should be fixed (secrets other users can read).
+    pub warnings: Vec<String>,
+    /// Secrets written into the file itself.
+    pub inline_secrets: usize,
 }
 
 impl Config {
@@ -80,6 +84,11 @@ pub struct DaemonConfig {
     pub http: provider::HttpLimits,
     /// Prometheus textfile (node_exporter textfile collector), rewritten after changes.
     pub metrics_file: Option<PathBuf>,
+    /// Where scripts create `<credential>.refresh` to ask for a refresh now. A directory of its
+    /// own, so that the sink directory can stay writable by tokend alone; none means no triggers.
+    pub trigger_dir: Option<PathBuf>,
+    /// The HTTP(S) proxy for token endpoints; environment proxy variables are never used.
+    pub proxy: Option<Url>,
 }
 
 /// One credential: who to ask, how, when, and where its token goes.
@@ -141,6 +150,9 @@ pub struct Hooks {
     pub timeout: Duration,
     /// Pass the access token to hooks as TOKEND_ACCESS_TOKEN (off unless asked).
     pub pass_token: bool,
+    /// Names of tokend's own environment variables a hook may see; every other one (secrets
+    /// given through `*_env`, `CREDENTIALS_DIRECTORY`, systemd's sockets) is withheld.
+    pub pass_env: Vec<String>,
 }
 
 impl Credential {
@@ -197,6 +209,8 @@ struct RawDaemon {
     request_timeout: Option<String>,
     max_answer_bytes: Option<i64>,
     metrics_file: Option<PathBuf>,
+    trigger_dir: Option<PathBuf>,
+    proxy: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -236,6 +250,7 @@ struct RawCredential {
     on_failure: Option<Vec<String>>,
     hook_timeout: Option<String>,
     hook_token: Option<bool>,
+    hook_env: Option<Vec<String>>,
     #[serde(default)]
     sink: Vec<RawSink>,
 }
@@ -302,7 +317,20 @@ pub fn load_with(path: &Path, env: &dyn Environment, secrets: Secrets) -> Result
         ConfigError(vec![ConfigProblem { file: path.to_path_buf(), place: place.to_string(), field: None, message }])
     };
     let text = std::fs::read_to_string(path).map_err(|e| problem("cannot read", e.to_string()))?;
-    parse_with_secrets(path, &text, env, secrets)
+    let mut config = parse_with_secrets(path, &text, env, secrets)?;
+    if config.inline_secrets > 0 && is_world_readable(path) {
+        config.warnings.push(format!(
+            "{} holds {} inline secret(s) and every local user can read it; chmod o-r it, or move the secrets to *_credential or *_file",
+            path.display(),
+            config.inline_secrets
+        ));
+    }
+    Ok(config)
+}
+
+fn is_world_readable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
 }
 
 /// Validates configuration `text` as if read from `path`.
@@ -325,6 +353,8 @@ fn parse_with_secrets(path: &Path, text: &str, env: &dyn Environment, secrets: S
         hooks: HashSet::new(),
         secure_urls: HashMap::new(),
         plain_urls: HashMap::new(),
+        warnings: Vec::new(),
+        inline_secrets: 0,
     }
     .config(raw)
 }
@@ -452,6 +482,9 @@ struct Validator<'a> {
     /// stricter check) and the others.
     secure_urls: HashMap<String, Url>,
     plain_urls: HashMap<String, Url>,
+    /// Not errors, but worth an operator's attention (`tokend check`, start-up).
+    warnings: Vec<String>,
+    inline_secrets: usize,
 }
 
 impl Validator<'_> {
@@ -513,7 +546,13 @@ impl Validator<'_> {
             }
         }
         if self.problems.is_empty() {
-            Ok(Config { path: self.file, daemon, credentials })
+            Ok(Config {
+                path: self.file,
+                daemon,
+                credentials,
+                warnings: self.warnings,
+                inline_secrets: self.inline_secrets,
+            })
         } else {
             Err(ConfigError(self.problems))
         }
@@ -543,7 +582,19 @@ impl Validator<'_> {
                 self.positive(place, "max_answer_bytes", n, 16 * 1024 * 1024).unwrap_or(http.max_answer_bytes);
         }
         let metrics_file = raw.metrics_file.map(|p| self.resolve(&p));
-        DaemonConfig { database, concurrency, http, metrics_file }
+        let trigger_dir = raw.trigger_dir.map(|p| self.resolve(&p));
+        let proxy = raw.proxy.and_then(|text| match Url::parse(&text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Some(url),
+            Ok(_) => {
+                self.report(place, Some("proxy"), format!("\"{text}\" is not an http:// or https:// proxy URL"));
+                None
+            }
+            Err(e) => {
+                self.report(place, Some("proxy"), format!("\"{text}\" is not a URL ({e})"));
+                None
+            }
+        });
+        DaemonConfig { database, concurrency, http, metrics_file, trigger_dir, proxy }
     }
 
     fn positive(&mut self, place: &str, field: &str, n: i64, max: usize) -> Option<usize> {
@@ -727,8 +778,21 @@ impl Validator<'_> {
             Some(t) => self.duration(&place, "hook_timeout", &t).unwrap_or(DEFAULT_HOOK_TIMEOUT),
             None => DEFAULT_HOOK_TIMEOUT,
         };
-        let hooks =
-            Hooks { on_refresh, on_failure, timeout: hook_timeout, pass_token: raw.hook_token.unwrap_or(false) };
+        let pass_env = raw.hook_env.unwrap_or_default();
+        if let Some(bad) = pass_env.iter().find(|v| v.is_empty() || v.contains(['=', '\0'])) {
+            self.report(
+                &place,
+                Some("hook_env"),
+                format!("\"{}\" is not an environment variable name", bad.escape_debug()),
+            );
+        }
+        let hooks = Hooks {
+            on_refresh,
+            on_failure,
+            timeout: hook_timeout,
+            pass_token: raw.hook_token.unwrap_or(false),
+            pass_env,
+        };
 
         if self.problems.len() > before {
             return None;
@@ -904,9 +968,16 @@ impl Validator<'_> {
             return Ok(Some(Secret::new("")));
         }
         let value = if let Some(v) = inline {
+            self.inline_secrets += 1;
             Some(v)
         } else if let Some(f) = file {
             let path = self.resolve(&f);
+            if is_world_readable(&path) {
+                self.warnings.push(format!(
+                    "{place}: {field}_file {} can be read by every local user; chmod o-r it",
+                    path.display()
+                ));
+            }
             self.read_secret_file(place, &format!("{field}_file"), &path)
         } else if let Some(var) = env {
             let v = self.env.var(&var);
@@ -1010,6 +1081,14 @@ impl Validator<'_> {
                 &place,
                 Some("mode"),
                 format!("{mode:04o} lets every local user at the token; grant a group instead (e.g. 0640)"),
+            );
+            return None;
+        }
+        if mode & 0o020 != 0 {
+            self.report(
+                &place,
+                Some("mode"),
+                format!("{mode:04o} lets the group replace the token readers trust; readers need 0640 at most"),
             );
             return None;
         }

@@ -7,6 +7,10 @@
 use crate::clock::now_secs;
 use crate::daemon;
 use crate::mock_provider::{MockProvider, MockSettings};
+
+/// The demo's providers remember this many requests: enough to look at, bounded for a demo left
+/// running for days.
+const DEV_KEPT_REQUESTS: usize = 1000;
 use crate::provider::parse_token_json;
 use crate::refresh::new_token;
 use crate::schedule::imported_issue_time;
@@ -44,7 +48,12 @@ pub async fn run(lifetime: Duration, keep: bool) -> Result<(), DevError> {
         root.join("tokend.db").display()
     );
     for (name, provider, path, created_at, sink, format) in DEMO {
-        let settings = MockSettings { expires_in, send_created_at: created_at, ..MockSettings::default() };
+        let settings = MockSettings {
+            expires_in,
+            send_created_at: created_at,
+            keep_requests: Some(DEV_KEPT_REQUESTS),
+            ..MockSettings::default()
+        };
         let mock = MockProvider::start(settings).await.map_err(|e| fail("cannot start the demo provider", e))?;
         config.push_str(&format!(
             "\n[[credential]]\nname = \"{name}\"\nprovider = \"{provider}\"\ntoken_url = \"{}\"\nclient_id = \"demo-{provider}\"\nclient_secret = \"demo-secret\"\n\n[[credential.sink]]\npath = \"{}\"\nformat = \"{format}\"\n",

@@ -5,12 +5,22 @@
 //! Environment given to a hook: `TOKEND_EVENT` (refreshed | failed | needs_reauth | expired),
 //! `TOKEND_CREDENTIAL`, `TOKEND_PROVIDER`, `TOKEND_SINKS` (sink paths joined by ':'),
 //! `TOKEND_EXPIRES_AT` (RFC 3339, when known), `TOKEND_GENERATION`, `TOKEND_ERROR` (failures), and
-//! `TOKEND_ACCESS_TOKEN` only when the credential sets `hook_token = true`.
+//! `TOKEND_ACCESS_TOKEN` only when the credential sets `hook_token = true`. Nothing else of
+//! tokend's environment reaches a hook — a client secret given through `client_secret_env`,
+//! `CREDENTIALS_DIRECTORY`, systemd's sockets — except a `PATH` ([`DEFAULT_HOOK_PATH`] unless
+//! tokend's own is allowed) and the variables the credential names in `hook_env`.
+//!
+//! A hook runs as tokend's own user, in its sandbox: it can read what tokend can read, the
+//! database included. A hook that needs less should hand its work to another service (README,
+//! "Hooks").
 
 use crate::clock::rfc3339;
 use crate::config::Credential;
 use crate::store::TokenState;
 use std::process::Stdio;
+
+/// The search path hooks get unless `hook_env` passes tokend's own `PATH`.
+pub const DEFAULT_HOOK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -39,17 +49,19 @@ pub fn spawn(credential: &Credential, event: Event, state: Option<&TokenState>, 
     };
     let Some(argv) = argv.cloned() else { return };
     let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env("TOKEND_EVENT", event.as_str())
+    cmd.args(&argv[1..]).env_clear().env("PATH", DEFAULT_HOOK_PATH);
+    for name in &credential.hooks.pass_env {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    cmd.env("TOKEND_EVENT", event.as_str())
         .env("TOKEND_CREDENTIAL", &*credential.name)
         .env("TOKEND_PROVIDER", credential.provider().as_str())
         .env(
             "TOKEND_SINKS",
             credential.sinks.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(":"),
         )
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if let Some(state) = state {
@@ -62,7 +74,9 @@ pub fn spawn(credential: &Credential, event: Event, state: Option<&TokenState>, 
         }
     }
     if let Some(e) = error {
-        cmd.env("TOKEND_ERROR", e);
+        // Provider text is cleaned where it enters; this keeps a NUL from ever stopping the
+        // hook from starting.
+        cmd.env("TOKEND_ERROR", crate::redact::clean_text(e, 1000));
     }
     let name = credential.name.clone();
     let timeout = credential.hooks.timeout;

@@ -24,6 +24,7 @@
 //! | [`mock_provider`] | a loopback OAuth token endpoint for `tokend dev` and the tests |
 //! | [`redact`] | secrets wrapped so they print only as fingerprints |
 //! | [`clock`] | wall-clock time as unix seconds/milliseconds |
+//! | [`untrusted`] | opening files where others can write: no links, no blocking, bounded reads |
 
 pub mod authorize;
 pub mod cli;
@@ -44,3 +45,4 @@ pub mod schedule;
 pub mod sink;
 pub mod store;
 pub mod timer;
+pub mod untrusted;

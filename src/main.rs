@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use tokend::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    // Tokens and secrets live in this process's memory: no core dump may carry them to disk, and
+    // no other process of the same user may read that memory through /proc or ptrace.
+    let undumpable = nix::sys::prctl::set_dumpable(false);
     tokend::memory::tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -14,6 +17,9 @@ fn main() -> ExitCode {
         }
     };
     tokend::logging::init(&cli.log_level, cli.log_format.into());
+    if let Err(e) = undumpable {
+        tracing::warn!("cannot turn core dumps off (PR_SET_DUMPABLE): {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

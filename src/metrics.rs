@@ -18,8 +18,14 @@ pub struct CredentialMetrics {
     pub refreshes: [u64; RESULTS.len()],
 }
 
-pub fn render(credentials: &BTreeMap<String, CredentialMetrics>) -> String {
+/// The textfile for `credentials`; `sinks_replaced` counts entries others planted at sink paths
+/// (links, FIFOs, foreign files) that sink writes replaced since the daemon started.
+pub fn render(credentials: &BTreeMap<String, CredentialMetrics>, sinks_replaced: u64) -> String {
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP tokend_sink_replaced_total Entries someone else put at a sink path (links, FIFOs, foreign files), replaced by tokend.\n# TYPE tokend_sink_replaced_total counter\ntokend_sink_replaced_total {sinks_replaced}"
+    );
     let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in rows {
@@ -70,7 +76,8 @@ mod tests {
     fn renders_every_family() {
         let mut m = CredentialMetrics { provider: "nudge".into(), expires_at: Some(1700000000), ..Default::default() };
         m.refreshes[0] = 3;
-        let text = render(&BTreeMap::from([("n1".to_string(), m)]));
+        let text = render(&BTreeMap::from([("n1".to_string(), m)]), 2);
+        assert!(text.contains("\ntokend_sink_replaced_total 2\n"));
         assert!(text.contains("# TYPE tokend_refresh_total counter\n"));
         assert!(text.contains("tokend_token_expires_at_seconds{credential=\"n1\",provider=\"nudge\"} 1700000000\n"));
         assert!(text.contains("tokend_refresh_total{credential=\"n1\",provider=\"nudge\",result=\"success\"} 3\n"));

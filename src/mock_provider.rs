@@ -120,18 +120,21 @@ pub struct MockSettings {
     pub rotate: bool,
     /// Delay before every answer, so that concurrent requests overlap.
     pub delay: Duration,
+    /// Keep only the latest this many requests for [`MockProvider::requests`] (`tokend dev` runs
+    /// for days); `None` keeps all, for tests that count them.
+    pub keep_requests: Option<usize>,
 }
 
 impl Default for MockSettings {
     fn default() -> Self {
-        Self { expires_in: 3600, send_created_at: true, rotate: true, delay: Duration::ZERO }
+        Self { expires_in: 3600, send_created_at: true, rotate: true, delay: Duration::ZERO, keep_requests: None }
     }
 }
 
 #[derive(Default)]
 struct State {
     settings: MockSettings,
-    requests: Vec<RecordedRequest>,
+    requests: VecDeque<RecordedRequest>,
     faults: VecDeque<Fault>,
     /// Live refresh token → chain label.
     live: HashMap<String, String>,
@@ -222,7 +225,7 @@ impl MockProvider {
     }
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state().requests.clone()
+        self.state().requests.iter().cloned().collect()
     }
 
     /// Successful refresh-token grants answered so far.
@@ -402,7 +405,10 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Resu
         let (fault, delay) = {
             let mut s = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             request.chain = request.field("refresh_token").and_then(|t| s.live.get(&t).cloned());
-            s.requests.push(request.clone());
+            if s.settings.keep_requests.is_some_and(|keep| s.requests.len() >= keep) {
+                s.requests.pop_front();
+            }
+            s.requests.push_back(request.clone());
             (s.faults.pop_front(), s.settings.delay)
         };
         let delay = match &fault {

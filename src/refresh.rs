@@ -127,13 +127,12 @@ pub async fn refresh(
     };
 
     // Step 3: the request. The lease is released whatever happens below, even if the commit fails.
-    let secrets = secrets_of(credential, spent.as_ref());
+    let scrubber = request.scrubber();
     let sent_at = now_secs();
     let sent = http.send(&request).await;
-    let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
     let interpreted = sent.and_then(|raw| {
         let rate_limited_for = provider::rate_limit_reset_in_if_exhausted(&raw, now_secs());
-        provider::interpret(&raw, now_secs(), &secret_refs).map(|answer| (answer, rate_limited_for))
+        provider::interpret(&raw, now_secs(), &scrubber).map(|answer| (answer, rate_limited_for))
     });
 
     let outcome = match interpreted {
@@ -242,15 +241,6 @@ impl SkipReason {
     }
 }
 
-fn secrets_of(credential: &Credential, refresh_token: Option<&crate::redact::Secret>) -> Vec<String> {
-    let mut out: Vec<String> = refresh_token.iter().map(|t| t.expose().to_string()).collect();
-    out.extend(credential.endpoint.client_secret.iter().map(|s| s.expose().to_string()));
-    if let provider::GrantKind::ApiKey(k) = &credential.endpoint.grant {
-        out.push(k.expose().to_string());
-    }
-    out
-}
-
 /// Last resort when the rotation commit fails: keep the answer as importable JSON beside the
 /// database (mode 0600), then in the system temp dir. Returns where it went.
 fn write_rescue(db: &std::path::Path, name: &str, token: &NewToken) -> String {
@@ -269,6 +259,7 @@ fn write_rescue(db: &std::path::Path, name: &str, token: &NewToken) -> String {
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(crate::untrusted::HOSTILE_OPEN_FLAGS)
             .open(&path)
             .and_then(|mut f| f.write_all(json.to_string().as_bytes()).and_then(|()| f.sync_all()));
         if written.is_ok() {

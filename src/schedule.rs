@@ -162,10 +162,20 @@ pub fn retry_at_ms(
         at = at.min(deadline);
     }
     if let Some(wait) = provider_wait {
-        at = at.max(now_ms.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)));
+        let told = now_ms.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+        // A wait that outlasts the token still leaves one last attempt shortly before it expires.
+        at = match expires_at_ms.map(|e| e - LAST_CHANCE_BEFORE_EXPIRY_MS) {
+            Some(last_chance) if told > last_chance => at.max(last_chance),
+            _ => at.max(told),
+        };
     }
     at
 }
+
+/// A credential told to wait past its token's expiry (429, rate-limit reset) still gets one
+/// attempt this long before the token expires: the provider's wait may be a generous estimate,
+/// and a dead token costs a human.
+pub const LAST_CHANCE_BEFORE_EXPIRY_MS: i64 = 30_000;
 
 #[cfg(test)]
 mod tests {
@@ -174,6 +184,21 @@ mod tests {
     fn due_in_secs(lifetime: i64, policy: RefreshAt) -> f64 {
         let created = 1_000_000;
         (due_at_ms(created, created + lifetime, policy, 0.0) - created * 1000) as f64 / 1000.0
+    }
+
+    #[test]
+    fn a_provider_wait_past_expiry_leaves_one_last_attempt() {
+        let now = 1_000_000_000;
+        let expires = now + 600_000;
+        let hour = Some(Duration::from_secs(3600));
+        let at = retry_at_ms(now, 1, Duration::from_secs(1800), Some(expires), hour, 0.5);
+        assert_eq!(at, expires - LAST_CHANCE_BEFORE_EXPIRY_MS);
+        // A wait that ends before the last chance is honoured as told.
+        let short = Some(Duration::from_secs(60));
+        assert_eq!(retry_at_ms(now, 1, Duration::from_secs(1800), Some(expires), short, 0.5), now + 60_000);
+        // Already inside the last chance window: backoff only, never an hour.
+        let late = retry_at_ms(expires - 5_000, 1, Duration::from_secs(1800), Some(expires), hour, 0.5);
+        assert!(late < expires, "{late}");
     }
 
     #[test]
@@ -240,7 +265,9 @@ mod tests {
         assert_eq!(retry_at_ms(0, 10, life, Some(100_000), None, 0.5), 99_000);
         // Already expired: plain backoff.
         assert_eq!(retry_at_ms(200_000, 1, life, Some(100_000), None, 0.5), 205_000);
-        // Retry-After wins over the expiry cap.
-        assert_eq!(retry_at_ms(0, 1, life, Some(3_000), Some(Duration::from_secs(120)), 0.5), 120_000);
+        // Retry-After wins over the backoff while the token outlives it...
+        assert_eq!(retry_at_ms(0, 1, life, Some(600_000), Some(Duration::from_secs(120)), 0.5), 120_000);
+        // ...but not past expiry: the token dies in 3 s, so it is tried once more 1 s before.
+        assert_eq!(retry_at_ms(0, 1, life, Some(3_000), Some(Duration::from_secs(120)), 0.5), 2_000);
     }
 }

@@ -1,16 +1,30 @@
 //! Token files for programs in any language. A reader must never see a partial file or a
 //! stale-but-valid-looking token, so every write is: temp file in the same directory (created
 //! exclusively, never following links) → write → fsync → rename over the target → fsync the
-//! directory. A watcher sees exactly one rename per new token. A symlink, a hard-linked file or
-//! anything but a regular file at the target is refused: nothing is ever written through it.
+//! directory. A watcher sees exactly one rename per new token. Whatever someone planted at the
+//! target — a symlink, a hard link, a FIFO — is replaced by the rename, which swaps the directory
+//! entry and follows nothing: readers get tokend's token, never the planter's. Nothing is ever
+//! read, written or opened through it (see [`crate::untrusted`]).
 
 use crate::clock::rfc3339;
 use crate::config::{SinkConfig, SinkFormat};
 use crate::store::TokenState;
+use crate::untrusted::{self, Found};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Entries found at a sink path that tokend did not put there (links, FIFOs, other files) and
+/// replaced, since start; for `tokend_sink_replaced_total`.
+static REPLACED: AtomicU64 = AtomicU64::new(0);
+
+/// How many planted entries sink writes have replaced since the process started.
+pub fn replaced_total() -> u64 {
+    REPLACED.load(Ordering::Relaxed)
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("sink {path}: {message}")]
@@ -67,15 +81,13 @@ pub fn write(sink: &SinkConfig, state: &TokenState) -> Result<(), SinkError> {
 }
 
 /// Replaces `path` with `bytes` so that readers see the old file or the new one, never a mix:
-/// temp file → fsync → rename → fsync directory. Refuses links and non-regular files at `path`.
+/// temp file → fsync → rename → fsync directory. Whatever else is at `path` is replaced.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<(), SinkError> {
-    check_target(path)?;
     let dir = parent_dir(path);
     let tmp = temp_path(path)?;
-    let result = write_new_file(&tmp, bytes, mode, gid).and_then(|()| {
-        std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename into place: {e}"))?;
-        sync_dir(&dir)
-    });
+    let result = write_new_file(&tmp, bytes, mode, gid)
+        .and_then(|()| rename_into_place(&tmp, path))
+        .and_then(|()| sync_dir(&dir));
     if let Err(message) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(sink_error(path, message));
@@ -122,7 +134,6 @@ fn place_chunk(
     let mut staged: Vec<(usize, PathBuf, File)> = Vec::with_capacity(chunk.len());
     for (i, (sink, state)) in chunk.iter().enumerate().map(|(i, item)| (offset + i, item)) {
         let created = render(sink.format, state).map_err(|m| sink_error(&sink.path, m)).and_then(|bytes| {
-            check_target(&sink.path)?;
             let tmp = temp_path(&sink.path)?;
             let file = create_temp(&tmp, &bytes, sink.mode, sink.group.as_ref().map(|g| g.1))
                 .map_err(|m| sink_error(&sink.path, m))?;
@@ -143,8 +154,7 @@ fn place_chunk(
     let synced = fsync_in_parallel(&staged);
     for ((i, tmp, _), synced) in staged.into_iter().zip(synced) {
         let sink = chunk[i - offset].0;
-        let placed = synced
-            .and_then(|()| std::fs::rename(&tmp, &sink.path).map_err(|e| format!("cannot rename into place: {e}")));
+        let placed = synced.and_then(|()| rename_into_place(&tmp, &sink.path));
         match placed {
             Ok(()) => {
                 dirs.insert(parent_dir(&sink.path));
@@ -186,63 +196,144 @@ fn fsync_in_parallel(staged: &[(usize, PathBuf, File)]) -> Vec<Result<(), String
     })
 }
 
-/// Sink writes from many concurrent refreshes, batched by one thread through [`write_many`].
-/// `write_batched` returns once the caller's files are in place.
-pub async fn write_batched(sinks: &[SinkConfig], state: &TokenState) -> Vec<Result<(), SinkError>> {
-    type Job = (Vec<SinkConfig>, TokenState, tokio::sync::oneshot::Sender<Vec<Result<(), SinkError>>>);
+/// Work for the sink thread. Writes and repairs share one queue, so they happen in the order they
+/// were asked for: a repair planned from an older state can never land after a newer write.
+enum Job {
+    /// A refresh's new token: write every sink.
+    Write {
+        sinks: Vec<SinkConfig>,
+        state: Box<TokenState>,
+        reply: tokio::sync::oneshot::Sender<Vec<Result<(), SinkError>>>,
+    },
+    /// Sinks that may have been altered: each is read (as [`crate::untrusted`] allows) and
+    /// rewritten only if it does not hold its token; a token that expired meanwhile is left
+    /// alone (the daemon removes those files).
+    Repair { items: Vec<(Arc<str>, SinkConfig, TokenState)>, reply: tokio::sync::oneshot::Sender<Vec<Repaired>> },
+}
+
+/// One sink a repair rewrote (or failed to).
+pub struct Repaired {
+    pub credential: Arc<str>,
+    pub path: PathBuf,
+    pub result: Result<(), SinkError>,
+}
+
+/// The sink thread: every read and write of a sink file happens there, off the daemon's loop,
+/// and concurrent refreshes' files are written as one batch ([`write_many`]).
+fn sink_thread() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<Job>> {
     static WRITER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tokend-sinks".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut writes = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(job) = next.take() {
+                        match job {
+                            Job::Write { sinks, state, reply } => writes.push((sinks, *state, reply)),
+                            Job::Repair { items, reply } => {
+                                flush_writes(std::mem::take(&mut writes));
+                                let _ = reply.send(repair(&items));
+                            }
+                        }
+                        if writes.len() < 512 {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    flush_writes(writes);
+                }
+            })
+            .expect("spawning the sink writer thread");
+        std::sync::Mutex::new(tx)
+    })
+}
+
+type WriteJob = (Vec<SinkConfig>, TokenState, tokio::sync::oneshot::Sender<Vec<Result<(), SinkError>>>);
+
+fn flush_writes(jobs: Vec<WriteJob>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let items: Vec<(&SinkConfig, &TokenState)> =
+        jobs.iter().flat_map(|(sinks, state, _)| sinks.iter().map(move |s| (s, state))).collect();
+    let mut results = write_many(&items).into_iter();
+    for (sinks, _, reply) in jobs {
+        let mine: Vec<_> = results.by_ref().take(sinks.len()).collect();
+        let _ = reply.send(mine);
+    }
+}
+
+fn repair(items: &[(Arc<str>, SinkConfig, TokenState)]) -> Vec<Repaired> {
+    let now = crate::clock::now_secs();
+    let stale: Vec<&(Arc<str>, SinkConfig, TokenState)> = items
+        .iter()
+        .filter(|(_, sink, state)| state.expires_at.is_none_or(|t| t > now) && !is_current(sink, state))
+        .collect();
+    let batch: Vec<(&SinkConfig, &TokenState)> = stale.iter().map(|(_, sink, state)| (sink, state)).collect();
+    stale
+        .iter()
+        .zip(write_many(&batch))
+        .map(|((credential, sink, _), result)| Repaired {
+            credential: credential.clone(),
+            path: sink.path.clone(),
+            result,
+        })
+        .collect()
+}
+
+fn send_job(job: Job) -> bool {
+    let sender = sink_thread().lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    sender.send(job).is_ok()
+}
+
+/// Writes a refresh's sinks through the sink thread, batched with concurrent refreshes'; returns
+/// once the caller's files are in place.
+pub async fn write_batched(sinks: &[SinkConfig], state: &TokenState) -> Vec<Result<(), SinkError>> {
     if sinks.is_empty() {
         return Vec::new();
     }
-    let sender = WRITER
-        .get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            std::thread::Builder::new()
-                .name("tokend-sinks".into())
-                .spawn(move || {
-                    while let Ok(first) = rx.recv() {
-                        let mut jobs = vec![first];
-                        while let Ok(job) = rx.try_recv() {
-                            jobs.push(job);
-                            if jobs.len() >= 512 {
-                                break;
-                            }
-                        }
-                        let items: Vec<(&SinkConfig, &TokenState)> =
-                            jobs.iter().flat_map(|(sinks, state, _)| sinks.iter().map(move |s| (s, state))).collect();
-                        let mut results = write_many(&items).into_iter();
-                        for (sinks, _, reply) in jobs {
-                            let mine: Vec<_> = results.by_ref().take(sinks.len()).collect();
-                            let _ = reply.send(mine);
-                        }
-                    }
-                })
-                .expect("spawning the sink writer thread");
-            std::sync::Mutex::new(tx)
-        })
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let gone = || sinks.iter().map(|s| Err(sink_error(&s.path, "the sink writer thread is gone"))).collect();
     let (reply, answer) = tokio::sync::oneshot::channel();
-    if sender.send((sinks.to_vec(), state.clone(), reply)).is_err() {
-        return sinks.iter().map(|s| Err(sink_error(&s.path, "the sink writer thread is gone"))).collect();
+    if !send_job(Job::Write { sinks: sinks.to_vec(), state: Box::new(state.clone()), reply }) {
+        return gone();
     }
-    answer
-        .await
-        .unwrap_or_else(|_| sinks.iter().map(|s| Err(sink_error(&s.path, "the sink writer thread is gone"))).collect())
+    answer.await.unwrap_or_else(|_| gone())
 }
 
-/// Whether the sink already holds exactly what [`write`] would put there (content and mode), so
-/// that a watcher can tell our own writes from someone else's changes.
+/// Checks `items` on the sink thread and rewrites those that do not hold their token; returns
+/// what was rewritten.
+pub async fn repair_stale(items: Vec<(Arc<str>, SinkConfig, TokenState)>) -> Vec<Repaired> {
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if !send_job(Job::Repair { items, reply }) {
+        tracing::error!("the sink writer thread is gone; sinks are not checked");
+        return Vec::new();
+    }
+    answer.await.unwrap_or_default()
+}
+
+/// Whether the sink already holds exactly what [`write`] would put there — content, mode, owner,
+/// group, one link — so that a watcher can tell our own writes from someone else's changes. The
+/// file is read as [`crate::untrusted`] says: a FIFO or a link to `/dev/zero` is "not current",
+/// never a hang or a huge read.
 pub fn is_current(sink: &SinkConfig, state: &TokenState) -> bool {
-    let Ok(meta) = std::fs::symlink_metadata(&sink.path) else { return false };
-    if !meta.file_type().is_file() || meta.permissions().mode() & 0o777 != sink.mode {
-        return false;
-    }
-    match (render(sink.format, state), std::fs::read(&sink.path)) {
-        (Ok(want), Ok(have)) => want == have,
-        _ => false,
-    }
+    let Ok(want) = render(sink.format, state) else { return false };
+    let Ok(Found::Regular { meta, bytes }) = untrusted::read_regular(&sink.path, want.len()) else { return false };
+    meta.uid() == nix::unistd::geteuid().as_raw()
+        && meta.gid() == target_gid(sink.group.as_ref().map(|g| g.1))
+        && meta.nlink() == 1
+        && meta.permissions().mode() & 0o7777 == sink.mode
+        && bytes == want
+}
+
+/// The group a sink file is given: the configured one, else tokend's own (set explicitly: in a
+/// set-group-ID directory the file would otherwise take the directory's group).
+fn target_gid(configured: Option<u32>) -> u32 {
+    configured.unwrap_or_else(|| nix::unistd::getegid().as_raw())
 }
 
 /// Removes a sink file (token expired, credential removed). A missing file is fine; a symlink is
@@ -278,20 +369,21 @@ pub fn is_temp_file(path: &Path) -> bool {
     path.file_name().map(|n| n.to_string_lossy()).is_some_and(|n| n.starts_with('.') && n.contains(TEMP_MARK))
 }
 
-fn check_target(path: &Path) -> Result<(), SinkError> {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(sink_error(path, format!("cannot inspect: {e}"))),
-        Ok(meta) if meta.file_type().is_symlink() => {
-            Err(sink_error(path, "is a symbolic link; refusing to write a token through it"))
-        }
-        Ok(meta) if !meta.file_type().is_file() => Err(sink_error(path, "exists and is not a regular file")),
-        Ok(meta) if meta.nlink() > 1 => Err(sink_error(
-            path,
-            format!("has {} hard links; another name for this file would keep old tokens, refusing", meta.nlink()),
-        )),
-        Ok(_) => Ok(()),
+/// Renames `tmp` over `target`. Something tokend did not write there (a symlink, a FIFO, a file
+/// with other links) is replaced all the same — `rename` swaps the directory entry and follows
+/// nothing — and reported, because someone with write access to the directory put it there.
+fn rename_into_place(tmp: &Path, target: &Path) -> Result<(), String> {
+    let planted = match std::fs::symlink_metadata(target) {
+        Ok(meta) if !meta.file_type().is_file() || meta.nlink() > 1 => Some(untrusted::kind_of(&meta)),
+        Ok(meta) if meta.uid() != nix::unistd::geteuid().as_raw() => Some("a file owned by another user"),
+        _ => None,
+    };
+    std::fs::rename(tmp, target).map_err(|e| format!("cannot rename into place: {e}"))?;
+    if let Some(what) = planted {
+        REPLACED.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(sink = %target.display(), "replaced {what} that someone else put at the sink path");
     }
+    Ok(())
 }
 
 fn write_new_file(tmp: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<(), String> {
@@ -300,27 +392,31 @@ fn write_new_file(tmp: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Resu
 }
 
 /// Creates `tmp` exclusively (never through a link) with `bytes`, `mode` and group; not synced.
+/// On any failure the temp file is removed again.
 fn create_temp(tmp: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<File, String> {
     let mut file: File = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(untrusted::HOSTILE_OPEN_FLAGS)
         .open(tmp)
         .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-    if let Some(gid) = gid {
-        nix::unistd::fchown(&file, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| format!("cannot give the file to group {gid}: {e}"))?;
+    let filled = fill_temp(&mut file, bytes, mode, gid);
+    if filled.is_err() {
+        let _ = std::fs::remove_file(tmp);
     }
+    filled.map(|()| file)
+}
+
+fn fill_temp(file: &mut File, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<(), String> {
+    let gid = target_gid(gid);
+    nix::unistd::fchown(&*file, None, Some(nix::unistd::Gid::from_raw(gid)))
+        .map_err(|e| format!("cannot give the file to group {gid}: {e}"))?;
     // The umask may have taken bits away from `mode`; set it exactly (after chown, which may
     // clear set-id bits).
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set mode {mode:04o}: {e}"))?;
-    file.write_all(bytes).map_err(|e| {
-        let _ = std::fs::remove_file(tmp);
-        format!("cannot write: {e}")
-    })?;
-    Ok(file)
+    file.write_all(bytes).map_err(|e| format!("cannot write: {e}"))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), String> {
@@ -370,7 +466,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let count = WRITE_MANY_OPEN_FILES * 2 + 3;
         let refused = WRITE_MANY_OPEN_FILES + 7;
-        let sinks: Vec<SinkConfig> = (0..count)
+        let mut sinks: Vec<SinkConfig> = (0..count)
             .map(|i| SinkConfig {
                 path: dir.path().join(format!("t{i}")),
                 format: SinkFormat::Raw,
@@ -378,7 +474,8 @@ mod tests {
                 group: None,
             })
             .collect();
-        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &sinks[refused].path).unwrap();
+        // A sink whose file cannot be placed: its path names a file inside a missing directory.
+        sinks[refused].path = dir.path().join("missing").join("t");
         let states: Vec<TokenState> =
             (0..count).map(|i| TokenState { access_token: Secret::new(format!("AT{i}")), ..state() }).collect();
         let items: Vec<(&SinkConfig, &TokenState)> = sinks.iter().zip(&states).collect();
@@ -386,13 +483,12 @@ mod tests {
         assert_eq!(results.len(), count);
         for (i, result) in results.iter().enumerate() {
             if i == refused {
-                assert!(result.as_ref().unwrap_err().to_string().contains("symbolic link"));
+                assert!(result.as_ref().unwrap_err().to_string().contains("cannot create"), "{result:?}");
             } else {
                 assert!(result.is_ok(), "{i}: {result:?}");
                 assert_eq!(std::fs::read_to_string(&sinks[i].path).unwrap(), format!("AT{i}"));
             }
         }
-        assert!(!dir.path().join("elsewhere").exists(), "nothing written through the link");
         let leftovers = std::fs::read_dir(dir.path())
             .unwrap()
             .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".tokend-"));
@@ -400,25 +496,31 @@ mod tests {
     }
 
     #[test]
-    fn writes_atomically_with_mode_and_refuses_links() {
+    fn writes_atomically_with_mode_and_replaces_planted_entries_without_following_them() {
         let dir = tempfile::tempdir().unwrap();
         let sink = SinkConfig { path: dir.path().join("t"), format: SinkFormat::Raw, mode: 0o640, group: None };
         write(&sink, &state()).unwrap();
         assert_eq!(std::fs::read(&sink.path).unwrap(), b"AT$1");
         assert_eq!(std::fs::metadata(&sink.path).unwrap().permissions().mode() & 0o777, 0o640);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left behind");
+        assert!(is_current(&sink, &state()));
 
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "keep").unwrap();
+        let before = replaced_total();
         let link = SinkConfig { path: dir.path().join("l"), format: SinkFormat::Raw, mode: 0o600, group: None };
         std::os::unix::fs::symlink(&victim, &link.path).unwrap();
-        let err = write(&link, &state()).unwrap_err().to_string();
-        assert!(err.contains("symbolic link"), "{err}");
-        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(!is_current(&link, &state()));
+        write(&link, &state()).unwrap();
+        assert!(std::fs::symlink_metadata(&link.path).unwrap().file_type().is_file(), "the link itself is gone");
+        assert_eq!(std::fs::read(&link.path).unwrap(), b"AT$1");
 
         let hard = SinkConfig { path: dir.path().join("h"), format: SinkFormat::Raw, mode: 0o600, group: None };
         std::fs::hard_link(&victim, &hard.path).unwrap();
-        assert!(write(&hard, &state()).unwrap_err().to_string().contains("hard links"));
-        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(!is_current(&hard, &state()), "a file with two links is not ours alone");
+        write(&hard, &state()).unwrap();
+        assert_eq!(std::fs::read(&hard.path).unwrap(), b"AT$1");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep", "nothing written through either");
+        assert_eq!(replaced_total() - before, 2);
     }
 }

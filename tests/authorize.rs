@@ -199,14 +199,26 @@ async fn refused(w: &World, redirect_query: impl Fn(&Authorizing, &str) -> Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_or_missing_state_is_refused() {
+async fn a_pasted_redirect_with_a_wrong_or_missing_state_is_refused() {
+    // (The loopback listener ignores such requests instead and keeps waiting: tests/security.rs.)
     let w = World::new(MockSettings::default()).await;
-    let (exit, stderr) = refused(&w, |_, r| format!("code={}&state=forged", w.mock.issue_code("o", r, None))).await;
-    assert_eq!(exit, 1);
-    assert!(stderr.contains("state does not match this authorization request"), "{stderr}");
-    let (exit, stderr) = refused(&w, |_, r| format!("code={}", w.mock.issue_code("o", r, None))).await;
-    assert_eq!(exit, 1);
-    assert!(stderr.contains("carries no state"), "{stderr}");
+    let redirect = "https://myapp.example/cb";
+    w.write_config(&format!(
+        "[[credential]]\nname = \"o\"\nprovider = \"oauth2\"\nauthorize_url = \"{{mock}}/authorize\"\ntoken_url = \"{{mock}}/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\nredirect_uri = \"{redirect}\"\n"
+    ));
+    for (query, expected) in [
+        (
+            format!("code={}&state=forged", w.mock.issue_code("o", redirect, None)),
+            "state does not match this authorization request",
+        ),
+        (format!("code={}", w.mock.issue_code("o", redirect, None)), "carries no state"),
+    ] {
+        let mut a = Authorizing::start(&w, &["o"]).await;
+        a.paste(&format!("{redirect}?{query}")).await;
+        let (exit, stderr) = a.finish().await;
+        assert_eq!(exit, 1);
+        assert!(stderr.contains(expected), "{stderr}");
+    }
     assert!(w.mock.requests().is_empty(), "no code was exchanged");
 }
 

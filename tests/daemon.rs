@@ -215,16 +215,17 @@ async fn config_file_change_reloads_without_a_signal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn altered_or_deleted_sinks_are_rewritten_and_symlinks_refused() {
+async fn altered_or_deleted_sinks_are_rewritten_and_planted_symlinks_replaced() {
     let w = World::new(MockSettings::default()).await;
     std::fs::create_dir(w.path("out")).unwrap();
     let victim = w.path("victim");
     std::fs::write(&victim, "precious").unwrap();
-    std::os::unix::fs::symlink(&victim, w.path("out/b.token")).unwrap();
     w.write_config(&format!("{ONE}\n{}", ONE.replace("\"a\"", "\"b\"").replace("a.token", "b.token")));
     w.authorize_and_import("a").await;
     w.authorize_and_import("b").await;
     let daemon = w.start_daemon().await;
+    std::os::unix::fs::symlink(&victim, w.path("out/.planted")).unwrap();
+    std::fs::rename(w.path("out/.planted"), w.path("out/b.token")).unwrap();
 
     let sink = w.path("out/a.token");
     let token = std::fs::read_to_string(&sink).unwrap();
@@ -243,10 +244,16 @@ async fn altered_or_deleted_sinks_are_rewritten_and_symlinks_refused() {
 
     daemon.signal(Signal::SIGUSR1);
     assert!(wait_for(Duration::from_secs(5), || w.generation("b") == 2).await);
-    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "nothing written through the symlink");
-    assert!(std::fs::symlink_metadata(w.path("out/b.token")).unwrap().file_type().is_symlink());
+    let b = w.store().get("b").unwrap().unwrap();
     assert!(
-        daemon.log_text().contains("is a symbolic link; refusing to write a token through it"),
+        wait_for(Duration::from_secs(1), || std::fs::read_to_string(w.path("out/b.token"))
+            .is_ok_and(|t| t == b.access_token.expose()))
+        .await
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "nothing written through the symlink");
+    assert!(std::fs::symlink_metadata(w.path("out/b.token")).unwrap().file_type().is_file(), "the link was replaced");
+    assert!(
+        daemon.log_text().contains("replaced a symbolic link that someone else put at the sink path"),
         "{}",
         daemon.log_text()
     );
@@ -286,10 +293,12 @@ async fn a_sink_never_goes_back_to_an_older_token_while_a_refresh_is_in_flight()
 async fn touching_the_trigger_file_refreshes_now() {
     let w = World::new(MockSettings::default()).await;
     std::fs::create_dir(w.path("out")).unwrap();
-    w.write_config(ONE);
+    w.write_config_with_daemon("trigger_dir = \"triggers\"", ONE);
     w.authorize_and_import("a").await;
     let _daemon = w.start_daemon().await;
-    let trigger = w.path("out/a.token.refresh");
+    let meta = std::fs::metadata(w.path("triggers")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o1770, "sticky, group-writable trigger directory");
+    let trigger = w.path("triggers/a.refresh");
     let status = std::process::Command::new("touch").arg(&trigger).status().unwrap();
     assert!(status.success());
     assert!(wait_for(Duration::from_secs(3), || w.generation("a") == 2).await);

@@ -68,8 +68,9 @@ proptest! {
         reset in proptest::option::of("-?[0-9]{0,20}"),
     ) {
             let raw = RawAnswer { status, body, retry_after, ratelimit_remaining: remaining, ratelimit_reset: reset, location: None };
-        if let Err(f) = interpret(&raw, 1_700_000_000, &["secret-value"]) {
+        if let Err(f) = interpret(&raw, 1_700_000_000, &tokend::redact::Scrubber::new(&["secret-value"])) {
             prop_assert!(!f.reason().contains("secret-value"));
+            prop_assert!(!f.reason().chars().any(char::is_control), "{:?}", f.reason());
         }
     }
 

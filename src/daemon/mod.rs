@@ -124,6 +124,16 @@ struct Entry {
 
 type RefreshResult = (Arc<str>, Result<Outcome, RefreshError>);
 
+/// At most one trigger-started refresh per [`TRIGGER_MIN_INTERVAL`] for a credential: a trigger
+/// that comes too soon is deferred to `next_allowed`, and that deferred refresh uses up the next
+/// interval as an immediate one would.
+#[derive(Debug, Clone, Copy)]
+struct TriggerFloor {
+    next_allowed: Instant,
+    /// A deferred refresh is planned for this time; triggers before it add nothing.
+    deferred_to: Option<Instant>,
+}
+
 struct Daemon {
     config: Config,
     /// The daemon's own connection: reads, imports of rescued tokens, housekeeping.
@@ -143,12 +153,14 @@ struct Daemon {
     in_flight_by_provider: HashMap<ProviderKind, usize>,
     /// Set on shutdown: no new refresh starts.
     stopping: bool,
-    provider_paused_until: HashMap<ProviderKind, i64>,
+    /// Rate-limit pauses by [`crate::provider::Endpoint::rate_limit_scope`]: until when that
+    /// endpoint and client asked us to wait.
+    paused_until: HashMap<String, i64>,
     /// Sink path → credential, and `.refresh` trigger path → credential.
     sink_owner: HashMap<PathBuf, Arc<str>>,
     trigger_owner: HashMap<PathBuf, Arc<str>>,
-    /// When each credential was last refreshed through its trigger file (few ever are).
-    last_trigger: HashMap<Arc<str>, Instant>,
+    /// The trigger floor of each credential refreshed through its trigger file (few ever are).
+    trigger_floor: HashMap<Arc<str>, TriggerFloor>,
     fs_tx: mpsc::UnboundedSender<PathBuf>,
     watcher: Option<notify::RecommendedWatcher>,
     dirty_sinks: HashSet<Arc<str>>,
@@ -171,7 +183,11 @@ pub fn store_changed_path(database: &Path) -> PathBuf {
 /// Tells a running daemon (if any) that the store changed under it. Best effort.
 pub fn notify_store_changed(database: &Path) {
     let path = store_changed_path(database);
-    let _ = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path);
+    // Only the event matters; the file is never read. Opened so that nothing planted there (a
+    // FIFO, a link) can block or redirect the write.
+    if let Err(e) = crate::untrusted::open_own_file(&path, true) {
+        tracing::debug!(path = %path.display(), "cannot signal the daemon: {e}");
+    }
 }
 
 /// Runs the daemon until [`Control::Shutdown`]; tells systemd READY=1 once every credential is
@@ -185,10 +201,13 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         credentials = config.credentials.len(),
         "configuration read"
     );
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     raise_open_file_limit();
     let _lock = lock_database(&config.daemon.database)?;
     let store = Store::open(&config.daemon.database)?;
-    let http = HttpClient::new(config.daemon.http).map_err(DaemonError::Io)?;
+    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(DaemonError::Io)?;
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         store_changed_path: store_changed_path(&config.daemon.database),
@@ -202,10 +221,10 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         queue: DeadlineQueue::default(),
         entries: FxHashMap::default(),
         running: HashMap::new(),
-        provider_paused_until: HashMap::new(),
+        paused_until: HashMap::new(),
         sink_owner: HashMap::new(),
         trigger_owner: HashMap::new(),
-        last_trigger: HashMap::new(),
+        trigger_floor: HashMap::new(),
         fs_tx,
         watcher: None,
         dirty_sinks: HashSet::new(),
@@ -218,7 +237,9 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     daemon.config.path = config_path;
     daemon.recover_abandoned_attempts()?;
     tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "store opened");
-    daemon.apply_config(daemon.config.clone())?;
+    let sinks_checked = daemon.apply_config(daemon.config.clone())?;
+    // READY=1 means every sink holds its token (the check runs on the sink thread).
+    let _ = sinks_checked.await;
     daemon.schedule_maintenance();
     crate::memory::release_freed_memory();
     tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "every credential scheduled");
@@ -310,14 +331,15 @@ fn lock_database(database: &Path) -> Result<File, DaemonError> {
     name.push(".lock");
     let path = database.with_file_name(name);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| DaemonError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        // The store would make its directory private; the lock comes first, so it does too.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| DaemonError::Io(format!("cannot create {}: {e}", dir.display())))?;
     }
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
+    let mut file = crate::untrusted::open_own_file(&path, false)
         .map_err(|e| DaemonError::Io(format!("cannot open lock file {}: {e}", path.display())))?;
     match file.try_lock() {
         Ok(()) => {
@@ -325,7 +347,12 @@ fn lock_database(database: &Path) -> Result<File, DaemonError> {
             Ok(file)
         }
         Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+            let holder = match crate::untrusted::read_regular(&path, 64) {
+                Ok(crate::untrusted::Found::Regular { bytes, .. }) => {
+                    crate::redact::clean_text(&String::from_utf8_lossy(&bytes), 64)
+                }
+                _ => String::new(),
+            };
             Err(DaemonError::AlreadyRunning {
                 database: database.to_path_buf(),
                 holder: if holder.is_empty() { "pid unknown".into() } else { holder },
@@ -383,7 +410,9 @@ impl Daemon {
             })
             .collect();
         // Readable by node_exporter's user: counts and times only, no secrets.
-        if let Err(e) = sink::write_atomic(&path, metrics::render(&snapshot).as_bytes(), 0o644, None) {
+        if let Err(e) =
+            sink::write_atomic(&path, metrics::render(&snapshot, sink::replaced_total()).as_bytes(), 0o644, None)
+        {
             tracing::warn!("metrics file not written: {e}");
         }
     }
@@ -408,7 +437,7 @@ impl Daemon {
 
     /// Installs `config`: entries added, changed or dropped; sinks synced; new and changed
     /// credentials planned; watches and concurrency limits rebuilt.
-    fn apply_config(&mut self, mut config: Config) -> Result<(), DaemonError> {
+    fn apply_config(&mut self, mut config: Config) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
         // Only new entries take their lifetime from here (`sync_from_store` keeps the others'),
         // so a reload that adds none does not read 100,000 rows for nothing.
         let adds = config.credentials.iter().any(|c| !self.entries.contains_key(&*c.name));
@@ -425,7 +454,7 @@ impl Daemon {
         for name in dropped {
             if let Some(entry) = self.entries.remove(&name) {
                 self.queue.cancel_all(&name);
-                self.last_trigger.remove(&name);
+                self.trigger_floor.remove(&name);
                 remove_sinks(&entry.credential, "credential removed from the configuration");
                 tracing::info!(credential = %name, "dropped (no longer configured); its stored token is kept");
             }
@@ -477,7 +506,7 @@ impl Daemon {
         // Every sink is checked: the watches are rebuilt below, and a change in between would
         // go unseen.
         let names: Vec<Arc<str>> = self.entries.keys().cloned().collect();
-        self.sync_sinks_of(names);
+        let sinks_checked = self.sync_sinks_of(names);
         self.queue.defer();
         for name in &replan {
             self.plan(name);
@@ -485,7 +514,7 @@ impl Daemon {
         }
         self.queue.settle();
         self.rebuild_watches();
-        Ok(())
+        Ok(sinks_checked)
     }
 
     fn reload(&mut self) {
@@ -514,7 +543,7 @@ impl Daemon {
             );
             return;
         }
-        if let Err(e) = self.apply_config(config) {
+        if let Err(e) = self.apply_config(config).map(drop) {
             tracing::error!("reload failed: {e}");
             return;
         }
@@ -528,8 +557,18 @@ impl Daemon {
         for entry in self.entries.values() {
             for s in &entry.credential.sinks {
                 self.sink_owner.insert(s.path.clone(), entry.credential.name.clone());
-                self.trigger_owner.insert(trigger_path(&s.path), entry.credential.name.clone());
                 dirs.extend(s.path.parent().map(Path::to_path_buf));
+            }
+        }
+        if let Some(dir) = self.config.daemon.trigger_dir.clone() {
+            match prepare_trigger_dir(&dir) {
+                Ok(()) => {
+                    for name in self.entries.keys() {
+                        self.trigger_owner.insert(trigger_path(&dir, name), name.clone());
+                    }
+                    dirs.insert(dir);
+                }
+                Err(e) => tracing::error!("{e}; refresh triggers are off"),
             }
         }
         dirs.extend(self.config.path.parent().map(Path::to_path_buf));
@@ -564,7 +603,15 @@ impl Daemon {
                 if lifetime.status == Status::Active
                     && let Some(due) = schedule::next_refresh_ms(name, entry.credential.refresh_at, lifetime)
                 {
-                    self.queue.schedule(key, Job::Refresh, entry.retry_at.unwrap_or(due));
+                    // A deferred trigger keeps its time through re-planning.
+                    let triggered = self
+                        .trigger_floor
+                        .get(name)
+                        .and_then(|f| f.deferred_to)
+                        .and_then(|at| at.checked_duration_since(Instant::now()))
+                        .map(|wait| now + i64::try_from(wait.as_millis()).unwrap_or(0));
+                    let at = entry.retry_at.unwrap_or(due).min(triggered.unwrap_or(i64::MAX));
+                    self.queue.schedule(key, Job::Refresh, at);
                 }
                 if let Some(expiry) = lifetime.expires_at.map(|t| t * 1000).filter(|t| *t > now) {
                     self.queue.schedule(key, Job::Expire, expiry);
@@ -629,10 +676,29 @@ impl Daemon {
             return;
         }
         let provider = entry.credential.provider();
-        if let Some(until) = self.provider_paused_until.get(&provider).copied().filter(|u| *u > now) {
-            tracing::info!(credential = name, %provider, until = %rfc3339(until / 1000), "provider asked us to wait; refresh deferred");
-            self.queue.schedule(&entry.credential.name, Job::Refresh, until);
-            return;
+        let paused = if self.paused_until.is_empty() {
+            None
+        } else {
+            self.paused_until.get(&entry.credential.endpoint.rate_limit_scope()).copied().filter(|u| *u > now)
+        };
+        if let Some(until) = paused {
+            let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
+            let last_chance = expires_at_ms.map(|t| t - schedule::LAST_CHANCE_BEFORE_EXPIRY_MS).filter(|t| *t < until);
+            match last_chance {
+                Some(at) if now >= at => {
+                    tracing::warn!(credential = name, until = %rfc3339(until / 1000), expires_at = %rfc3339(expires_at_ms.unwrap_or(0) / 1000), "rate limited past the token's expiry; one last attempt before it expires");
+                }
+                Some(at) => {
+                    tracing::error!(credential = name, until = %rfc3339(until / 1000), expires_at = %rfc3339(expires_at_ms.unwrap_or(0) / 1000), last_attempt_at = %rfc3339(at / 1000), "the provider asks us to wait past the token's expiry; the token will expire unless one last attempt succeeds");
+                    self.queue.schedule(&entry.credential.name, Job::Refresh, at);
+                    return;
+                }
+                None => {
+                    tracing::info!(credential = name, until = %rfc3339(until / 1000), "rate limited by this endpoint; refresh deferred");
+                    self.queue.schedule(&entry.credential.name, Job::Refresh, until);
+                    return;
+                }
+            }
         }
         if entry.pending.is_some() {
             self.commit_pending(name);
@@ -731,8 +797,8 @@ impl Daemon {
                 entry.retry_at = None;
                 if let Some(wait) = rate_limited_for {
                     let until = now + i64::try_from(wait.as_millis()).unwrap_or(0);
-                    tracing::warn!(provider = %credential.provider(), until = %rfc3339(until / 1000), "rate limit budget spent; pausing this provider");
-                    self.provider_paused_until.insert(credential.provider(), until);
+                    tracing::warn!(credential = %name, until = %rfc3339(until / 1000), "rate limit budget spent; pausing this endpoint and client");
+                    self.paused_until.insert(credential.endpoint.rate_limit_scope(), until);
                 }
                 hooks::spawn(&credential, Event::Refreshed, Some(&state), None);
                 entry.lifetime = Some(state.lifetime());
@@ -756,7 +822,7 @@ impl Daemon {
                     };
                     if let Some(wait) = provider_wait {
                         let until = now + i64::try_from(wait.as_millis()).unwrap_or(0);
-                        self.provider_paused_until.insert(credential.provider(), until);
+                        self.paused_until.insert(credential.endpoint.rate_limit_scope(), until);
                     }
                     let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
                     let at = schedule::retry_at_ms(
@@ -882,8 +948,9 @@ impl Daemon {
         }
     }
 
-    /// [`Self::sync_sinks`] for many credentials, with the rewrites done as one batch.
-    fn sync_sinks_of(&mut self, names: impl IntoIterator<Item = Arc<str>>) {
+    /// [`Self::sync_sinks`] for many credentials, with the rewrites done as one batch. The returned
+    /// task ends when the files are checked and rewritten.
+    fn sync_sinks_of(&mut self, names: impl IntoIterator<Item = Arc<str>>) -> tokio::task::JoinHandle<()> {
         let now = now_ms();
         let mut settled = Vec::new();
         for name in names {
@@ -903,19 +970,26 @@ impl Daemon {
             settled.push(name);
         }
         let states = self.stored_states(settled);
-        let stale: Vec<(&str, &config::SinkConfig, &TokenState)> = states
-            .iter()
+        let items: Vec<(Arc<str>, config::SinkConfig, TokenState)> = states
+            .into_iter()
             .filter_map(|state| Some((self.entries.get(state.name.as_str())?, state)))
-            .flat_map(|(entry, state)| entry.credential.sinks.iter().map(move |s| (&*entry.credential.name, s, state)))
-            .filter(|(_, s, state)| !sink::is_current(s, state))
+            .flat_map(|(entry, state)| {
+                let name = entry.credential.name.clone();
+                entry.credential.sinks.iter().map(move |s| (name.clone(), s.clone(), state.clone()))
+            })
             .collect();
-        let items: Vec<(&config::SinkConfig, &TokenState)> = stale.iter().map(|(_, s, state)| (*s, *state)).collect();
-        for ((name, s, _), result) in stale.iter().zip(sink::write_many(&items)) {
-            match result {
-                Ok(()) => tracing::info!(credential = name, sink = %s.path.display(), "sink written"),
-                Err(e) => tracing::error!(credential = name, "{e}"),
+        // Read and rewritten on the sink thread: a sink directory others can write must never
+        // stall this loop.
+        tokio::spawn(async move {
+            for repaired in sink::repair_stale(items).await {
+                match repaired.result {
+                    Ok(()) => {
+                        tracing::info!(credential = %repaired.credential, sink = %repaired.path.display(), "sink written")
+                    }
+                    Err(e) => tracing::error!(credential = %repaired.credential, "{e}"),
+                }
             }
-        }
+        })
     }
 
     /// The stored states of `names` (tokens included): one pass over the table when they are a
@@ -942,6 +1016,8 @@ impl Daemon {
             tracing::warn!("file events were lost (the kernel's queue overflowed); checking every sink");
             let with_sinks = self.entries.iter().filter(|(_, e)| !e.credential.sinks.is_empty());
             self.dirty_sinks.extend(with_sinks.map(|(name, _)| name.clone()));
+            let present = self.trigger_owner.iter().filter(|(path, _)| std::fs::symlink_metadata(path).is_ok());
+            self.triggered.extend(present.map(|(_, name)| name.clone()));
             self.fs_due.get_or_insert(soon);
         } else if path == self.config.path {
             self.reload_due = Some(Instant::now() + CONFIG_DEBOUNCE);
@@ -951,7 +1027,7 @@ impl Daemon {
             self.dirty_sinks.insert(name.clone());
             self.fs_due.get_or_insert(soon);
         } else if let Some(name) = self.trigger_owner.get(&path)
-            && path.exists()
+            && std::fs::symlink_metadata(&path).is_ok()
         {
             self.triggered.insert(name.clone());
             self.fs_due.get_or_insert(soon);
@@ -982,22 +1058,40 @@ impl Daemon {
         }
     }
 
-    /// A script touched `<sink>.refresh`: it got a 401 and wants a new token now.
+    /// A script created `<trigger_dir>/<name>.refresh`: it got a 401 and wants a new token now.
     fn trigger(&mut self, name: &str, inflight: &mut JoinSet<RefreshResult>) {
         let Some(entry) = self.entries.get(name) else { return };
-        for s in &entry.credential.sinks {
-            let _ = std::fs::remove_file(trigger_path(&s.path));
+        if let Some(dir) = &self.config.daemon.trigger_dir {
+            // unlink never follows a link; whatever was created there is gone.
+            let _ = std::fs::remove_file(trigger_path(dir, name));
         }
-        if let Some(last) = self.last_trigger.get(name).filter(|t| t.elapsed() < TRIGGER_MIN_INTERVAL) {
-            let at = now_ms() + i64::try_from((TRIGGER_MIN_INTERVAL - last.elapsed()).as_millis()).unwrap_or(0);
-            tracing::info!(credential = name, "refresh requested through a trigger file again too soon; deferred");
-            let at = at.min(self.queue.get(name, Job::Refresh).unwrap_or(i64::MAX));
-            self.queue.schedule(&entry.credential.name, Job::Refresh, at);
+        let now = Instant::now();
+        let floor = self.trigger_floor.get(name).copied();
+        if floor.and_then(|f| f.deferred_to).is_some_and(|at| at > now) {
+            tracing::debug!(credential = name, "refresh requested through a trigger file; one is already planned");
             return;
         }
-        self.last_trigger.insert(entry.credential.name.clone(), Instant::now());
-        tracing::info!(credential = name, "refresh requested through a trigger file");
-        self.start_refresh(name, inflight);
+        match floor.filter(|f| f.next_allowed > now) {
+            None => {
+                self.trigger_floor.insert(
+                    entry.credential.name.clone(),
+                    TriggerFloor { next_allowed: now + TRIGGER_MIN_INTERVAL, deferred_to: None },
+                );
+                tracing::info!(credential = name, "refresh requested through a trigger file");
+                self.start_refresh(name, inflight);
+            }
+            Some(f) => {
+                let at = f.next_allowed;
+                self.trigger_floor.insert(
+                    entry.credential.name.clone(),
+                    TriggerFloor { next_allowed: at + TRIGGER_MIN_INTERVAL, deferred_to: Some(at) },
+                );
+                let at_ms = now_ms() + i64::try_from((at - now).as_millis()).unwrap_or(0);
+                tracing::info!(credential = name, "refresh requested through a trigger file again too soon; deferred");
+                let at_ms = at_ms.min(self.queue.get(name, Job::Refresh).unwrap_or(i64::MAX));
+                self.queue.schedule(&entry.credential.name, Job::Refresh, at_ms);
+            }
+        }
     }
 
     /// `tokend import` / `remove` / `refresh` changed the store: pick up their state.
@@ -1027,10 +1121,31 @@ impl Daemon {
     }
 }
 
-fn trigger_path(sink: &Path) -> PathBuf {
-    let mut name = sink.file_name().unwrap_or_default().to_os_string();
-    name.push(".refresh");
-    sink.with_file_name(name)
+/// The file a script creates to ask for `name`'s refresh now.
+fn trigger_path(trigger_dir: &Path, name: &str) -> PathBuf {
+    trigger_dir.join(format!("{name}.refresh"))
+}
+
+/// Creates the trigger directory if needed: sticky and group-writable, so that members of
+/// tokend's group can create triggers but not remove each other's, while the sink directory stays
+/// writable by tokend alone. An existing one must be a directory of tokend's (not a link).
+fn prepare_trigger_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o1770)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1770)))
+            .map_err(|e| format!("cannot create trigger directory {}: {e}", dir.display())),
+        Err(e) => Err(format!("cannot inspect trigger directory {}: {e}", dir.display())),
+        Ok(meta) if !meta.file_type().is_dir() => {
+            Err(format!("trigger directory {} is {}, not a directory", dir.display(), crate::untrusted::kind_of(&meta)))
+        }
+        Ok(meta) if meta.uid() != nix::unistd::geteuid().as_raw() => {
+            Err(format!("trigger directory {} belongs to uid {}, not to tokend's user", dir.display(), meta.uid()))
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 fn remove_sinks(credential: &Credential, why: &str) {

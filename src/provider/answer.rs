@@ -4,7 +4,7 @@
 //! what providers vary on (numbers as strings, scope as a list, extra fields).
 
 use super::RawAnswer;
-use crate::redact::{Secret, scrub};
+use crate::redact::{Scrubber, Secret};
 use serde::Deserialize;
 use serde_json::Value;
 use std::time::Duration;
@@ -20,6 +20,8 @@ const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// How much of an error body is kept in `last_error`.
 const MAX_REASON_CHARS: usize = 200;
+/// A whole failure reason (our words around the provider's) is cut at this length.
+const MAX_FAILURE_CHARS: usize = 400;
 
 /// A successful token answer, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,15 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The same failure with its reason rewritten.
+    pub fn map_reason(self, f: impl FnOnce(String) -> String) -> Failure {
+        match self {
+            Failure::Transient { reason, retry_after } => Failure::Transient { reason: f(reason), retry_after },
+            Failure::Permanent { reason } => Failure::Permanent { reason: f(reason) },
+            Failure::Rejected { reason } => Failure::Rejected { reason: f(reason) },
+        }
+    }
+
     pub fn reason(&self) -> &str {
         match self {
             Failure::Transient { reason, .. } | Failure::Permanent { reason } | Failure::Rejected { reason } => reason,
@@ -155,17 +166,19 @@ fn integer_field(v: Option<&Value>, name: &str) -> Result<Option<i64>, String> {
     }
 }
 
-/// Classifies an answer. `secrets` are scrubbed out of any provider text kept in the reason.
-pub fn interpret(answer: &RawAnswer, now_secs: i64, secrets: &[&str]) -> Result<TokenAnswer, Failure> {
+/// Classifies an answer. Every secret of the request (`scrubber`) is taken out of any provider
+/// text kept in the reason — before it is cut to length, so no prefix of one survives — and the
+/// text is made safe for terminals, logs, the database and hook environments.
+pub fn interpret(answer: &RawAnswer, now_secs: i64, scrubber: &Scrubber) -> Result<TokenAnswer, Failure> {
+    classify(answer, now_secs, scrubber)
+        .map_err(|failure| failure.map_reason(|r| scrubber.clean(&r, MAX_FAILURE_CHARS)))
+}
+
+fn classify(answer: &RawAnswer, now_secs: i64, scrubber: &Scrubber) -> Result<TokenAnswer, Failure> {
     let status = answer.status;
-    let body_text = || {
-        let text = String::from_utf8_lossy(&answer.body);
-        let text: String = text.chars().take(MAX_REASON_CHARS).map(|c| if c.is_control() { ' ' } else { c }).collect();
-        scrub(text.trim(), secrets)
-    };
+    let body_text = || scrubber.clean(&String::from_utf8_lossy(&answer.body), MAX_REASON_CHARS);
     match status {
         200..=299 => parse_token_json(&answer.body).map_err(|reason| {
-            let reason = scrub(&reason, secrets);
             if oauth_error_code(&answer.body).is_some_and(is_grant_dead) {
                 Failure::Permanent { reason: format!("HTTP {status} with {reason}") }
             } else {
@@ -334,26 +347,26 @@ mod tests {
     #[test]
     fn failure_classes() {
         let now = 1_700_000_000;
-        assert!(matches!(interpret(&raw(503, "down"), now, &[]), Err(Failure::Transient { .. })));
+        assert!(matches!(interpret(&raw(503, "down"), now, &Scrubber::default()), Err(Failure::Transient { .. })));
         assert!(matches!(
-            interpret(&raw(400, r#"{"error":"invalid_grant"}"#), now, &[]),
+            interpret(&raw(400, r#"{"error":"invalid_grant"}"#), now, &Scrubber::default()),
             Err(Failure::Permanent { .. })
         ));
         assert!(matches!(
-            interpret(&raw(401, r#"{"error":"invalid_client"}"#), now, &[]),
+            interpret(&raw(401, r#"{"error":"invalid_client"}"#), now, &Scrubber::default()),
             Err(Failure::Permanent { .. })
         ));
-        assert!(matches!(interpret(&raw(200, "not json"), now, &[]), Err(Failure::Rejected { .. })));
+        assert!(matches!(interpret(&raw(200, "not json"), now, &Scrubber::default()), Err(Failure::Rejected { .. })));
         assert!(matches!(
-            interpret(&raw(200, r#"{"error":"invalid_grant"}"#), now, &[]),
+            interpret(&raw(200, r#"{"error":"invalid_grant"}"#), now, &Scrubber::default()),
             Err(Failure::Permanent { .. })
         ));
-        assert!(matches!(interpret(&raw(302, ""), now, &[]), Err(Failure::Rejected { .. })));
-        assert!(matches!(interpret(&raw(404, "nope"), now, &[]), Err(Failure::Rejected { .. })));
+        assert!(matches!(interpret(&raw(302, ""), now, &Scrubber::default()), Err(Failure::Rejected { .. })));
+        assert!(matches!(interpret(&raw(404, "nope"), now, &Scrubber::default()), Err(Failure::Rejected { .. })));
         let mut limited = raw(429, "slow down");
         limited.retry_after = Some("17".into());
         assert_eq!(
-            interpret(&limited, now, &[]),
+            interpret(&limited, now, &Scrubber::default()),
             Err(Failure::Transient {
                 reason: "rate limited (HTTP 429): slow down".into(),
                 retry_after: Some(Duration::from_secs(17))
@@ -362,7 +375,9 @@ mod tests {
         let mut nudge = raw(429, "");
         nudge.ratelimit_remaining = Some("0".into());
         nudge.ratelimit_reset = Some((now + 120).to_string());
-        let Err(Failure::Transient { retry_after, .. }) = interpret(&nudge, now, &[]) else { panic!() };
+        let Err(Failure::Transient { retry_after, .. }) = interpret(&nudge, now, &Scrubber::default()) else {
+            panic!()
+        };
         assert_eq!(retry_after, Some(Duration::from_secs(120)));
     }
 
@@ -379,7 +394,7 @@ mod tests {
         let err = interpret(
             &raw(400, r#"{"error":"invalid_grant","error_description":"token RT-secret-1 revoked"}"#),
             0,
-            &["RT-secret-1"],
+            &Scrubber::new(&["RT-secret-1"]),
         )
         .unwrap_err();
         assert!(!err.reason().contains("RT-secret-1"), "{}", err.reason());

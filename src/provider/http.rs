@@ -5,6 +5,9 @@
 use super::{Failure, RequestBody, TokenRequest};
 use std::time::Duration;
 
+/// Hosts never reached through a proxy: what tokend accepts plain `http` for.
+const LOOPBACK_HOSTS: &str = "localhost,127.0.0.0/8,::1";
+
 /// Limits on one exchange with a token endpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
@@ -44,14 +47,23 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    pub fn new(limits: HttpLimits) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
+    /// `proxy` is the only proxy ever used (`[daemon] proxy`), and never for loopback hosts:
+    /// `http_proxy`/`https_proxy` in the environment are ignored, so that an inherited variable
+    /// cannot send client secrets and refresh tokens through a host nobody chose.
+    pub fn new(limits: HttpLimits, proxy: Option<&url::Url>) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(limits.connect_timeout)
             .timeout(limits.total_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            .no_proxy();
+        if let Some(url) = proxy {
+            let proxy = reqwest::Proxy::all(url.as_str())
+                .map_err(|e| format!("proxy {}: {e}", url.host_str().unwrap_or_default()))?
+                .no_proxy(reqwest::NoProxy::from_string(LOOPBACK_HOSTS));
+            builder = builder.proxy(proxy);
+        }
+        let client = builder.build().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Self { client, limits })
     }
 

@@ -122,6 +122,19 @@ pub struct Endpoint {
     pub revocation_url: Option<Url>,
 }
 
+impl Endpoint {
+    /// Whose rate limit an answer of this endpoint speaks for: the token endpoint's origin and the
+    /// client (the API key's fingerprint for key credentials). A `429` from one host or client
+    /// says nothing about another.
+    pub fn rate_limit_scope(&self) -> String {
+        let client = match &self.grant {
+            GrantKind::ApiKey(key) => key.fingerprint(),
+            GrantKind::RefreshToken => self.client_id.clone(),
+        };
+        format!("{} {client}", self.token_url.origin().ascii_serialization())
+    }
+}
+
 /// Settings for the authorization-code flow.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Authorization {
@@ -155,6 +168,26 @@ pub enum RequestBody {
     Form(Vec<(&'static str, String)>),
     /// `application/json`, sent with `Accept: application/json` (NationBuilder answers 406 without).
     Json(serde_json::Map<String, serde_json::Value>),
+}
+
+/// Body fields whose values are secrets, scrubbed from anything an endpoint sends back.
+const SECRET_FIELDS: [&str; 6] = ["client_secret", "refresh_token", "code", "code_verifier", "password", "token"];
+
+impl TokenRequest {
+    /// Every secret this request carries (Basic credentials, secret body fields), for scrubbing
+    /// the answer: whatever was sent must not come back into a log through an echo.
+    pub fn scrubber(&self) -> crate::redact::Scrubber {
+        let mut scrubber = crate::redact::Scrubber::default();
+        if let Some((user, password)) = &self.basic_auth {
+            scrubber.add_basic(user, password.expose());
+        }
+        for field in SECRET_FIELDS {
+            if let Some(value) = self.body.field(field) {
+                scrubber.add(value);
+            }
+        }
+        scrubber
+    }
 }
 
 impl RequestBody {
