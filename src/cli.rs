@@ -115,6 +115,14 @@ pub enum Command {
     /// Run the daemon: keep every credential fresh, write sinks, obey signals (SIGHUP reload,
     /// SIGUSR1 refresh all, SIGTERM stop).
     Run,
+    /// Validate the configuration, then tell the running daemon to load it (SIGHUP). Exits 3, and
+    /// leaves the daemon on its old configuration, when the new one is invalid: what
+    /// `systemctl reload` runs.
+    Reload {
+        /// The daemon's pid (systemd's $MAINPID); default: the holder of the database's lock.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
     /// Self-contained demo: loopback demo providers, three credentials, rotating token files.
     Dev {
         /// Lifetime of the demo tokens, in seconds.
@@ -207,6 +215,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Run => run_daemon(&cli.config).await,
+        Command::Reload { pid } => reload(&cli.config, pid),
         Command::Dev { lifetime, keep } => crate::dev::run(Duration::from_secs(lifetime), keep)
             .await
             .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
@@ -218,9 +227,70 @@ async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
     let _signals = daemon::signals::forward(tx)
         .map_err(|e| CliError::new(exit::FAILURE, format!("cannot install signal handlers: {e}")))?;
     daemon::run(config_path, rx).await.map_err(|e| match e {
+        // systemd does not restart on this exit code (RestartPreventExitStatus=3): say so once.
+        DaemonError::Config(e) if std::env::var_os("INVOCATION_ID").is_some() => CliError::new(
+            exit::CONFIG,
+            format!(
+                "{e}\nthe configuration is invalid: not restarting until it is fixed (then `systemctl restart tokend`)"
+            ),
+        ),
         DaemonError::Config(e) => CliError::from(e),
         other => CliError::new(exit::FAILURE, other.to_string()),
     })
+}
+
+/// How long `tokend reload` waits for the daemon to report the reload's outcome.
+const RELOAD_WAIT: Duration = Duration::from_secs(30);
+
+fn reload(path: &std::path::Path, pid: Option<u32>) -> Result<(), CliError> {
+    // Without secrets: systemd runs ExecReload= with /run/credentials out of reach. The daemon
+    // reads them itself and reports the verdict, which is waited for below.
+    let config = config::load_without_secrets(path)
+        .map_err(|e| CliError::new(exit::CONFIG, format!("{e}\nthe running daemon keeps its current configuration")))?;
+    let database = &config.daemon.database;
+    let holder = daemon::running_daemon(database);
+    let pid = match (pid, holder) {
+        (Some(pid), Some(holder)) if pid == holder => pid,
+        (Some(pid), _) => {
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!(
+                    "the daemon (pid {pid}) does not use {}, the database this configuration names; the database cannot change while running: restart tokend",
+                    database.display()
+                ),
+            ));
+        }
+        (None, Some(holder)) => holder,
+        (None, None) => {
+            return Err(CliError::new(exit::FAILURE, format!("no tokend is running on {}", database.display())));
+        }
+    };
+    let before = daemon::ReloadOutcome::read(database).filter(|o| o.pid == pid).map_or(0, |o| o.reload);
+    let signal_pid = i32::try_from(pid).map_err(|_| CliError::new(exit::USAGE, format!("{pid} is not a pid")))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(signal_pid), nix::sys::signal::Signal::SIGHUP)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot signal the daemon (pid {pid}): {e}")))?;
+    let give_up = std::time::Instant::now() + RELOAD_WAIT;
+    loop {
+        match daemon::ReloadOutcome::read(database).filter(|o| o.pid == pid && o.reload > before) {
+            Some(daemon::ReloadOutcome { rejected: None, .. }) => {
+                println!("{}: reloaded by the daemon (pid {pid})", path.display());
+                return Ok(());
+            }
+            Some(daemon::ReloadOutcome { rejected: Some(why), .. }) => {
+                return Err(CliError::new(
+                    exit::CONFIG,
+                    format!("{why}\nreload rejected: the running daemon keeps its current configuration"),
+                ));
+            }
+            None if std::time::Instant::now() >= give_up => {
+                return Err(CliError::new(
+                    exit::TEMPORARY,
+                    format!("the daemon (pid {pid}) did not report the reload within {}s", RELOAD_WAIT.as_secs()),
+                ));
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 fn check(path: &std::path::Path) -> Result<(), CliError> {

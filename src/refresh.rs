@@ -225,6 +225,11 @@ pub fn new_token(answer: &TokenAnswer, issued: IssueTime, name: &str) -> NewToke
 /// Writes every sink of `credential`; a failing sink is logged and does not stop the others.
 pub fn write_sinks(credential: &Credential, state: &TokenState) {
     for s in &credential.sinks {
+        if let Some(dir) = s.path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            // `tokend import` before the service's first start: /run/tokend is made by systemd.
+            tracing::info!(credential = %credential.name, sink = %s.path.display(), "sink not written: {} does not exist (yet); the daemon writes every sink when it starts", dir.display());
+            continue;
+        }
         if let Err(e) = sink::write(s, state) {
             tracing::error!(credential = %credential.name, "{e}");
         }

@@ -253,7 +253,10 @@ async fn altered_or_deleted_sinks_are_rewritten_and_planted_symlinks_replaced() 
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "nothing written through the symlink");
     assert!(std::fs::symlink_metadata(w.path("out/b.token")).unwrap().file_type().is_file(), "the link was replaced");
     assert!(
-        daemon.log_text().contains("replaced a symbolic link that someone else put at the sink path"),
+        wait_for(Duration::from_secs(2), || daemon
+            .log_text()
+            .contains("replaced a symbolic link that someone else put at the sink path"))
+        .await,
         "{}",
         daemon.log_text()
     );
@@ -442,4 +445,52 @@ async fn programs_reading_a_sink_do_not_wake_the_daemon() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let woken = switches() - before;
     assert!(woken <= 5, "the daemon kept waking after a reader opened its sink: {woken} context switches in 2 s");
+}
+
+/// What `systemctl reload` runs: `tokend reload` fails (exit 3) on an invalid configuration and
+/// the daemon keeps the old one; a valid one is validated, then the daemon is told to load it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_command_validates_before_signalling_the_daemon() {
+    let w = World::new(MockSettings::default()).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config(ONE);
+    w.authorize_and_import("a").await;
+    let daemon = w.start_daemon().await;
+    let good = std::fs::read_to_string(w.config_path()).unwrap();
+
+    std::fs::write(w.path("broken.toml"), "[[credential]]\nname = \"broken\"\n").unwrap();
+    let pid = daemon.pid().to_string();
+    let broken = w.tokend(&["--config", w.path("broken.toml").to_str().unwrap(), "reload", "--pid", &pid], None).await;
+    assert_eq!(broken.code, 3, "{}", broken.stderr);
+    assert!(broken.stderr.contains("the running daemon keeps its current configuration"), "{}", broken.stderr);
+    assert!(
+        !daemon.log_text().contains("signal received signal=\"SIGHUP\""),
+        "an invalid config never reaches the daemon"
+    );
+
+    let other_database = good.replace("database = \"tokend.db\"", "database = \"other.db\"");
+    std::fs::write(w.path("other.toml"), other_database).unwrap();
+    let moved = w.tokend(&["--config", w.path("other.toml").to_str().unwrap(), "reload", "--pid", &pid], None).await;
+    assert_eq!(moved.code, 1, "{}", moved.stderr);
+    assert!(moved.stderr.contains("the database cannot change while running"), "{}", moved.stderr);
+
+    // Valid in shape, but a secret the daemon cannot read: checked by the daemon itself (systemd
+    // keeps /run/credentials from ExecReload=), and `reload` waits for its verdict.
+    std::fs::write(w.config_path(), good.replace("client_secret = \"s\"", "client_secret_env = \"TOKEND_TEST_UNSET\""))
+        .unwrap();
+    let unreadable = w.tokend(&["reload", "--pid", &pid], None).await;
+    assert_eq!(unreadable.code, 3, "{}", unreadable.stderr);
+    assert!(unreadable.stderr.contains("TOKEND_TEST_UNSET is not set"), "{}", unreadable.stderr);
+    assert!(unreadable.stderr.contains("reload rejected"), "{}", unreadable.stderr);
+    std::fs::write(w.config_path(), &good).unwrap();
+
+    let ok = w.tokend(&["reload", "--pid", &pid], None).await;
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(
+        wait_for(Duration::from_secs(5), || daemon.log_text().contains("configuration reloaded")).await,
+        "{}",
+        daemon.log_text()
+    );
+    // Without --pid, the daemon is found through the database's lock.
+    assert_eq!(w.tokend(&["reload"], None).await.code, 0);
 }

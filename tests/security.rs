@@ -139,8 +139,12 @@ async fn planted_links_and_foreign_files_at_a_sink_path_are_replaced_and_counted
     };
     assert!(wait_for(Duration::from_secs(2), ours).await, "the link was not replaced: {}", daemon.log_text());
     assert_eq!(std::fs::read_to_string(w.path("forged")).unwrap(), "FORGED-TOKEN", "nothing written through it");
+    // (logged just after the rename)
     assert!(
-        daemon.log_text().contains("replaced a symbolic link that someone else put at the sink path"),
+        wait_for(Duration::from_secs(2), || daemon
+            .log_text()
+            .contains("replaced a symbolic link that someone else put at the sink path"))
+        .await,
         "{}",
         daemon.log_text()
     );

@@ -140,3 +140,77 @@ async fn prometheus_textfile_is_written() {
     assert!(text.contains("tokend_last_refresh_timestamp_seconds{credential=\"a\",provider=\"oauth2\"}"));
     assert!(!text.contains(state.access_token.expose()));
 }
+
+/// A change another process makes in the store (`tokend import` after a re-authorization) is
+/// published at once: STATUS= and the metrics file stopped saying "needing re-authorization".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_follow_an_import_by_another_process() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config_with_daemon("metrics_file = \"tokend.prom\"\n", ONE);
+    w.authorize_and_import("a").await;
+    let socket_path = w.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let statuses = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = statuses.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                seen.lock().unwrap().extend(text.lines().filter_map(|l| l.strip_prefix("STATUS=")).map(str::to_string));
+            }
+        }
+    });
+    let daemon = w.start_daemon_env(&[("NOTIFY_SOCKET", socket_path.to_str().unwrap())]).await;
+    let last_status = || statuses.lock().unwrap().last().cloned().unwrap_or_default();
+    let metrics = || std::fs::read_to_string(w.path("tokend.prom")).unwrap_or_default();
+    let dead = "tokend_credential_needs_reauth{credential=\"a\",provider=\"oauth2\"} 1";
+    w.mock.push_fault(tokend::mock_provider::Fault::Answer {
+        status: 400,
+        body: r#"{"error":"invalid_grant"}"#.into(),
+        headers: vec![],
+    });
+    daemon.signal(Signal::SIGUSR1);
+    assert!(
+        wait_for(Duration::from_secs(5), || last_status().contains("1 needing re-authorization")
+            && metrics().contains(dead))
+        .await,
+        "{:?}",
+        statuses.lock().unwrap()
+    );
+    w.authorize_and_import("a").await;
+    assert!(
+        wait_for(Duration::from_secs(3), || last_status().contains("0 needing re-authorization")
+            && metrics().contains(&dead.replace("} 1", "} 0")))
+        .await,
+        "still stale after the import: {:?}\n{}",
+        statuses.lock().unwrap(),
+        metrics()
+    );
+}
+
+/// Install steps: a token imported before the service first ran (its /run/tokend does not exist
+/// yet) is stored, and the sink is mentioned calmly instead of as an error; the daemon writes it
+/// once the directory exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn importing_before_the_runtime_directory_exists_is_calm() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config(&format!("{ONE}[[credential.sink]]\npath = \"run/tokend/a.token\"\n"));
+    let answer = w.mock.authorize("a");
+    let import = w.tokend(&["import", "a"], Some(&answer.to_string())).await;
+    assert_eq!(import.code, 0, "{}", import.stderr);
+    assert!(!import.stderr.contains("ERROR"), "{}", import.stderr);
+    assert!(
+        import.stderr.contains("does not exist (yet); the daemon writes every sink when it starts"),
+        "{}",
+        import.stderr
+    );
+    std::fs::create_dir_all(w.path("run/tokend")).unwrap();
+    let _daemon = w.start_daemon().await;
+    assert_eq!(
+        std::fs::read_to_string(w.path("run/tokend/a.token")).unwrap(),
+        answer["access_token"].as_str().unwrap()
+    );
+}

@@ -171,6 +171,8 @@ struct Daemon {
     publish_due: Option<Instant>,
     /// `tokend import`/`remove` touch this file to tell a running daemon to re-read the store.
     store_changed_path: PathBuf,
+    /// Reloads attempted since start, numbering the outcomes `tokend reload` waits for.
+    reloads: u64,
 }
 
 /// The path `tokend import`, `refresh` and `remove` touch so a running daemon re-reads the store.
@@ -188,6 +190,73 @@ pub fn notify_store_changed(database: &Path) {
     if let Err(e) = crate::untrusted::open_own_file(&path, true) {
         tracing::debug!(path = %path.display(), "cannot signal the daemon: {e}");
     }
+}
+
+/// Where the daemon records each reload's outcome (beside the database, private), so that
+/// `tokend reload` — what `systemctl reload` runs — can wait for it and fail when the daemon kept
+/// its old configuration.
+pub fn reload_outcome_path(database: &Path) -> PathBuf {
+    let mut name = database.file_name().unwrap_or_default().to_os_string();
+    name.push(".reload");
+    database.with_file_name(name)
+}
+
+/// One reload's outcome: `pid P reload N ok`, or `… rejected` followed by the reasons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    pub pid: u32,
+    pub reload: u64,
+    pub rejected: Option<String>,
+}
+
+impl ReloadOutcome {
+    fn render(&self) -> String {
+        match &self.rejected {
+            None => format!("pid {} reload {} ok\n", self.pid, self.reload),
+            Some(why) => format!("pid {} reload {} rejected\n{why}\n", self.pid, self.reload),
+        }
+    }
+
+    /// The last outcome recorded for `database`, if any.
+    pub fn read(database: &Path) -> Option<ReloadOutcome> {
+        let crate::untrusted::Found::Regular { bytes, .. } =
+            crate::untrusted::read_regular(&reload_outcome_path(database), 64 * 1024).ok()?
+        else {
+            return None;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let (head, rest) = text.split_once('\n').unwrap_or((&text, ""));
+        let words: Vec<&str> = head.split_whitespace().collect();
+        let ["pid", pid, "reload", reload, verdict] = words.as_slice() else { return None };
+        Some(ReloadOutcome {
+            pid: pid.parse().ok()?,
+            reload: reload.parse().ok()?,
+            rejected: (*verdict == "rejected").then(|| rest.trim_end().to_string()),
+        })
+    }
+}
+
+fn lock_path(database: &Path) -> PathBuf {
+    let mut name = database.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    database.with_file_name(name)
+}
+
+/// The pid of the `tokend run` using `database`, if one is running (it holds the lock).
+pub fn running_daemon(database: &Path) -> Option<u32> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = lock_path(database);
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(crate::untrusted::HOSTILE_OPEN_FLAGS).open(&path).ok()?;
+    match file.try_lock_shared() {
+        Err(std::fs::TryLockError::WouldBlock) => {}
+        // Nobody holds it (or it cannot be locked at all): no daemon.
+        _ => return None,
+    }
+    let crate::untrusted::Found::Regular { bytes, .. } = crate::untrusted::read_regular(&path, 64).ok()? else {
+        return None;
+    };
+    String::from_utf8_lossy(&bytes).trim().strip_prefix("pid ")?.parse().ok()
 }
 
 /// Runs the daemon until [`Control::Shutdown`]; tells systemd READY=1 once every credential is
@@ -233,6 +302,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         reload_due: None,
         store_sync_due: None,
         publish_due: None,
+        reloads: 0,
     };
     daemon.config.path = config_path;
     daemon.recover_abandoned_attempts()?;
@@ -327,9 +397,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// One `tokend run` per database: an exclusive lock on `<database>.lock`, holding our pid for the
 /// message the next one prints. The lock dies with the process, so a crash never leaves it stale.
 fn lock_database(database: &Path) -> Result<File, DaemonError> {
-    let mut name = database.file_name().unwrap_or_default().to_os_string();
-    name.push(".lock");
-    let path = database.with_file_name(name);
+    let path = lock_path(database);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // The store would make its directory private; the lock comes first, so it does too.
         use std::os::unix::fs::DirBuilderExt;
@@ -526,28 +594,33 @@ impl Daemon {
     }
 
     fn reload_config(&mut self) {
-        let config = match config::load(&self.config.path) {
-            Ok(c) => c,
-            Err(e) => {
-                for line in e.to_string().lines() {
+        self.reloads += 1;
+        let outcome = self.try_reload();
+        match &outcome {
+            Ok(()) => tracing::info!("configuration reloaded: {}", self.summary().describe()),
+            Err(why) => {
+                for line in why.lines() {
                     tracing::error!("reload rejected, the running configuration stays: {line}");
                 }
-                return;
             }
-        };
+        }
+        let record = ReloadOutcome { pid: std::process::id(), reload: self.reloads, rejected: outcome.err() };
+        let path = reload_outcome_path(&self.config.daemon.database);
+        if let Err(e) = sink::write_atomic(&path, record.render().as_bytes(), 0o600, None) {
+            tracing::warn!("cannot record the reload's outcome for `tokend reload`: {e}");
+        }
+    }
+
+    fn try_reload(&mut self) -> Result<(), String> {
+        let config = config::load(&self.config.path).map_err(|e| e.to_string())?;
         if config.daemon.database != self.config.daemon.database {
-            tracing::error!(
-                old = %self.config.daemon.database.display(),
-                new = %config.daemon.database.display(),
-                "reload rejected: the database cannot change while running; restart tokend"
-            );
-            return;
+            return Err(format!(
+                "the database cannot change while running ({} → {}); restart tokend",
+                self.config.daemon.database.display(),
+                config.daemon.database.display()
+            ));
         }
-        if let Err(e) = self.apply_config(config).map(drop) {
-            tracing::error!("reload failed: {e}");
-            return;
-        }
-        tracing::info!("configuration reloaded: {}", self.summary().describe());
+        self.apply_config(config).map(drop).map_err(|e| format!("reload failed: {e}"))
     }
 
     fn rebuild_watches(&mut self) {
@@ -798,7 +871,7 @@ impl Daemon {
                 if let Some(wait) = rate_limited_for {
                     let until = now + i64::try_from(wait.as_millis()).unwrap_or(0);
                     tracing::warn!(credential = %name, until = %rfc3339(until / 1000), "rate limit budget spent; pausing this endpoint and client");
-                    self.paused_until.insert(credential.endpoint.rate_limit_scope(), until);
+                    pause(&mut self.paused_until, &credential, now, until);
                 }
                 hooks::spawn(&credential, Event::Refreshed, Some(&state), None);
                 entry.lifetime = Some(state.lifetime());
@@ -822,7 +895,7 @@ impl Daemon {
                     };
                     if let Some(wait) = provider_wait {
                         let until = now + i64::try_from(wait.as_millis()).unwrap_or(0);
-                        self.paused_until.insert(credential.endpoint.rate_limit_scope(), until);
+                        pause(&mut self.paused_until, &credential, now, until);
                     }
                     let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
                     let at = schedule::retry_at_ms(
@@ -937,6 +1010,7 @@ impl Daemon {
             let stored = self.store().get(name).ok().flatten();
             let last_error = stored.as_ref().and_then(|s| s.last_error.as_deref());
             hooks::spawn(&entry.credential, Event::Expired, stored.as_ref(), last_error);
+            self.publish_soon();
         }
     }
 
@@ -1116,6 +1190,9 @@ impl Daemon {
                 entry.retry_at = None;
                 self.sync_sinks(&name);
                 self.plan(&name);
+                // STATUS= and the metrics file speak for the state just picked up, not for the
+                // one before the import.
+                self.publish_soon();
             }
         }
     }
@@ -1146,6 +1223,13 @@ fn prepare_trigger_dir(dir: &Path) -> Result<(), String> {
         }
         Ok(_) => Ok(()),
     }
+}
+
+/// Records that `credential`'s endpoint and client asked for no requests until `until`; pauses
+/// that ended are forgotten.
+fn pause(paused_until: &mut HashMap<String, i64>, credential: &Credential, now: i64, until: i64) {
+    paused_until.retain(|_, end| *end > now);
+    paused_until.insert(credential.endpoint.rate_limit_scope(), until);
 }
 
 fn remove_sinks(credential: &Credential, why: &str) {
