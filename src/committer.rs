@@ -9,7 +9,8 @@
 //! decide anything in between, and the commit goes ahead whether or not anyone still waits for
 //! it — so no effect of an answer (sinks, hooks) can happen before its commit.
 
-use crate::store::{Begin, LeaseHolder, NewToken, Op, OpResult, Store, StoreError, TokenState};
+use crate::store::{BatchJob, Begin, LeaseHolder, NewToken, RefreshStore, Store, StoreError, TokenState};
+use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -18,19 +19,45 @@ use tokio::sync::oneshot;
 /// A batch larger than this is split, so one transaction never holds the write lock for long.
 const MAX_BATCH: usize = 512;
 
-type Job = (Op, oneshot::Sender<Result<OpResult, StoreError>>);
+/// A typed operation waiting for its batch: its result is kept until the batch committed, and
+/// only then sent to the caller.
+struct Pending<T, F> {
+    op: Option<F>,
+    value: Option<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T: Send, F: FnOnce(&Connection) -> rusqlite::Result<T> + Send> BatchJob for Pending<T, F> {
+    fn run(&mut self, c: &Connection) -> rusqlite::Result<()> {
+        if let Some(op) = self.op.take() {
+            self.value = Some(op(c)?);
+        }
+        Ok(())
+    }
+
+    fn settle(self: Box<Self>, outcome: Result<(), StoreError>) {
+        let Pending { value, reply, .. } = *self;
+        let _ = reply.send(outcome.and_then(|()| value.ok_or_else(no_value)));
+    }
+}
+
+/// `run` stores the value before the batch can commit; a missing one is a bug, reported as an
+/// error rather than a panic in the commit thread.
+fn no_value() -> StoreError {
+    StoreError::Other { path: PathBuf::new(), message: "a batched operation produced no value".into() }
+}
 
 /// A cloneable handle to the committer thread; the thread ends when the last handle is dropped.
 #[derive(Clone)]
 pub struct Committer {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Box<dyn BatchJob>>,
     path: PathBuf,
 }
 
 impl Committer {
     pub fn open(path: &Path) -> Result<Committer, StoreError> {
         let mut store = Store::open(path)?;
-        let (jobs, queue) = mpsc::channel::<Job>();
+        let (jobs, queue) = mpsc::channel::<Box<dyn BatchJob>>();
         std::thread::Builder::new()
             .name("tokend-commit".into())
             .spawn(move || {
@@ -42,10 +69,7 @@ impl Committer {
                             Err(_) => break,
                         }
                     }
-                    let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().unzip();
-                    for (result, reply) in store.batch(&ops).into_iter().zip(replies) {
-                        let _ = reply.send(result);
-                    }
+                    store.batch(batch);
                 }
             })
             .map_err(|e| StoreError::Other {
@@ -55,31 +79,35 @@ impl Committer {
         Ok(Committer { jobs, path: path.to_path_buf() })
     }
 
-    pub fn path(&self) -> &Path {
+    /// Runs `op` in the next batch and returns its value once the batch committed.
+    async fn run<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || StoreError::Other { path: self.path.clone(), message: "the commit thread is gone".into() };
+        self.jobs.send(Box::new(Pending { op: Some(op), value: None, reply })).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+impl RefreshStore for Committer {
+    fn path(&self) -> &Path {
         &self.path
     }
 
-    async fn run(&self, op: Op) -> Result<OpResult, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let gone = || StoreError::Other { path: self.path.clone(), message: "the commit thread is gone".into() };
-        self.jobs.send((op, reply)).map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
-    }
-
-    pub async fn begin_refresh(
+    async fn begin_refresh(
         &self,
         name: &str,
         holder: &LeaseHolder,
         lease_ttl: Duration,
         now_ms: i64,
     ) -> Result<Begin, StoreError> {
-        match self.run(Op::Begin { name: name.into(), holder: holder.clone(), lease_ttl, now_ms }).await? {
-            OpResult::Begun(b) => Ok(b),
-            other => Err(self.unexpected(&other)),
-        }
+        let (name, holder) = (name.to_string(), holder.clone());
+        self.run(move |c| crate::store::ops::begin(c, &name, &holder, lease_ttl, now_ms)).await
     }
 
-    pub async fn commit_rotation(
+    async fn commit_rotation(
         &self,
         name: &str,
         provider: &str,
@@ -88,21 +116,14 @@ impl Committer {
         token: &NewToken,
         now_ms: i64,
     ) -> Result<TokenState, StoreError> {
-        let op = Op::Commit {
-            name: name.into(),
-            provider: provider.into(),
-            attempt_id,
-            from_generation,
-            token: token.clone(),
-            now_ms,
-        };
-        match self.run(op).await? {
-            OpResult::State(Some(state)) => Ok(state),
-            other => Err(self.unexpected(&other)),
-        }
+        let (name, provider, token) = (name.to_string(), provider.to_string(), token.clone());
+        let path = self.path.clone();
+        self.run(move |c| crate::store::ops::commit(c, &name, &provider, attempt_id, from_generation, &token, now_ms))
+            .await?
+            .ok_or_else(|| StoreError::Other { path, message: "the credential vanished during its commit".into() })
     }
 
-    pub async fn record_failure(
+    async fn record_failure(
         &self,
         name: &str,
         attempt_id: i64,
@@ -110,27 +131,22 @@ impl Committer {
         needs_reauth: bool,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        self.run(Op::Failure { name: name.into(), attempt_id, reason: reason.into(), needs_reauth, now_ms })
-            .await
-            .map(drop)
+        let (name, reason) = (name.to_string(), reason.to_string());
+        self.run(move |c| crate::store::ops::failure(c, &name, attempt_id, &reason, needs_reauth, now_ms)).await
     }
 
-    pub async fn cancel_attempt(&self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.run(Op::Cancel { attempt_id, why: why.into(), now_ms }).await.map(drop)
+    async fn cancel_attempt(&self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {
+        let why = why.to_string();
+        self.run(move |c| crate::store::ops::cancel(c, attempt_id, &why, now_ms)).await
     }
 
-    pub async fn release_lease(&self, name: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
-        self.run(Op::Release { name: name.into(), holder: holder.clone() }).await.map(drop)
+    async fn release_lease(&self, name: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
+        let (name, holder) = (name.to_string(), holder.clone());
+        self.run(move |c| crate::store::ops::release(c, &name, &holder)).await
     }
 
-    pub async fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
-        match self.run(Op::Get { name: name.into() }).await? {
-            OpResult::State(s) => Ok(s),
-            other => Err(self.unexpected(&other)),
-        }
-    }
-
-    fn unexpected(&self, result: &OpResult) -> StoreError {
-        StoreError::Other { path: self.path.clone(), message: format!("unexpected store result {result:?}") }
+    async fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
+        let name = name.to_string();
+        self.run(move |c| crate::store::ops::get(c, &name)).await
     }
 }

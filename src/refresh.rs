@@ -5,13 +5,13 @@
 //!
 //! 1. take the credential's lease (one refresher per credential, across tasks and processes);
 //! 2. record the attempt — which refresh token is being spent, when — durably (1 and 2 are one
-//!    transaction, [`crate::store::Store::begin_refresh`]);
+//!    transaction, [`RefreshStore::begin_refresh`]);
 //! 3. POST to the token endpoint;
 //! 4. commit the answer — new access token, new refresh token, lifetime, generation + 1 — in one
-//!    SQLite transaction ([`crate::store::Store::commit_rotation`], group-committed with the
-//!    commits that arrive at the same time by [`Committer`]). Between the answer's last byte and
-//!    this commit nothing else happens: the parsed answer goes straight to the committer, and the
-//!    task only waits for its report. The crash window is the parse plus one fsync'd transaction;
+//!    transaction ([`RefreshStore::commit_rotation`]; on SQLite group-committed with the commits
+//!    that arrive at the same time by [`crate::committer::Committer`]). Between the answer's last
+//!    byte and this commit nothing else happens: the parsed answer goes straight to the store,
+//!    and the task only waits for its report. The crash window is the parse plus one fsync'd transaction;
 //! 5. only then write sinks, log, and release the lease.
 //!
 //! If the commit itself fails (disk full, read-only file system), the answer is written as a
@@ -21,13 +21,12 @@
 //! the rescue file.
 
 use crate::clock::{now_ms, now_secs};
-use crate::committer::Committer;
 use crate::config::Credential;
 use crate::provider::{self, Failure, HttpClient, TokenAnswer};
 use crate::redact::fingerprint;
 use crate::schedule::{IssueTime, issue_time};
 use crate::sink;
-use crate::store::{Begin, LeaseHolder, NewToken, StoreError, TokenState};
+use crate::store::{Begin, LeaseHolder, NewToken, RefreshStore, StoreError, TokenState};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -81,7 +80,7 @@ pub enum RefreshError {
 /// refresh: if the stored one differs once the lease is ours, someone else already did it and
 /// nothing is sent. A busy lease is waited for up to `lease_wait`.
 pub async fn refresh(
-    store: &Committer,
+    store: &impl RefreshStore,
     http: &HttpClient,
     credential: &Credential,
     expected_generation: Option<i64>,

@@ -14,6 +14,7 @@
 //!
 //! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] only ever grows.
 
+use super::{Begin, LeaseHolder, Lifetime, NewToken, OpenAttempt, Status, StoreError, TokenState};
 use crate::redact::{Secret, fingerprint};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::fs::OpenOptions;
@@ -87,148 +88,12 @@ const MIGRATIONS: &[&str] = &[
 /// something is badly wrong rather than merely busy.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
-    #[error("database {path}: {message}")]
-    Other { path: PathBuf, message: String },
-}
-
-/// `active` credentials are refreshed; `needs_reauth` ones (grant rejected) and `revoked` ones
-/// (`tokend revoke`) wait for a human to authorize again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Active,
-    NeedsReauth,
-    Revoked,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Active => "active",
-            Status::NeedsReauth => "needs_reauth",
-            Status::Revoked => "revoked",
-        }
-    }
-
-    /// Not to be refreshed until a new token is imported or authorized.
-    pub fn is_dead(self) -> bool {
-        self != Status::Active
-    }
-}
-
-/// A credential's stored token state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenState {
-    pub name: String,
-    pub provider: String,
-    pub access_token: Secret,
-    pub refresh_token: Option<Secret>,
-    pub token_type: String,
-    pub scope: Option<String>,
-    pub expires_in: Option<i64>,
-    pub created_at: i64,
-    /// `None` for tokens that never expire (NationBuilder V1, some API keys).
-    pub expires_at: Option<i64>,
-    pub generation: i64,
-    pub status: Status,
-    pub last_error: Option<String>,
-    pub last_refresh_at: Option<i64>,
-    pub attempts_in_flight: i64,
-}
-
-/// What decides when a stored token is due, and what the daemon reports about it: all it keeps
-/// in memory per credential. The tokens stay in the store and are read when a sink or a hook
-/// needs them, so 100,000 credentials do not hold 100,000 pairs of tokens in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lifetime {
-    pub generation: i64,
-    pub created_at: i64,
-    /// `created_at + expires_in`: the lifetime itself is not kept (100,000 × 16 bytes).
-    pub expires_at: Option<i64>,
-    pub status: Status,
-    pub last_refresh_at: Option<i64>,
-}
-
-impl Lifetime {
-    /// The life the provider granted, in seconds.
-    pub fn expires_in(&self) -> Option<i64> {
-        self.expires_at.map(|at| at.saturating_sub(self.created_at))
-    }
-}
-
-impl TokenState {
-    pub fn lifetime(&self) -> Lifetime {
-        Lifetime {
-            generation: self.generation,
-            created_at: self.created_at,
-            expires_at: self.expires_at,
-            status: self.status,
-            last_refresh_at: self.last_refresh_at,
-        }
-    }
-}
-
-/// A token to store, from a refresh or an import.
-#[derive(Debug, Clone)]
-pub struct NewToken {
-    pub access_token: Secret,
-    /// `None` keeps the stored refresh token (RFC 6749 §6: the server may not issue a new one).
-    pub refresh_token: Option<Secret>,
-    pub token_type: String,
-    pub scope: Option<String>,
-    pub expires_in: Option<i64>,
-    pub created_at: i64,
-}
-
-impl NewToken {
-    pub fn expires_at(&self) -> Option<i64> {
-        self.expires_in.map(|e| self.created_at.saturating_add(e))
-    }
-}
-
-/// Who holds a lease: unique per refresh, with the process id for stale-lease detection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseHolder {
-    pub id: String,
-    pub pid: u32,
-}
-
-impl LeaseHolder {
-    pub fn new() -> Self {
-        let pid = std::process::id();
-        Self { id: format!("{pid}-{:016x}", rand::random::<u64>()), pid }
-    }
-}
-
-impl Default for LeaseHolder {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// What [`Store::begin_refresh`] found.
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant, reason = "built once per refresh and consumed at once; boxing buys nothing")]
-pub enum Begin {
-    /// The lease is ours and the attempt is recorded. `state` is `None` when nothing is stored
-    /// yet (an API-key credential's first token).
-    Leased { state: Option<TokenState>, attempt_id: i64 },
-    /// Another live holder is refreshing this credential.
-    Busy { pid: u32, deadline_ms: i64 },
-}
-
-/// An attempt that never got a result (its process died mid-refresh).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenAttempt {
-    pub id: i64,
-    pub credential: String,
-    pub from_generation: i64,
-    pub spent_fp: Option<String>,
-    pub holder: String,
-    pub started_at_ms: i64,
+/// One operation of a group commit ([`Store::batch`]): it runs inside the batch's transaction, in
+/// a savepoint of its own, and is told once the batch committed (or failed to).
+pub trait BatchJob: Send {
+    fn run(&mut self, c: &Connection) -> rusqlite::Result<()>;
+    /// The batch's outcome for this operation: `Ok` only when its effects are durable.
+    fn settle(self: Box<Self>, outcome: Result<(), StoreError>);
 }
 
 pub struct Store {
@@ -527,40 +392,37 @@ impl Store {
 
     /// Runs many operations in one transaction — one fsync for all of them (group commit). Each
     /// runs in its own savepoint, so one failing operation does not undo the others; if the final
-    /// commit fails, every operation reports that failure, since none of them took effect.
-    pub fn batch(&mut self, ops: &[Op]) -> Vec<Result<OpResult, StoreError>> {
+    /// commit fails, every operation is told that failure, since none of them took effect.
+    pub fn batch(&mut self, jobs: Vec<Box<dyn BatchJob>>) {
         let path = self.path.clone();
         let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let other = |message: String| StoreError::Other { path: path.clone(), message };
         let mut tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(e) => {
                 let message = e.to_string();
-                return ops
-                    .iter()
-                    .map(|_| Err(StoreError::Other { path: path.clone(), message: message.clone() }))
-                    .collect();
+                jobs.into_iter().for_each(|job| job.settle(Err(other(message.clone()))));
+                return;
             }
         };
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            let result = tx.savepoint().map_err(sql).and_then(|sp| {
-                let outcome = run_op(&sp, op).map_err(sql);
-                match &outcome {
-                    Ok(_) => sp.commit().map_err(sql)?,
-                    Err(_) => drop(sp), // rolls back to the savepoint
-                }
-                outcome
+        let mut ran = Vec::with_capacity(jobs.len());
+        for mut job in jobs {
+            let result = tx.savepoint().map_err(sql).and_then(|mut sp| {
+                sp.set_drop_behavior(rusqlite::DropBehavior::Rollback);
+                job.run(&sp).map_err(sql)?;
+                sp.commit().map_err(sql)
             });
-            results.push(result);
+            ran.push((job, result));
         }
-        if let Err(e) = tx.commit() {
-            let message = format!("the batch commit failed: {e}");
-            return results
-                .into_iter()
-                .map(|r| r.and_then(|_| Err(StoreError::Other { path: path.clone(), message: message.clone() })))
-                .collect();
+        let committed = tx.commit().map_err(|e| format!("the batch commit failed: {e}"));
+        for (job, result) in ran {
+            let outcome = match (&committed, result) {
+                (Ok(()), result) => result,
+                (Err(message), Ok(())) => Err(other(message.clone())),
+                (Err(_), Err(e)) => Err(e),
+            };
+            job.settle(outcome);
         }
-        results
     }
 
     /// Attempts with no result whose holder is not alive: rotations that may have happened in a
@@ -622,55 +484,20 @@ impl Store {
     }
 }
 
-/// One operation of a [`Store::batch`].
-#[derive(Debug, Clone)]
-pub enum Op {
-    Begin { name: String, holder: LeaseHolder, lease_ttl: Duration, now_ms: i64 },
-    Commit { name: String, provider: String, attempt_id: i64, from_generation: i64, token: NewToken, now_ms: i64 },
-    Failure { name: String, attempt_id: i64, reason: String, needs_reauth: bool, now_ms: i64 },
-    Cancel { attempt_id: i64, why: String, now_ms: i64 },
-    Release { name: String, holder: LeaseHolder },
-    Get { name: String },
+/// The refresh path's operations, each written once: [`Store`]'s methods run them in a
+/// transaction of their own, [`crate::committer::Committer`] in a group commit.
+pub(crate) mod ops {
+    pub(crate) use super::{
+        begin_in as begin, cancel_in as cancel, commit_in as commit, failure_in as failure, get_in as get,
+        release_in as release,
+    };
 }
 
-/// What an [`Op`] produced.
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant, reason = "built once per operation and consumed at once")]
-pub enum OpResult {
-    Begun(Begin),
-    State(Option<TokenState>),
-    Done,
-}
-
-fn run_op(c: &Connection, op: &Op) -> rusqlite::Result<OpResult> {
-    Ok(match op {
-        Op::Begin { name, holder, lease_ttl, now_ms } => {
-            OpResult::Begun(begin_in(c, name, holder, *lease_ttl, *now_ms)?)
-        }
-        Op::Commit { name, provider, attempt_id, from_generation, token, now_ms } => {
-            OpResult::State(commit_in(c, name, provider, *attempt_id, *from_generation, token, *now_ms)?)
-        }
-        Op::Failure { name, attempt_id, reason, needs_reauth, now_ms } => {
-            failure_in(c, name, *attempt_id, reason, *needs_reauth, *now_ms)?;
-            OpResult::Done
-        }
-        Op::Cancel { attempt_id, why, now_ms } => {
-            cancel_in(c, *attempt_id, why, *now_ms)?;
-            OpResult::Done
-        }
-        Op::Release { name, holder } => {
-            release_in(c, name, holder)?;
-            OpResult::Done
-        }
-        Op::Get { name } => OpResult::State(get_in(c, name)?),
-    })
-}
-
-fn get_in(c: &Connection, name: &str) -> rusqlite::Result<Option<TokenState>> {
+pub(crate) fn get_in(c: &Connection, name: &str) -> rusqlite::Result<Option<TokenState>> {
     c.prepare_cached(STATE_BY_NAME)?.query_row([name], state_from_row).optional()
 }
 
-fn begin_in(
+pub(crate) fn begin_in(
     c: &Connection,
     name: &str,
     holder: &LeaseHolder,
@@ -712,7 +539,7 @@ fn begin_in(
     Ok(Begin::Leased { state, attempt_id: c.last_insert_rowid() })
 }
 
-fn commit_in(
+pub(crate) fn commit_in(
     c: &Connection,
     name: &str,
     provider: &str,
@@ -776,7 +603,7 @@ fn commit_in(
     get_in(c, name)
 }
 
-fn failure_in(
+pub(crate) fn failure_in(
     c: &Connection,
     name: &str,
     attempt_id: i64,
@@ -798,13 +625,13 @@ fn failure_in(
     Ok(())
 }
 
-fn cancel_in(c: &Connection, attempt_id: i64, why: &str, now_ms: i64) -> rusqlite::Result<()> {
+pub(crate) fn cancel_in(c: &Connection, attempt_id: i64, why: &str, now_ms: i64) -> rusqlite::Result<()> {
     c.prepare_cached("UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1")?
         .execute(params![attempt_id, now_ms, why])
         .map(|_| ())
 }
 
-fn release_in(c: &Connection, name: &str, holder: &LeaseHolder) -> rusqlite::Result<()> {
+pub(crate) fn release_in(c: &Connection, name: &str, holder: &LeaseHolder) -> rusqlite::Result<()> {
     c.prepare_cached("DELETE FROM lease WHERE credential = ?1 AND holder = ?2")?
         .execute(params![name, holder.id])
         .map(|_| ())

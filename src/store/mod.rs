@@ -1,0 +1,210 @@
+//! The token store: every credential's token state, the attempts in flight and the leases.
+//! [`sqlite::Store`] is the embedded backend (one SQLite file, WAL, `synchronous=FULL`), and SQL
+//! lives there and nowhere else. The refresh path reaches the store only through
+//! [`RefreshStore`] — the operations a second backend (PostgreSQL, for fleets) implements too.
+
+mod sqlite;
+
+pub(crate) use sqlite::ops;
+pub use sqlite::{BatchJob, Store};
+
+use crate::redact::Secret;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error("database {path}: {message}")]
+    Other { path: PathBuf, message: String },
+}
+
+/// `active` credentials are refreshed; `needs_reauth` ones (grant rejected) and `revoked` ones
+/// (`tokend revoke`) wait for a human to authorize again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Active,
+    NeedsReauth,
+    Revoked,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::NeedsReauth => "needs_reauth",
+            Status::Revoked => "revoked",
+        }
+    }
+
+    /// Not to be refreshed until a new token is imported or authorized.
+    pub fn is_dead(self) -> bool {
+        self != Status::Active
+    }
+}
+
+/// A credential's stored token state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenState {
+    pub name: String,
+    pub provider: String,
+    pub access_token: Secret,
+    pub refresh_token: Option<Secret>,
+    pub token_type: String,
+    pub scope: Option<String>,
+    pub expires_in: Option<i64>,
+    pub created_at: i64,
+    /// `None` for tokens that never expire (NationBuilder V1, some API keys).
+    pub expires_at: Option<i64>,
+    pub generation: i64,
+    pub status: Status,
+    pub last_error: Option<String>,
+    pub last_refresh_at: Option<i64>,
+    pub attempts_in_flight: i64,
+}
+
+/// What decides when a stored token is due, and what the daemon reports about it: all it keeps
+/// in memory per credential. The tokens stay in the store and are read when a sink or a hook
+/// needs them, so 100,000 credentials do not hold 100,000 pairs of tokens in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    pub generation: i64,
+    pub created_at: i64,
+    /// `created_at + expires_in`: the lifetime itself is not kept (100,000 × 16 bytes).
+    pub expires_at: Option<i64>,
+    pub status: Status,
+    pub last_refresh_at: Option<i64>,
+}
+
+impl Lifetime {
+    /// The life the provider granted, in seconds.
+    pub fn expires_in(&self) -> Option<i64> {
+        self.expires_at.map(|at| at.saturating_sub(self.created_at))
+    }
+}
+
+impl TokenState {
+    pub fn lifetime(&self) -> Lifetime {
+        Lifetime {
+            generation: self.generation,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            status: self.status,
+            last_refresh_at: self.last_refresh_at,
+        }
+    }
+}
+
+/// A token to store, from a refresh or an import.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub access_token: Secret,
+    /// `None` keeps the stored refresh token (RFC 6749 §6: the server may not issue a new one).
+    pub refresh_token: Option<Secret>,
+    pub token_type: String,
+    pub scope: Option<String>,
+    pub expires_in: Option<i64>,
+    pub created_at: i64,
+}
+
+impl NewToken {
+    pub fn expires_at(&self) -> Option<i64> {
+        self.expires_in.map(|e| self.created_at.saturating_add(e))
+    }
+}
+
+/// Who holds a lease: unique per refresh, with the process id for stale-lease detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub id: String,
+    pub pid: u32,
+}
+
+impl LeaseHolder {
+    pub fn new() -> Self {
+        let pid = std::process::id();
+        Self { id: format!("{pid}-{:016x}", rand::random::<u64>()), pid }
+    }
+}
+
+impl Default for LeaseHolder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What [`Store::begin_refresh`] found.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "built once per refresh and consumed at once; boxing buys nothing")]
+pub enum Begin {
+    /// The lease is ours and the attempt is recorded. `state` is `None` when nothing is stored
+    /// yet (an API-key credential's first token).
+    Leased { state: Option<TokenState>, attempt_id: i64 },
+    /// Another live holder is refreshing this credential.
+    Busy { pid: u32, deadline_ms: i64 },
+}
+
+/// An attempt that never got a result (its process died mid-refresh).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAttempt {
+    pub id: i64,
+    pub credential: String,
+    pub from_generation: i64,
+    pub spent_fp: Option<String>,
+    pub holder: String,
+    pub started_at_ms: i64,
+}
+
+/// The store operations of one refresh (ARCHITECTURE.md, "The refresh invariant"), each one
+/// durable when its future resolves `Ok`. [`crate::committer::Committer`] implements them for
+/// SQLite with group commit.
+pub trait RefreshStore: Clone + Send + Sync + 'static {
+    /// Where the store lives: rescue files go beside it.
+    fn path(&self) -> &Path;
+
+    /// Steps 1 and 2 in one transaction: take `name`'s lease and record the attempt to spend its
+    /// current refresh token.
+    fn begin_refresh(
+        &self,
+        name: &str,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Begin, StoreError>> + Send;
+
+    /// Step 4: new tokens, lifetime, generation + 1, status active, attempt closed.
+    fn commit_rotation(
+        &self,
+        name: &str,
+        provider: &str,
+        attempt_id: i64,
+        from_generation: i64,
+        token: &NewToken,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<TokenState, StoreError>> + Send;
+
+    /// Closes an attempt that produced no token; `needs_reauth` marks the credential dead.
+    fn record_failure(
+        &self,
+        name: &str,
+        attempt_id: i64,
+        reason: &str,
+        needs_reauth: bool,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Closes an attempt abandoned before any request was sent.
+    fn cancel_attempt(
+        &self,
+        attempt_id: i64,
+        why: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Step 5's last act: only the holder's own lease is removed.
+    fn release_lease(&self, name: &str, holder: &LeaseHolder) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn get(&self, name: &str) -> impl Future<Output = Result<Option<TokenState>, StoreError>> + Send;
+}
