@@ -113,14 +113,15 @@ fn store_answer(
         &token,
         now_secs(),
     )?;
-    refresh::write_sinks(credential, &state);
-    crate::daemon::notify_store_changed(&config.daemon.database);
+    crate::daemon::publish_imported(&config.daemon.database, credential, &state);
     Ok(state)
 }
 
 async fn api_key(config: &Config, credential: &Credential, http: &HttpClient) -> Result<TokenState, AuthorizeError> {
     let store = crate::committer::Committer::open(&config.daemon.database)?;
-    let outcome = refresh::refresh(&store, http, credential, None, http.limits().total_timeout)
+    let sinks = crate::sink::SinkWriter::start()
+        .map_err(|e| AuthorizeError::Io(format!("cannot start the sink writer: {e}")))?;
+    let outcome = refresh::refresh(&store, http, &sinks, credential, None, http.limits().total_timeout)
         .await
         .map_err(|e| AuthorizeError::Io(e.to_string()))?;
     match outcome {
@@ -166,7 +167,7 @@ pub async fn revoke(config: &Config, credential: &Credential, forget: bool) -> R
             )));
         }
         store.remove(name)?;
-        remove_sinks(credential);
+        crate::sink::remove_all(credential, "forgotten (tokend revoke --forget)");
         crate::daemon::notify_store_changed(&config.daemon.database);
         return Ok(Revoked::ForgottenLocally);
     };
@@ -179,17 +180,9 @@ pub async fn revoke(config: &Config, credential: &Credential, forget: bool) -> R
         return Err(AuthorizeError::Provider(format!("revocation refused (HTTP {}): {body}", raw.status)));
     }
     store.mark_revoked(name, now_secs())?;
-    remove_sinks(credential);
+    crate::sink::remove_all(credential, "revoked");
     crate::daemon::notify_store_changed(&config.daemon.database);
     Ok(Revoked::AtProvider)
-}
-
-fn remove_sinks(credential: &Credential) {
-    for s in &credential.sinks {
-        if let Err(e) = crate::sink::remove(s) {
-            tracing::warn!(credential = %credential.name, "{e}");
-        }
-    }
 }
 
 struct Code {

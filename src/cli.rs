@@ -359,8 +359,7 @@ fn import(config: &Config, name: &str, issued_at: Option<&str>) -> Result<(), Cl
     }
     let token = refresh::new_token(&answer, issued, name);
     let state = open_store(config)?.import(name, cred.provider().as_str(), &token, now_secs())?;
-    refresh::write_sinks(cred, &state);
-    daemon::notify_store_changed(&config.daemon.database);
+    daemon::publish_imported(&config.daemon.database, cred, &state);
     println!(
         "imported {name}: generation {}, access token {}, {}, {}",
         state.generation,
@@ -518,7 +517,9 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
     // Wait as long as another holder may legitimately keep the lease, then a little more.
     let lease_wait = config.daemon.http.total_timeout + Duration::from_secs(35);
     let started = now_ms();
-    let outcome = refresh::refresh(&store, &http, cred, generation, lease_wait).await;
+    let sinks = sink::SinkWriter::start()
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot start the sink writer: {e}")))?;
+    let outcome = refresh::refresh(&store, &http, &sinks, cred, generation, lease_wait).await;
     daemon::notify_store_changed(&config.daemon.database);
     match outcome? {
         Outcome::Refreshed { state, .. } => {
@@ -554,11 +555,11 @@ fn remove(config: &Config, name: &str) -> Result<(), CliError> {
     daemon::notify_store_changed(&config.daemon.database);
     let mut removed_files = Vec::new();
     if let Some(cred) = config.credential(name) {
-        for s in &cred.sinks {
-            if sink::remove(s).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))? {
-                removed_files.push(s.path.display().to_string());
-            }
+        let (removed, failed) = sink::remove_all(cred, "token removed (tokend remove)");
+        if let Some(e) = failed.into_iter().next() {
+            return Err(CliError::new(exit::FAILURE, e.to_string()));
         }
+        removed_files.extend(removed.iter().map(|p| p.display().to_string()));
     }
     if !existed && removed_files.is_empty() {
         return Err(CliError::new(exit::UNKNOWN, format!("no token stored for {name}")));

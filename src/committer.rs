@@ -57,25 +57,9 @@ pub struct Committer {
 impl Committer {
     pub fn open(path: &Path) -> Result<Committer, StoreError> {
         let mut store = Store::open(path)?;
-        let (jobs, queue) = mpsc::channel::<Box<dyn BatchJob>>();
-        std::thread::Builder::new()
-            .name("tokend-commit".into())
-            .spawn(move || {
-                while let Ok(first) = queue.recv() {
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match queue.try_recv() {
-                            Ok(job) => batch.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    store.batch(batch);
-                }
-            })
-            .map_err(|e| StoreError::Other {
-                path: path.to_path_buf(),
-                message: format!("cannot start the commit thread: {e}"),
-            })?;
+        let jobs = crate::batcher::spawn("tokend-commit", MAX_BATCH, move |batch| store.batch(batch)).map_err(|e| {
+            StoreError::Other { path: path.to_path_buf(), message: format!("cannot start the commit thread: {e}") }
+        })?;
         Ok(Committer { jobs, path: path.to_path_buf() })
     }
 

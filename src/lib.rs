@@ -7,6 +7,7 @@
 //! | --- | --- |
 //! | [`config`] | TOML → typed, validated [`config::Config`]; secrets from inline/file/env/systemd credentials |
 //! | [`committer`] | group commit: one thread batches the refresh path's store operations |
+//! | [`batcher`] | a thread that takes its work in batches (committer, sink writer) |
 //! | [`store`] | SQLite schema, migrations, leases, the atomic rotation commit |
 //! | [`provider`] | build each provider's token request, send it, classify the answer |
 //! | [`schedule`] | when a credential is due; backoff; jitter (pure, no I/O) |
@@ -27,6 +28,7 @@
 //! | [`untrusted`] | opening files where others can write: no links, no blocking, bounded reads |
 
 pub mod authorize;
+pub mod batcher;
 pub mod cli;
 pub mod clock;
 pub mod committer;

@@ -25,7 +25,7 @@ use crate::config::Credential;
 use crate::provider::{self, Failure, HttpClient, TokenAnswer};
 use crate::redact::fingerprint;
 use crate::schedule::{IssueTime, issue_time};
-use crate::sink;
+use crate::sink::SinkWriter;
 use crate::store::{Begin, LeaseHolder, NewToken, RefreshStore, StoreError, TokenState};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -82,6 +82,7 @@ pub enum RefreshError {
 pub async fn refresh(
     store: &impl RefreshStore,
     http: &HttpClient,
+    sinks: &SinkWriter,
     credential: &Credential,
     expected_generation: Option<i64>,
     lease_wait: Duration,
@@ -171,7 +172,7 @@ pub async fn refresh(
             );
             // Sink files of concurrent refreshes are written together, one file-system sync for
             // the batch, off the async runtime.
-            for result in sink::write_batched(&credential.sinks, &new_state).await {
+            for result in sinks.write(&credential.sinks, &new_state).await {
                 if let Err(e) = result {
                     tracing::error!(credential = name, "{e}");
                 }
@@ -218,20 +219,6 @@ pub fn new_token(answer: &TokenAnswer, issued: IssueTime, name: &str) -> NewToke
         scope: answer.scope.clone(),
         expires_in: answer.expires_in,
         created_at: issued.created_at,
-    }
-}
-
-/// Writes every sink of `credential`; a failing sink is logged and does not stop the others.
-pub fn write_sinks(credential: &Credential, state: &TokenState) {
-    for s in &credential.sinks {
-        if let Some(dir) = s.path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-            // `tokend import` before the service's first start: /run/tokend is made by systemd.
-            tracing::info!(credential = %credential.name, sink = %s.path.display(), "sink not written: {} does not exist (yet); the daemon writes every sink when it starts", dir.display());
-            continue;
-        }
-        if let Err(e) = sink::write(s, state) {
-            tracing::error!(credential = %credential.name, "{e}");
-        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! read, written or opened through it (see [`crate::untrusted`]).
 
 use crate::clock::rfc3339;
-use crate::config::{SinkConfig, SinkFormat};
+use crate::config::{Credential, SinkConfig, SinkFormat};
 use crate::store::TokenState;
 use crate::untrusted::{self, Found};
 use std::fs::{File, OpenOptions};
@@ -218,36 +218,63 @@ pub struct Repaired {
     pub result: Result<(), SinkError>,
 }
 
-/// The sink thread: every read and write of a sink file happens there, off the daemon's loop,
-/// and concurrent refreshes' files are written as one batch ([`write_many`]).
-fn sink_thread() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<Job>> {
-    static WRITER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
-    WRITER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("tokend-sinks".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut writes = Vec::new();
-                    let mut next = Some(first);
-                    while let Some(job) = next.take() {
-                        match job {
-                            Job::Write { sinks, state, reply } => writes.push((sinks, *state, reply)),
-                            Job::Repair { items, reply } => {
-                                flush_writes(std::mem::take(&mut writes));
-                                let _ = reply.send(repair(&items));
-                            }
-                        }
-                        if writes.len() < 512 {
-                            next = rx.try_recv().ok();
-                        }
+/// Jobs the sink thread takes at once; more wait for the next batch.
+const MAX_SINK_JOBS: usize = 512;
+
+/// A handle to the sink thread: every read and write of a sink file by the daemon happens there,
+/// off its loop, and concurrent refreshes' files are written as one batch ([`write_many`]). The
+/// thread ends when the last handle is dropped.
+#[derive(Clone)]
+pub struct SinkWriter {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl SinkWriter {
+    pub fn start() -> std::io::Result<SinkWriter> {
+        let jobs = crate::batcher::spawn("tokend-sinks", MAX_SINK_JOBS, |batch: Vec<Job>| {
+            let mut writes = Vec::new();
+            for job in batch {
+                match job {
+                    Job::Write { sinks, state, reply } => writes.push((sinks, *state, reply)),
+                    Job::Repair { items, reply } => {
+                        flush_writes(std::mem::take(&mut writes));
+                        let _ = reply.send(repair(&items));
                     }
-                    flush_writes(writes);
                 }
-            })
-            .expect("spawning the sink writer thread");
-        std::sync::Mutex::new(tx)
-    })
+            }
+            flush_writes(writes);
+        })?;
+        Ok(SinkWriter { jobs })
+    }
+
+    /// Writes a refresh's sinks, batched with concurrent refreshes'; returns once the caller's
+    /// files are in place.
+    pub async fn write(&self, sinks: &[SinkConfig], state: &TokenState) -> Vec<Result<(), SinkError>> {
+        if sinks.is_empty() {
+            return Vec::new();
+        }
+        let gone = || sinks.iter().map(|s| Err(sink_error(&s.path, "the sink writer thread is gone"))).collect();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job::Write { sinks: sinks.to_vec(), state: Box::new(state.clone()), reply };
+        if self.jobs.send(job).is_err() {
+            return gone();
+        }
+        answer.await.unwrap_or_else(|_| gone())
+    }
+
+    /// Checks `items` and rewrites those that do not hold their token; returns what was
+    /// rewritten.
+    pub async fn repair(&self, items: Vec<(Arc<str>, SinkConfig, TokenState)>) -> Vec<Repaired> {
+        if items.is_empty() {
+            return Vec::new();
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.jobs.send(Job::Repair { items, reply }).is_err() {
+            tracing::error!("the sink writer thread is gone; sinks are not checked");
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
 }
 
 type WriteJob = (Vec<SinkConfig>, TokenState, tokio::sync::oneshot::Sender<Vec<Result<(), SinkError>>>);
@@ -283,37 +310,40 @@ fn repair(items: &[(Arc<str>, SinkConfig, TokenState)]) -> Vec<Repaired> {
         .collect()
 }
 
-fn send_job(job: Job) -> bool {
-    let sender = sink_thread().lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    sender.send(job).is_ok()
+/// Writes every sink of `credential` now, in the calling thread (`tokend import`, `authorize`,
+/// a rescued commit); a failing sink is logged and does not stop the others. A sink directory
+/// that does not exist yet (`/run/tokend` before the service first ran) is mentioned, not an
+/// error: the daemon writes every sink when it starts.
+pub fn write_all(credential: &Credential, state: &TokenState) {
+    for s in &credential.sinks {
+        if let Some(dir) = s.path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            tracing::info!(credential = %credential.name, sink = %s.path.display(), "sink not written: {} does not exist (yet); the daemon writes every sink when it starts", dir.display());
+            continue;
+        }
+        if let Err(e) = write(s, state) {
+            tracing::error!(credential = %credential.name, "{e}");
+        }
+    }
 }
 
-/// Writes a refresh's sinks through the sink thread, batched with concurrent refreshes'; returns
-/// once the caller's files are in place.
-pub async fn write_batched(sinks: &[SinkConfig], state: &TokenState) -> Vec<Result<(), SinkError>> {
-    if sinks.is_empty() {
-        return Vec::new();
+/// Removes every sink file of `credential` (token expired, credential dropped or forgotten),
+/// logging each with `why`. Returns the paths removed and the sinks that could not be.
+pub fn remove_all(credential: &Credential, why: &str) -> (Vec<PathBuf>, Vec<SinkError>) {
+    let (mut removed, mut failed) = (Vec::new(), Vec::new());
+    for s in &credential.sinks {
+        match remove(s) {
+            Ok(true) => {
+                tracing::info!(credential = %credential.name, sink = %s.path.display(), "sink removed: {why}");
+                removed.push(s.path.clone());
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(credential = %credential.name, "{e}");
+                failed.push(e);
+            }
+        }
     }
-    let gone = || sinks.iter().map(|s| Err(sink_error(&s.path, "the sink writer thread is gone"))).collect();
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    if !send_job(Job::Write { sinks: sinks.to_vec(), state: Box::new(state.clone()), reply }) {
-        return gone();
-    }
-    answer.await.unwrap_or_else(|_| gone())
-}
-
-/// Checks `items` on the sink thread and rewrites those that do not hold their token; returns
-/// what was rewritten.
-pub async fn repair_stale(items: Vec<(Arc<str>, SinkConfig, TokenState)>) -> Vec<Repaired> {
-    if items.is_empty() {
-        return Vec::new();
-    }
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    if !send_job(Job::Repair { items, reply }) {
-        tracing::error!("the sink writer thread is gone; sinks are not checked");
-        return Vec::new();
-    }
-    answer.await.unwrap_or_default()
+    (removed, failed)
 }
 
 /// Whether the sink already holds exactly what [`write`] would put there — content, mode, owner,

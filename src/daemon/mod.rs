@@ -140,6 +140,8 @@ struct Daemon {
     store: Arc<Mutex<Store>>,
     /// The refresh path's connection, with group commit.
     committer: Committer,
+    /// Every sink read and write of the daemon goes through this thread.
+    sinks: sink::SinkWriter,
     http: HttpClient,
     queue: DeadlineQueue,
     /// Keyed by the credential's own name allocation (`Credential::name`), shared with the queue.
@@ -180,6 +182,13 @@ pub fn store_changed_path(database: &Path) -> PathBuf {
     let mut name = database.file_name().unwrap_or_default().to_os_string();
     name.push(".changed");
     database.with_file_name(name)
+}
+
+/// After a token was stored outside the daemon (`tokend import`, `authorize`): its sinks are
+/// written and a running daemon is told to pick it up.
+pub fn publish_imported(database: &Path, credential: &Credential, state: &TokenState) {
+    sink::write_all(credential, state);
+    notify_store_changed(database);
 }
 
 /// Tells a running daemon (if any) that the store changed under it. Best effort.
@@ -284,6 +293,8 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         in_flight_by_provider: HashMap::new(),
         stopping: false,
         committer: Committer::open(&config.daemon.database)?,
+        sinks: sink::SinkWriter::start()
+            .map_err(|e| DaemonError::Io(format!("cannot start the sink writer thread: {e}")))?,
         config,
         store: Arc::new(Mutex::new(store)),
         http,
@@ -523,7 +534,7 @@ impl Daemon {
             if let Some(entry) = self.entries.remove(&name) {
                 self.queue.cancel_all(&name);
                 self.trigger_floor.remove(&name);
-                remove_sinks(&entry.credential, "credential removed from the configuration");
+                sink::remove_all(&entry.credential, "credential removed from the configuration");
                 tracing::info!(credential = %name, "dropped (no longer configured); its stored token is kept");
             }
         }
@@ -790,10 +801,11 @@ impl Daemon {
         *self.in_flight_by_provider.entry(provider).or_default() += 1;
         let store = self.committer.clone();
         let http = self.http.clone();
+        let sinks = self.sinks.clone();
         let credential = entry.credential.clone();
         let expected = entry.lifetime.map(|l| l.generation);
         let handle = inflight.spawn(async move {
-            let result = refresh::refresh(&store, &http, &credential, expected, Duration::ZERO).await;
+            let result = refresh::refresh(&store, &http, &sinks, &credential, expected, Duration::ZERO).await;
             (credential.name.clone(), result)
         });
         self.running.insert(handle.id(), (entry.credential.name.clone(), provider));
@@ -880,7 +892,7 @@ impl Daemon {
                 tracing::info!(credential = %name, generation = state.generation, "refreshed by another process meanwhile");
                 entry.failures = 0;
                 entry.retry_at = None;
-                refresh::write_sinks(&credential, &state);
+                sink::write_all(&credential, &state);
                 entry.lifetime = Some(state.lifetime());
             }
             Ok(Outcome::Failed { failure, needs_reauth }) => {
@@ -975,7 +987,7 @@ impl Daemon {
                 if std::fs::remove_file(&rescue).is_ok() {
                     tracing::info!(credential = name, rescue = %rescue, "rescue file removed");
                 }
-                refresh::write_sinks(&entry.credential, &state);
+                sink::write_all(&entry.credential, &state);
                 entry.lifetime = Some(state.lifetime());
                 entry.failures = 0;
                 entry.retry_at = None;
@@ -1006,7 +1018,7 @@ impl Daemon {
         let Some(expires_at) = entry.lifetime.and_then(|l| l.expires_at) else { return };
         if expires_at * 1000 <= now_ms() {
             tracing::error!(credential = name, expired_at = %rfc3339(expires_at), "access token expired without a successful refresh; its sink files are removed");
-            remove_sinks(&entry.credential, "token expired");
+            sink::remove_all(&entry.credential, "token expired");
             let stored = self.store().get(name).ok().flatten();
             let last_error = stored.as_ref().and_then(|s| s.last_error.as_deref());
             hooks::spawn(&entry.credential, Event::Expired, stored.as_ref(), last_error);
@@ -1038,7 +1050,7 @@ impl Daemon {
             }
             let Some(lifetime) = entry.lifetime else { continue };
             if lifetime.expires_at.is_some_and(|t| t * 1000 <= now) {
-                remove_sinks(&entry.credential, "token expired");
+                sink::remove_all(&entry.credential, "token expired");
                 continue;
             }
             settled.push(name);
@@ -1054,8 +1066,9 @@ impl Daemon {
             .collect();
         // Read and rewritten on the sink thread: a sink directory others can write must never
         // stall this loop.
+        let sinks = self.sinks.clone();
         tokio::spawn(async move {
-            for repaired in sink::repair_stale(items).await {
+            for repaired in sinks.repair(items).await {
                 match repaired.result {
                     Ok(()) => {
                         tracing::info!(credential = %repaired.credential, sink = %repaired.path.display(), "sink written")
@@ -1230,14 +1243,4 @@ fn prepare_trigger_dir(dir: &Path) -> Result<(), String> {
 fn pause(paused_until: &mut HashMap<String, i64>, credential: &Credential, now: i64, until: i64) {
     paused_until.retain(|_, end| *end > now);
     paused_until.insert(credential.endpoint.rate_limit_scope(), until);
-}
-
-fn remove_sinks(credential: &Credential, why: &str) {
-    for s in &credential.sinks {
-        match sink::remove(s) {
-            Ok(true) => tracing::info!(credential = %credential.name, sink = %s.path.display(), "sink removed: {why}"),
-            Ok(false) => {}
-            Err(e) => tracing::error!(credential = %credential.name, "{e}"),
-        }
-    }
 }
