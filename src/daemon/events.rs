@@ -1,0 +1,190 @@
+//! File events: sinks altered by someone else, `.refresh` triggers (with their floor), the
+//! config file saved, and `<database>.changed` touched by another tokend process.
+
+use super::*;
+
+/// At most one trigger-started refresh per [`TRIGGER_MIN_INTERVAL`] for a credential: a trigger
+/// that comes too soon is deferred to `next_allowed`, and that deferred refresh uses up the next
+/// interval as an immediate one would.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TriggerFloor {
+    pub(super) next_allowed: Instant,
+    /// A deferred refresh is planned for this time; triggers before it add nothing.
+    pub(super) deferred_to: Option<Instant>,
+}
+
+impl Daemon {
+    pub(super) fn rebuild_watches(&mut self) {
+        self.sink_owner.clear();
+        self.trigger_owner.clear();
+        let mut dirs = BTreeSet::new();
+        for entry in self.entries.values() {
+            for s in &entry.credential.sinks {
+                self.sink_owner.insert(s.path.clone(), entry.credential.name.clone());
+                dirs.extend(s.path.parent().map(Path::to_path_buf));
+            }
+        }
+        if let Some(dir) = self.config.daemon.trigger_dir.clone() {
+            match prepare_trigger_dir(&dir) {
+                Ok(()) => {
+                    for name in self.entries.keys() {
+                        self.trigger_owner.insert(trigger_path(&dir, name), name.clone());
+                    }
+                    dirs.insert(dir);
+                }
+                Err(e) => tracing::error!("{e}; refresh triggers are off"),
+            }
+        }
+        dirs.extend(self.config.path.parent().map(Path::to_path_buf));
+        dirs.extend(self.store_changed_path.parent().map(Path::to_path_buf));
+        self.watcher = match watch::watch_dirs(&dirs, self.fs_tx.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(
+                    "cannot watch files ({e}); sinks will not be repaired and the config not reloaded on change"
+                );
+                None
+            }
+        };
+    }
+
+    pub(super) fn fs_event(&mut self, path: PathBuf) {
+        let soon = Instant::now() + FS_DEBOUNCE;
+        if path.as_os_str().is_empty() {
+            tracing::warn!("file events were lost (the kernel's queue overflowed); checking every sink");
+            let with_sinks = self.entries.iter().filter(|(_, e)| !e.credential.sinks.is_empty());
+            self.dirty_sinks.extend(with_sinks.map(|(name, _)| name.clone()));
+            let present = self.trigger_owner.iter().filter(|(path, _)| std::fs::symlink_metadata(path).is_ok());
+            self.triggered.extend(present.map(|(_, name)| name.clone()));
+            self.fs_due.get_or_insert(soon);
+        } else if path == self.config.path {
+            self.reload_due = Some(Instant::now() + CONFIG_DEBOUNCE);
+        } else if path == self.store_changed_path {
+            self.store_sync_due.get_or_insert(soon);
+        } else if let Some(name) = self.sink_owner.get(&path) {
+            self.dirty_sinks.insert(name.clone());
+            self.fs_due.get_or_insert(soon);
+        } else if let Some(name) = self.trigger_owner.get(&path)
+            && std::fs::symlink_metadata(&path).is_ok()
+        {
+            self.triggered.insert(name.clone());
+            self.fs_due.get_or_insert(soon);
+        }
+    }
+
+    pub(super) fn fs_settled(&mut self, inflight: &mut JoinSet<RefreshResult>) {
+        let now = Instant::now();
+        if self.reload_due.is_some_and(|t| t <= now) {
+            self.reload_due = None;
+            tracing::info!(config = %self.config.path.display(), "configuration file changed; reloading");
+            self.reload();
+        }
+        if self.store_sync_due.is_some_and(|t| t <= now) {
+            self.store_sync_due = None;
+            self.sync_from_store();
+        }
+        if self.publish_due.is_some_and(|t| t <= now) {
+            self.publish();
+        }
+        if self.fs_due.is_some_and(|t| t <= now) {
+            self.fs_due = None;
+            let dirty = std::mem::take(&mut self.dirty_sinks);
+            self.sync_sinks_of(dirty);
+            for name in std::mem::take(&mut self.triggered) {
+                self.trigger(&name, inflight);
+            }
+        }
+    }
+
+    /// A script created `<trigger_dir>/<name>.refresh`: it got a 401 and wants a new token now.
+    pub(super) fn trigger(&mut self, name: &str, inflight: &mut JoinSet<RefreshResult>) {
+        let Some(entry) = self.entries.get(name) else { return };
+        if let Some(dir) = &self.config.daemon.trigger_dir {
+            // unlink never follows a link; whatever was created there is gone.
+            let _ = std::fs::remove_file(trigger_path(dir, name));
+        }
+        let now = Instant::now();
+        let floor = self.trigger_floor.get(name).copied();
+        if floor.and_then(|f| f.deferred_to).is_some_and(|at| at > now) {
+            tracing::debug!(credential = name, "refresh requested through a trigger file; one is already planned");
+            return;
+        }
+        match floor.filter(|f| f.next_allowed > now) {
+            None => {
+                self.trigger_floor.insert(
+                    entry.credential.name.clone(),
+                    TriggerFloor { next_allowed: now + TRIGGER_MIN_INTERVAL, deferred_to: None },
+                );
+                tracing::info!(credential = name, "refresh requested through a trigger file");
+                self.start_refresh(name, inflight);
+            }
+            Some(f) => {
+                let at = f.next_allowed;
+                self.trigger_floor.insert(
+                    entry.credential.name.clone(),
+                    TriggerFloor { next_allowed: at + TRIGGER_MIN_INTERVAL, deferred_to: Some(at) },
+                );
+                let at_ms = now_ms() + i64::try_from((at - now).as_millis()).unwrap_or(0);
+                tracing::info!(credential = name, "refresh requested through a trigger file again too soon; deferred");
+                let at_ms = at_ms.min(self.queue.get(name, Job::Refresh).unwrap_or(i64::MAX));
+                self.queue.schedule(&entry.credential.name, Job::Refresh, at_ms);
+            }
+        }
+    }
+
+    /// `tokend import` / `remove` / `refresh` changed the store: pick up their state.
+    pub(super) fn sync_from_store(&mut self) {
+        let lifetimes = match self.store().list_lifetimes() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("cannot re-read the store: {e}");
+                return;
+            }
+        };
+        let mut by_name: HashMap<String, Lifetime> = lifetimes.into_iter().collect();
+        let names: Vec<Arc<str>> = self.entries.keys().cloned().collect();
+        for name in names {
+            let Some(entry) = self.entries.get_mut(&name) else { continue };
+            let new = by_name.remove(&*name);
+            let changed = new.map(|l| (l.generation, l.status)) != entry.lifetime.map(|l| (l.generation, l.status));
+            if changed && !entry.in_flight {
+                tracing::info!(credential = %name, generation = new.map(|l| l.generation), "store changed by another process; picked up");
+                entry.lifetime = new;
+                entry.failures = 0;
+                entry.retry_at = None;
+                self.sync_sinks(&name);
+                self.plan(&name);
+                // STATUS= and the metrics file speak for the state just picked up, not for the
+                // one before the import.
+                self.publish_soon();
+            }
+        }
+    }
+}
+
+/// The file a script creates to ask for `name`'s refresh now.
+pub(super) fn trigger_path(trigger_dir: &Path, name: &str) -> PathBuf {
+    trigger_dir.join(format!("{name}.refresh"))
+}
+
+/// Creates the trigger directory if needed: sticky and group-writable, so that members of
+/// tokend's group can create triggers but not remove each other's, while the sink directory stays
+/// writable by tokend alone. An existing one must be a directory of tokend's (not a link).
+pub(super) fn prepare_trigger_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o1770)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1770)))
+            .map_err(|e| format!("cannot create trigger directory {}: {e}", dir.display())),
+        Err(e) => Err(format!("cannot inspect trigger directory {}: {e}", dir.display())),
+        Ok(meta) if !meta.file_type().is_dir() => {
+            Err(format!("trigger directory {} is {}, not a directory", dir.display(), crate::untrusted::kind_of(&meta)))
+        }
+        Ok(meta) if meta.uid() != nix::unistd::geteuid().as_raw() => {
+            Err(format!("trigger directory {} belongs to uid {}, not to tokend's user", dir.display(), meta.uid()))
+        }
+        Ok(_) => Ok(()),
+    }
+}
