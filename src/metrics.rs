@@ -4,8 +4,39 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-/// How refreshes ended, as counted in `tokend_refresh_total{result}`.
-pub const RESULTS: [&str; 5] = ["success", "transient", "rejected", "permanent", "error"];
+/// How a refresh ended, as counted in `tokend_refresh_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshResult {
+    /// A new token was committed (or another process had just committed one).
+    Success,
+    /// Connect error, timeout, 5xx, 429: retried.
+    Transient,
+    /// An answer tokend will not store: retried.
+    Rejected,
+    /// The grant or client is dead: needs re-authorization.
+    Permanent,
+    /// tokend's own side failed: the store, the commit, or the refresh task itself.
+    Error,
+}
+
+impl RefreshResult {
+    pub const ALL: [RefreshResult; 5] = [Self::Success, Self::Transient, Self::Rejected, Self::Permanent, Self::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Transient => "transient",
+            Self::Rejected => "rejected",
+            Self::Permanent => "permanent",
+            Self::Error => "error",
+        }
+    }
+
+    /// Its position in [`Self::ALL`] and in a [`CredentialMetrics::refreshes`] array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
 
 /// What the metrics file says about one credential.
 #[derive(Debug, Clone, Default)]
@@ -14,8 +45,8 @@ pub struct CredentialMetrics {
     pub expires_at: Option<i64>,
     pub needs_reauth: bool,
     pub last_refresh_at: Option<i64>,
-    /// Counts by [`RESULTS`] (same order) since the daemon started.
-    pub refreshes: [u64; RESULTS.len()],
+    /// Counts by [`RefreshResult::ALL`] (same order) since the daemon started.
+    pub refreshes: [u64; RefreshResult::ALL.len()],
 }
 
 /// The textfile for `credentials`; `sinks_replaced` counts entries others planted at sink paths
@@ -58,10 +89,10 @@ pub fn render(credentials: &BTreeMap<String, CredentialMetrics>, sinks_replaced:
         credentials
             .iter()
             .flat_map(|(n, m)| {
-                RESULTS
+                RefreshResult::ALL
                     .iter()
                     .zip(m.refreshes)
-                    .map(move |(r, count)| (format!("{},result=\"{r}\"", label(n, m)), count.to_string()))
+                    .map(move |(r, count)| (format!("{},result=\"{}\"", label(n, m), r.as_str()), count.to_string()))
             })
             .collect(),
     );

@@ -74,6 +74,11 @@ pub enum RefreshError {
          the answer was saved to {rescue} — run `tokend import {name} < {rescue}` once the database is writable"
     )]
     CommitFailed { name: String, source: StoreError, rescue: String, token: Box<NewToken> },
+    /// The refresh task panicked: a bug, counted as an error and retried with backoff. If the
+    /// panic came after the provider answered, the attempt stays open and the next start reports
+    /// it like a crash.
+    #[error("credential {name}: the refresh task died: {message}")]
+    TaskDied { name: String, message: String },
 }
 
 /// Refreshes `credential` now. `expected_generation` is the generation the caller decided to

@@ -494,3 +494,27 @@ async fn reload_command_validates_before_signalling_the_daemon() {
     // Without --pid, the daemon is found through the database's lock.
     assert_eq!(w.tokend(&["reload"], None).await.code, 0);
 }
+
+/// A refresh task that panics is an error: logged with its message, counted under
+/// `result="error"`, and retried with backoff — not every 2 s as a busy lease, uncounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_task_that_dies_is_counted_and_backed_off() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config_with_daemon("metrics_file = \"tokend.prom\"\n", ONE);
+    w.authorize_and_import("a").await;
+    let daemon = w.start_daemon_env(&[("TOKEND_TEST_PANIC_IN_REFRESH", "a")]).await;
+    daemon.signal(Signal::SIGUSR1);
+    let died = "the refresh task died: injected by TOKEND_TEST_PANIC_IN_REFRESH";
+    assert!(wait_for(Duration::from_secs(5), || daemon.log_text().contains(died)).await, "{}", daemon.log_text());
+    let error = "tokend_refresh_total{credential=\"a\",provider=\"oauth2\",result=\"error\"} 1";
+    assert!(
+        wait_for(Duration::from_secs(3), || std::fs::read_to_string(w.path("tokend.prom"))
+            .is_ok_and(|m| m.contains(error)))
+        .await,
+        "{}",
+        std::fs::read_to_string(w.path("tokend.prom")).unwrap_or_default()
+    );
+    // The first retry of a 1 h token comes after about 5 s (backoff), not after 2 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(daemon.log_text().matches(died).count(), 1, "{}", daemon.log_text());
+}

@@ -35,7 +35,7 @@ impl Daemon {
     }
 
     pub(super) fn start_refresh(&mut self, name: &str, inflight: &mut JoinSet<RefreshResult>) {
-        if self.stopping {
+        if self.admission.stopping {
             return;
         }
         let now = now_ms();
@@ -44,10 +44,10 @@ impl Daemon {
             return;
         }
         let provider = entry.credential.provider();
-        let paused = if self.paused_until.is_empty() {
+        let paused = if self.admission.paused_until.is_empty() {
             None
         } else {
-            self.paused_until.get(&entry.credential.endpoint.rate_limit_scope()).copied().filter(|u| *u > now)
+            self.admission.paused_until.get(&entry.credential.endpoint.rate_limit_scope()).copied().filter(|u| *u > now)
         };
         if let Some(until) = paused {
             let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
@@ -73,36 +73,43 @@ impl Daemon {
             return;
         }
         self.queue.cancel(name, Job::Refresh);
-        let busy = self.in_flight_by_provider.get(&provider).copied().unwrap_or(0);
-        if self.running.len() >= self.config.daemon.concurrency || busy >= entry.credential.provider_concurrency {
+        let busy = self.admission.in_flight_by_provider.get(&provider).copied().unwrap_or(0);
+        if self.admission.running.len() >= self.config.daemon.concurrency
+            || busy >= entry.credential.provider_concurrency
+        {
             if !entry.waiting {
                 entry.waiting = true;
-                self.waiting.push_back(entry.credential.name.clone());
+                self.admission.waiting.push_back(entry.credential.name.clone());
             }
             return;
         }
         entry.in_flight = true;
-        *self.in_flight_by_provider.entry(provider).or_default() += 1;
+        *self.admission.in_flight_by_provider.entry(provider).or_default() += 1;
         let store = self.committer.clone();
         let http = self.http.clone();
         let sinks = self.sinks.clone();
         let credential = entry.credential.clone();
         let expected = entry.lifetime.map(|l| l.generation);
         let handle = inflight.spawn(async move {
+            // Debug builds only: the tests' way to make a refresh task die.
+            #[cfg(debug_assertions)]
+            if std::env::var_os("TOKEND_TEST_PANIC_IN_REFRESH").is_some_and(|n| n == *credential.name) {
+                panic!("injected by TOKEND_TEST_PANIC_IN_REFRESH");
+            }
             let result = refresh::refresh(&store, &http, &sinks, &credential, expected, Duration::ZERO).await;
             (credential.name.clone(), result)
         });
-        self.running.insert(handle.id(), (entry.credential.name.clone(), provider));
+        self.admission.running.insert(handle.id(), (entry.credential.name.clone(), provider));
     }
 
     /// Starts waiting refreshes while slots are free. Each waiting name is looked at once per
     /// call, so a provider at its own limit does not spin.
     pub(super) fn start_waiting(&mut self, inflight: &mut JoinSet<RefreshResult>) {
-        for _ in 0..self.waiting.len() {
-            if self.running.len() >= self.config.daemon.concurrency {
+        for _ in 0..self.admission.waiting.len() {
+            if self.admission.running.len() >= self.config.daemon.concurrency {
                 break;
             }
-            let Some(name) = self.waiting.pop_front() else { break };
+            let Some(name) = self.admission.waiting.pop_front() else { break };
             if let Some(entry) = self.entries.get_mut(&name) {
                 entry.waiting = false;
                 self.start_refresh(&name, inflight);

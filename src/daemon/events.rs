@@ -15,12 +15,12 @@ pub(super) struct TriggerFloor {
 
 impl Daemon {
     pub(super) fn rebuild_watches(&mut self) {
-        self.sink_owner.clear();
-        self.trigger_owner.clear();
+        self.watches.sink_owner.clear();
+        self.watches.trigger_owner.clear();
         let mut dirs = BTreeSet::new();
         for entry in self.entries.values() {
             for s in &entry.credential.sinks {
-                self.sink_owner.insert(s.path.clone(), entry.credential.name.clone());
+                self.watches.sink_owner.insert(s.path.clone(), entry.credential.name.clone());
                 dirs.extend(s.path.parent().map(Path::to_path_buf));
             }
         }
@@ -28,7 +28,7 @@ impl Daemon {
             match prepare_trigger_dir(&dir) {
                 Ok(()) => {
                     for name in self.entries.keys() {
-                        self.trigger_owner.insert(trigger_path(&dir, name), name.clone());
+                        self.watches.trigger_owner.insert(trigger_path(&dir, name), name.clone());
                     }
                     dirs.insert(dir);
                 }
@@ -37,7 +37,7 @@ impl Daemon {
         }
         dirs.extend(self.config.path.parent().map(Path::to_path_buf));
         dirs.extend(self.store_changed_path.parent().map(Path::to_path_buf));
-        self.watcher = match watch::watch_dirs(&dirs, self.fs_tx.clone()) {
+        self.watches.watcher = match watch::watch_dirs(&dirs, self.watches.fs_tx.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::error!(
@@ -53,44 +53,44 @@ impl Daemon {
         if path.as_os_str().is_empty() {
             tracing::warn!("file events were lost (the kernel's queue overflowed); checking every sink");
             let with_sinks = self.entries.iter().filter(|(_, e)| !e.credential.sinks.is_empty());
-            self.dirty_sinks.extend(with_sinks.map(|(name, _)| name.clone()));
-            let present = self.trigger_owner.iter().filter(|(path, _)| std::fs::symlink_metadata(path).is_ok());
-            self.triggered.extend(present.map(|(_, name)| name.clone()));
-            self.fs_due.get_or_insert(soon);
+            self.watches.dirty_sinks.extend(with_sinks.map(|(name, _)| name.clone()));
+            let present = self.watches.trigger_owner.iter().filter(|(path, _)| std::fs::symlink_metadata(path).is_ok());
+            self.watches.triggered.extend(present.map(|(_, name)| name.clone()));
+            self.due.fs.get_or_insert(soon);
         } else if path == self.config.path {
-            self.reload_due = Some(Instant::now() + CONFIG_DEBOUNCE);
+            self.due.reload = Some(Instant::now() + CONFIG_DEBOUNCE);
         } else if path == self.store_changed_path {
-            self.store_sync_due.get_or_insert(soon);
-        } else if let Some(name) = self.sink_owner.get(&path) {
-            self.dirty_sinks.insert(name.clone());
-            self.fs_due.get_or_insert(soon);
-        } else if let Some(name) = self.trigger_owner.get(&path)
+            self.due.store_sync.get_or_insert(soon);
+        } else if let Some(name) = self.watches.sink_owner.get(&path) {
+            self.watches.dirty_sinks.insert(name.clone());
+            self.due.fs.get_or_insert(soon);
+        } else if let Some(name) = self.watches.trigger_owner.get(&path)
             && std::fs::symlink_metadata(&path).is_ok()
         {
-            self.triggered.insert(name.clone());
-            self.fs_due.get_or_insert(soon);
+            self.watches.triggered.insert(name.clone());
+            self.due.fs.get_or_insert(soon);
         }
     }
 
     pub(super) fn fs_settled(&mut self, inflight: &mut JoinSet<RefreshResult>) {
         let now = Instant::now();
-        if self.reload_due.is_some_and(|t| t <= now) {
-            self.reload_due = None;
+        if self.due.reload.is_some_and(|t| t <= now) {
+            self.due.reload = None;
             tracing::info!(config = %self.config.path.display(), "configuration file changed; reloading");
             self.reload();
         }
-        if self.store_sync_due.is_some_and(|t| t <= now) {
-            self.store_sync_due = None;
+        if self.due.store_sync.is_some_and(|t| t <= now) {
+            self.due.store_sync = None;
             self.sync_from_store();
         }
-        if self.publish_due.is_some_and(|t| t <= now) {
+        if self.due.publish.is_some_and(|t| t <= now) {
             self.publish();
         }
-        if self.fs_due.is_some_and(|t| t <= now) {
-            self.fs_due = None;
-            let dirty = std::mem::take(&mut self.dirty_sinks);
+        if self.due.fs.is_some_and(|t| t <= now) {
+            self.due.fs = None;
+            let dirty = std::mem::take(&mut self.watches.dirty_sinks);
             self.sync_sinks_of(dirty);
-            for name in std::mem::take(&mut self.triggered) {
+            for name in std::mem::take(&mut self.watches.triggered) {
                 self.trigger(&name, inflight);
             }
         }
@@ -104,14 +104,14 @@ impl Daemon {
             let _ = std::fs::remove_file(trigger_path(dir, name));
         }
         let now = Instant::now();
-        let floor = self.trigger_floor.get(name).copied();
+        let floor = self.watches.trigger_floor.get(name).copied();
         if floor.and_then(|f| f.deferred_to).is_some_and(|at| at > now) {
             tracing::debug!(credential = name, "refresh requested through a trigger file; one is already planned");
             return;
         }
         match floor.filter(|f| f.next_allowed > now) {
             None => {
-                self.trigger_floor.insert(
+                self.watches.trigger_floor.insert(
                     entry.credential.name.clone(),
                     TriggerFloor { next_allowed: now + TRIGGER_MIN_INTERVAL, deferred_to: None },
                 );
@@ -120,7 +120,7 @@ impl Daemon {
             }
             Some(f) => {
                 let at = f.next_allowed;
-                self.trigger_floor.insert(
+                self.watches.trigger_floor.insert(
                     entry.credential.name.clone(),
                     TriggerFloor { next_allowed: at + TRIGGER_MIN_INTERVAL, deferred_to: Some(at) },
                 );

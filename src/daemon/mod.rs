@@ -106,9 +106,9 @@ struct Entry {
     in_flight: bool,
     /// In the `waiting` queue for a concurrency slot.
     waiting: bool,
-    /// Refresh results since start by `metrics::RESULTS`, for metrics. (A map here cost a
+    /// Refresh results since start by `metrics::RefreshResult`, for metrics. (A map here cost a
     /// 300-byte node per credential once it had refreshed.)
-    results: [u32; metrics::RESULTS.len()],
+    results: [u32; metrics::RefreshResult::ALL.len()],
     /// A rotated token the provider issued but the store could not take (disk full, read-only),
     /// and its rescue file: committed before anything else is tried, so the chain survives the
     /// outage. Boxed: rare, and every credential carries the field.
@@ -130,6 +130,18 @@ struct Daemon {
     /// Keyed by the credential's own name allocation (`Credential::name`), shared with the queue.
     /// Fx hashing: the names come from the operator's configuration, not from an adversary.
     entries: FxHashMap<Arc<str>, Entry>,
+    admission: Admission,
+    watches: Watches,
+    due: Due,
+    /// `tokend import`/`remove` touch this file to tell a running daemon to re-read the store.
+    store_changed_path: PathBuf,
+    /// Reloads attempted since start, numbering the outcomes `tokend reload` waits for.
+    reloads: u64,
+}
+
+/// Which refreshes run, which wait, and which endpoints asked us to wait (`admission.rs`).
+#[derive(Default)]
+struct Admission {
     /// In-flight refresh tasks: credential and provider.
     running: HashMap<tokio::task::Id, (Arc<str>, ProviderKind)>,
     /// Due credentials waiting for a free slot (global or per-provider concurrency). Tasks are
@@ -141,6 +153,10 @@ struct Daemon {
     /// Rate-limit pauses by [`crate::provider::Endpoint::rate_limit_scope`]: until when that
     /// endpoint and client asked us to wait.
     paused_until: HashMap<String, i64>,
+}
+
+/// The files the daemon watches and what their events asked for (`events.rs`).
+struct Watches {
     /// Sink path → credential, and `.refresh` trigger path → credential.
     sink_owner: HashMap<PathBuf, Arc<str>>,
     trigger_owner: HashMap<PathBuf, Arc<str>>,
@@ -150,14 +166,16 @@ struct Daemon {
     watcher: Option<notify::RecommendedWatcher>,
     dirty_sinks: HashSet<Arc<str>>,
     triggered: HashSet<Arc<str>>,
-    fs_due: Option<Instant>,
-    reload_due: Option<Instant>,
-    store_sync_due: Option<Instant>,
-    publish_due: Option<Instant>,
-    /// `tokend import`/`remove` touch this file to tell a running daemon to re-read the store.
-    store_changed_path: PathBuf,
-    /// Reloads attempted since start, numbering the outcomes `tokend reload` waits for.
-    reloads: u64,
+}
+
+/// Debounced work and when it is due: file events settle, the config file is re-read, the store
+/// re-read, STATUS= and metrics republished.
+#[derive(Default)]
+struct Due {
+    fs: Option<Instant>,
+    reload: Option<Instant>,
+    store_sync: Option<Instant>,
+    publish: Option<Instant>,
 }
 
 /// Runs the daemon until [`Control::Shutdown`]; tells systemd READY=1 once every credential is
@@ -181,9 +199,6 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         store_changed_path: store_changed_path(&config.daemon.database),
-        waiting: std::collections::VecDeque::new(),
-        in_flight_by_provider: HashMap::new(),
-        stopping: false,
         committer: Committer::open(&config.daemon.database)?,
         sinks: sink::SinkWriter::start()
             .map_err(|e| DaemonError::Io(format!("cannot start the sink writer thread: {e}")))?,
@@ -192,19 +207,17 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         http,
         queue: DeadlineQueue::default(),
         entries: FxHashMap::default(),
-        running: HashMap::new(),
-        paused_until: HashMap::new(),
-        sink_owner: HashMap::new(),
-        trigger_owner: HashMap::new(),
-        trigger_floor: HashMap::new(),
-        fs_tx,
-        watcher: None,
-        dirty_sinks: HashSet::new(),
-        triggered: HashSet::new(),
-        fs_due: None,
-        reload_due: None,
-        store_sync_due: None,
-        publish_due: None,
+        admission: Admission::default(),
+        watches: Watches {
+            sink_owner: HashMap::new(),
+            trigger_owner: HashMap::new(),
+            trigger_floor: HashMap::new(),
+            fs_tx,
+            watcher: None,
+            dirty_sinks: HashSet::new(),
+            triggered: HashSet::new(),
+        },
+        due: Due::default(),
         reloads: 0,
     };
     daemon.config.path = config_path;
@@ -229,7 +242,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     loop {
         let next = daemon.queue.next_at();
         let fs_due =
-            [daemon.fs_due, daemon.reload_due, daemon.store_sync_due, daemon.publish_due].into_iter().flatten().min();
+            [daemon.due.fs, daemon.due.reload, daemon.due.store_sync, daemon.due.publish].into_iter().flatten().min();
         tokio::select! {
             biased;
             ctl = control.recv() => match ctl {
@@ -258,7 +271,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     }
 
     systemd::stopping();
-    daemon.stopping = true;
+    daemon.admission.stopping = true;
     tracing::info!(in_flight = inflight.len(), "shutting down: no new refreshes; letting in-flight ones finish");
     let grace = tokio::time::sleep(SHUTDOWN_GRACE);
     tokio::pin!(grace);

@@ -4,6 +4,155 @@
 use super::*;
 use admission::pause;
 
+/// A token's life when nothing says otherwise, for backoff: the length of Nudge's and most
+/// providers' access tokens.
+const ASSUMED_LIFETIME: Duration = Duration::from_secs(3600);
+/// Backoff for retrying a commit that failed (disk full, read-only): the store, not the
+/// provider, has to recover, and the rescued token does not expire sooner for waiting.
+const COMMIT_RETRY_BASE: Duration = Duration::from_secs(60);
+
+/// What the daemon holds about a credential that a result is judged against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Held {
+    pub failures: u32,
+    pub lifetime: Option<Lifetime>,
+}
+
+/// What a refresh's result means for its credential, decided without I/O by [`decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Decision {
+    /// Consecutive failures after this result.
+    pub failures: u32,
+    /// When to try again; `None` means at the refresh point planned from the lifetime.
+    pub retry_at: Option<i64>,
+    /// The lifetime to hold from now on.
+    pub lifetime: Option<Lifetime>,
+    /// The endpoint (and client) asked for no requests until then.
+    pub pause_until: Option<i64>,
+    /// How `tokend_refresh_total` counts it; `None` when nothing was attempted.
+    pub counted_as: Option<metrics::RefreshResult>,
+    /// The hook event, if any.
+    pub event: Option<Event>,
+}
+
+/// The decision for `result`, given what was held before (`held`), the stored state re-read
+/// after a failure (`fresh`, for its status and last error), the time, and a random number in
+/// [0, 1) for backoff jitter.
+pub(super) fn decide(
+    held: Held,
+    result: &Result<Outcome, RefreshError>,
+    fresh: Option<Lifetime>,
+    now: i64,
+    random: f64,
+) -> Decision {
+    let lifetime = fresh.or(held.lifetime);
+    let token_life =
+        lifetime.and_then(|l| l.expires_in()).map_or(ASSUMED_LIFETIME, |s| Duration::from_secs(s.unsigned_abs()));
+    let expires_at_ms = lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
+    let backoff = |failures: u32, provider_wait: Option<Duration>| {
+        schedule::retry_at_ms(now, failures, token_life, expires_at_ms, provider_wait, random)
+    };
+    let until = |wait: Duration| now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+    let healthy = |state: &TokenState, pause_until, event| Decision {
+        failures: 0,
+        retry_at: None,
+        lifetime: Some(state.lifetime()),
+        pause_until,
+        counted_as: Some(metrics::RefreshResult::Success),
+        event,
+    };
+    match result {
+        Ok(Outcome::Refreshed { state, rate_limited_for }) => {
+            healthy(state, rate_limited_for.map(until), Some(Event::Refreshed))
+        }
+        Ok(Outcome::AlreadyRefreshed(state)) => healthy(state, None, None),
+        Ok(Outcome::Failed { failure, needs_reauth: true }) => Decision {
+            failures: held.failures,
+            retry_at: None,
+            lifetime,
+            pause_until: None,
+            counted_as: Some(counted_as(failure)),
+            event: Some(Event::NeedsReauth),
+        },
+        Ok(Outcome::Failed { failure, needs_reauth: false }) => {
+            let provider_wait = match failure {
+                Failure::Transient { retry_after, .. } => *retry_after,
+                _ => None,
+            };
+            let failures = held.failures + 1;
+            Decision {
+                failures,
+                retry_at: Some(backoff(failures, provider_wait)),
+                lifetime,
+                pause_until: provider_wait.map(until),
+                counted_as: Some(counted_as(failure)),
+                event: Some(Event::Failed),
+            }
+        }
+        Ok(Outcome::Skipped { state, .. }) => Decision {
+            failures: held.failures,
+            retry_at: None,
+            lifetime: state.as_ref().map(TokenState::lifetime),
+            pause_until: None,
+            counted_as: None,
+            event: None,
+        },
+        // Another process holds the lease: nothing was attempted; look again soon.
+        Err(RefreshError::Busy { .. }) => Decision {
+            failures: held.failures,
+            retry_at: Some(now + LEASE_BUSY_RETRY_MS),
+            lifetime,
+            pause_until: None,
+            counted_as: None,
+            event: None,
+        },
+        // The token is kept in memory and its commit retried — never another refresh with the
+        // revoked refresh token.
+        Err(RefreshError::CommitFailed { .. }) => {
+            let failures = held.failures + 1;
+            Decision {
+                failures,
+                retry_at: Some(schedule::retry_at_ms(now, failures, COMMIT_RETRY_BASE, None, None, random)),
+                lifetime,
+                pause_until: None,
+                counted_as: Some(metrics::RefreshResult::Error),
+                event: None,
+            }
+        }
+        Err(RefreshError::Store(_) | RefreshError::TaskDied { .. }) => {
+            let failures = held.failures + 1;
+            Decision {
+                failures,
+                retry_at: Some(backoff(failures, None)),
+                lifetime,
+                pause_until: None,
+                counted_as: Some(metrics::RefreshResult::Error),
+                event: None,
+            }
+        }
+    }
+}
+
+fn counted_as(failure: &Failure) -> metrics::RefreshResult {
+    match failure {
+        Failure::Transient { .. } => metrics::RefreshResult::Transient,
+        Failure::Rejected { .. } => metrics::RefreshResult::Rejected,
+        Failure::Permanent { .. } => metrics::RefreshResult::Permanent,
+    }
+}
+
+/// The message a panicking task left, for the log.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
 impl Daemon {
     pub(super) fn finished(
         &mut self,
@@ -14,16 +163,13 @@ impl Daemon {
             Ok((id, result)) => (id, Ok(result)),
             Err(e) => (e.id(), Err(e)),
         };
-        let Some((name, provider)) = self.running.remove(&id) else { return };
-        if let Some(n) = self.in_flight_by_provider.get_mut(&provider) {
+        let Some((name, provider)) = self.admission.running.remove(&id) else { return };
+        if let Some(n) = self.admission.in_flight_by_provider.get_mut(&provider) {
             *n = n.saturating_sub(1);
         }
         let result = match outcome {
             Ok((_, result)) => result,
-            Err(e) => {
-                tracing::error!(credential = %name, "refresh task died: {e}");
-                Err(RefreshError::Busy { name: String::new(), pid: 0 })
-            }
+            Err(e) => Err(RefreshError::TaskDied { name: name.to_string(), message: panic_message(e) }),
         };
         let now = now_ms();
         self.publish_soon();
@@ -37,104 +183,48 @@ impl Daemon {
             return;
         };
         entry.in_flight = false;
-        let category = match &result {
-            Ok(Outcome::Refreshed { .. } | Outcome::AlreadyRefreshed(_)) => Some("success"),
-            Ok(Outcome::Failed { failure: Failure::Transient { .. }, .. }) => Some("transient"),
-            Ok(Outcome::Failed { failure: Failure::Rejected { .. }, .. }) => Some("rejected"),
-            Ok(Outcome::Failed { failure: Failure::Permanent { .. }, .. }) => Some("permanent"),
-            Ok(Outcome::Skipped { .. }) | Err(RefreshError::Busy { .. }) => None,
-            Err(_) => Some("error"),
-        };
-        if let Some(index) = category.and_then(|c| metrics::RESULTS.iter().position(|r| *r == c)) {
-            entry.results[index] += 1;
+        let held = Held { failures: entry.failures, lifetime: entry.lifetime };
+        let decision =
+            decide(held, &result, fresh_state.as_ref().map(TokenState::lifetime), now, rand::random::<f64>());
+        entry.failures = decision.failures;
+        entry.retry_at = decision.retry_at;
+        entry.lifetime = decision.lifetime;
+        if let Some(kind) = decision.counted_as {
+            entry.results[kind.index()] += 1;
         }
         let credential = entry.credential.clone();
-        let token_life = |held: Option<Lifetime>| {
-            Duration::from_secs(held.and_then(|l| l.expires_in()).unwrap_or(3600).unsigned_abs())
-        };
-        if let Some(fresh) = &fresh_state {
-            entry.lifetime = Some(fresh.lifetime());
+        if let Some(until) = decision.pause_until {
+            tracing::warn!(credential = %name, until = %rfc3339(until / 1000), "the endpoint asked for no requests until then; pausing it for this client");
+            pause(&mut self.admission.paused_until, &credential, now, until);
         }
         match result {
-            Ok(Outcome::Refreshed { state, rate_limited_for }) => {
-                entry.failures = 0;
-                entry.retry_at = None;
-                if let Some(wait) = rate_limited_for {
-                    let until = now + i64::try_from(wait.as_millis()).unwrap_or(0);
-                    tracing::warn!(credential = %name, until = %rfc3339(until / 1000), "rate limit budget spent; pausing this endpoint and client");
-                    pause(&mut self.paused_until, &credential, now, until);
-                }
-                hooks::spawn(&credential, Event::Refreshed, Some(&state), None);
-                entry.lifetime = Some(state.lifetime());
-            }
+            Ok(Outcome::Refreshed { state, .. }) => hooks::spawn(&credential, Event::Refreshed, Some(&state), None),
             Ok(Outcome::AlreadyRefreshed(state)) => {
                 tracing::info!(credential = %name, generation = state.generation, "refreshed by another process meanwhile");
-                entry.failures = 0;
-                entry.retry_at = None;
                 sink::write_all(&credential, &state);
-                entry.lifetime = Some(state.lifetime());
             }
-            Ok(Outcome::Failed { failure, needs_reauth }) => {
-                if needs_reauth {
-                    entry.retry_at = None;
-                    hooks::spawn(&credential, Event::NeedsReauth, fresh_state.as_ref(), Some(failure.reason()));
-                } else {
-                    entry.failures += 1;
-                    let provider_wait = match &failure {
-                        Failure::Transient { retry_after, .. } => *retry_after,
-                        _ => None,
-                    };
-                    if let Some(wait) = provider_wait {
-                        let until = now + i64::try_from(wait.as_millis()).unwrap_or(0);
-                        pause(&mut self.paused_until, &credential, now, until);
-                    }
-                    let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
-                    let at = schedule::retry_at_ms(
-                        now,
-                        entry.failures,
-                        token_life(entry.lifetime),
-                        expires_at_ms,
-                        provider_wait,
-                        rand::random::<f64>(),
-                    );
-                    tracing::info!(credential = %name, failures = entry.failures, retry_in_ms = at - now, "will retry");
-                    entry.retry_at = Some(at);
-                    hooks::spawn(&credential, Event::Failed, fresh_state.as_ref(), Some(failure.reason()));
+            Ok(Outcome::Failed { failure, .. }) => {
+                if let Some(at) = decision.retry_at {
+                    tracing::info!(credential = %name, failures = decision.failures, retry_in_ms = at - now, "will retry");
+                }
+                if let Some(event) = decision.event {
+                    hooks::spawn(&credential, event, fresh_state.as_ref(), Some(failure.reason()));
                 }
             }
-            Ok(Outcome::Skipped { reason, state }) => {
-                tracing::info!(credential = %name, "not refreshed: {}", reason.text());
-                entry.retry_at = None;
-                entry.lifetime = state.as_ref().map(TokenState::lifetime);
-            }
-            Err(RefreshError::Busy { .. }) => {
-                entry.retry_at = Some(now + LEASE_BUSY_RETRY_MS);
+            Ok(Outcome::Skipped { reason, .. }) => {
+                tracing::info!(credential = %name, "not refreshed: {}", reason.text())
             }
             Err(RefreshError::CommitFailed { token, rescue, .. }) => {
-                // The error is already logged loudly by `refresh`; keep the token and retry the
-                // commit itself — never another refresh with the revoked refresh token.
-                entry.failures += 1;
-                entry.pending = Some(Box::new((*token, rescue)));
-                let lifetime = Duration::from_secs(60);
-                entry.retry_at =
-                    Some(schedule::retry_at_ms(now, entry.failures, lifetime, None, None, rand::random::<f64>()));
+                // Already logged loudly by `refresh`.
+                if let Some(entry) = self.entries.get_mut(&name) {
+                    entry.pending = Some(Box::new((*token, rescue)));
+                }
             }
-            Err(e) => {
-                tracing::error!(credential = %name, "{e}");
-                entry.failures += 1;
-                let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
-                entry.retry_at = Some(schedule::retry_at_ms(
-                    now,
-                    entry.failures,
-                    token_life(entry.lifetime),
-                    expires_at_ms,
-                    None,
-                    rand::random::<f64>(),
-                ));
-            }
+            Err(RefreshError::Busy { .. }) => {}
+            Err(e) => tracing::error!(credential = %name, "{e}"),
         }
-        if self.dirty_sinks.contains(&name) {
-            self.fs_due.get_or_insert(Instant::now() + FS_DEBOUNCE);
+        if self.watches.dirty_sinks.contains(&name) {
+            self.due.fs.get_or_insert(Instant::now() + FS_DEBOUNCE);
         }
         self.plan(&name);
         if self.entries.get(&name).is_some_and(|e| e.retry_at.is_some_and(|r| r <= now)) {
@@ -173,14 +263,8 @@ impl Daemon {
             }
             Err(e) => {
                 entry.failures += 1;
-                let at = schedule::retry_at_ms(
-                    now,
-                    entry.failures,
-                    Duration::from_secs(60),
-                    None,
-                    None,
-                    rand::random::<f64>(),
-                );
+                let at =
+                    schedule::retry_at_ms(now, entry.failures, COMMIT_RETRY_BASE, None, None, rand::random::<f64>());
                 tracing::error!(credential = name, rescue = %rescue, retry_in_ms = at - now, "rescued token still cannot be stored: {e}");
                 entry.pending = Some(Box::new((token, rescue)));
                 entry.retry_at = Some(at);
@@ -188,5 +272,137 @@ impl Daemon {
         }
         self.plan(name);
         self.publish_soon();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redact::Secret;
+    use crate::refresh::SkipReason;
+    use crate::store::NewToken;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn state(generation: i64, expires_in: i64) -> TokenState {
+        let created_at = NOW / 1000;
+        TokenState {
+            name: "c".into(),
+            provider: "oauth2".into(),
+            access_token: Secret::new("at"),
+            refresh_token: Some(Secret::new("rt")),
+            token_type: "Bearer".into(),
+            scope: None,
+            expires_in: Some(expires_in),
+            created_at,
+            expires_at: Some(created_at + expires_in),
+            generation,
+            status: Status::Active,
+            last_error: None,
+            last_refresh_at: Some(created_at),
+            attempts_in_flight: 0,
+        }
+    }
+
+    fn held(failures: u32) -> Held {
+        Held { failures, lifetime: Some(state(3, 3600).lifetime()) }
+    }
+
+    #[allow(clippy::result_large_err, reason = "the type refresh() itself returns")]
+    fn failed(failure: Failure, needs_reauth: bool) -> Result<Outcome, RefreshError> {
+        Ok(Outcome::Failed { failure, needs_reauth })
+    }
+
+    #[test]
+    fn a_refresh_resets_failures_and_may_pause_the_endpoint() {
+        let fresh = state(4, 3600);
+        let done = Ok(Outcome::Refreshed { state: fresh.clone(), rate_limited_for: Some(Duration::from_secs(60)) });
+        let d = decide(held(3), &done, None, NOW, 0.5);
+        assert_eq!(d.failures, 0);
+        assert_eq!(d.retry_at, None);
+        assert_eq!(d.lifetime, Some(fresh.lifetime()));
+        assert_eq!(d.pause_until, Some(NOW + 60_000));
+        assert_eq!(d.counted_as, Some(metrics::RefreshResult::Success));
+        assert_eq!(d.event, Some(Event::Refreshed));
+
+        let d = decide(held(2), &Ok(Outcome::AlreadyRefreshed(fresh.clone())), None, NOW, 0.5);
+        assert_eq!((d.failures, d.retry_at, d.event), (0, None, None));
+        assert_eq!(d.counted_as, Some(metrics::RefreshResult::Success));
+    }
+
+    #[test]
+    fn transient_failures_back_off_and_honour_the_providers_wait() {
+        let down = failed(Failure::Transient { reason: "HTTP 503".into(), retry_after: None }, false);
+        let first = decide(held(0), &down, None, NOW, 0.5);
+        let second = decide(held(1), &down, None, NOW, 0.5);
+        assert_eq!((first.failures, second.failures), (1, 2));
+        assert!(first.retry_at.unwrap() > NOW && second.retry_at.unwrap() > first.retry_at.unwrap());
+        assert_eq!(first.counted_as, Some(metrics::RefreshResult::Transient));
+        assert_eq!(first.event, Some(Event::Failed));
+        assert_eq!(first.pause_until, None);
+
+        let told =
+            failed(Failure::Transient { reason: "429".into(), retry_after: Some(Duration::from_secs(120)) }, false);
+        let d = decide(held(0), &told, None, NOW, 0.5);
+        assert_eq!(d.pause_until, Some(NOW + 120_000));
+        assert_eq!(d.retry_at, Some(NOW + 120_000));
+    }
+
+    #[test]
+    fn rejected_answers_are_retried_and_dead_grants_are_not() {
+        let garbage = failed(Failure::Rejected { reason: "not JSON".into() }, false);
+        let d = decide(held(0), &garbage, None, NOW, 0.5);
+        assert_eq!((d.failures, d.counted_as), (1, Some(metrics::RefreshResult::Rejected)));
+        assert!(d.retry_at.is_some());
+
+        let mut dead = state(3, 3600).lifetime();
+        dead.status = Status::NeedsReauth;
+        let revoked = failed(Failure::Permanent { reason: "invalid_grant".into() }, true);
+        let d = decide(held(0), &revoked, Some(dead), NOW, 0.5);
+        assert_eq!(d.retry_at, None, "never sent again until a human re-authorizes");
+        assert_eq!(d.lifetime, Some(dead), "the store's status is held");
+        assert_eq!((d.counted_as, d.event), (Some(metrics::RefreshResult::Permanent), Some(Event::NeedsReauth)));
+
+        // invalid_grant explained by a rotation elsewhere: an ordinary retry.
+        let elsewhere = failed(Failure::Permanent { reason: "invalid_grant".into() }, false);
+        let d = decide(held(0), &elsewhere, None, NOW, 0.5);
+        assert!(d.retry_at.is_some());
+        assert_eq!(d.event, Some(Event::Failed));
+    }
+
+    #[test]
+    fn skipped_and_busy_are_not_counted() {
+        let skipped = Ok(Outcome::Skipped { reason: SkipReason::NoToken, state: None });
+        let d = decide(held(1), &skipped, None, NOW, 0.5);
+        assert_eq!((d.retry_at, d.lifetime, d.counted_as, d.event), (None, None, None, None));
+        let busy = Err(RefreshError::Busy { name: "c".into(), pid: 7 });
+        let d = decide(held(1), &busy, None, NOW, 0.5);
+        assert_eq!((d.failures, d.retry_at, d.counted_as), (1, Some(NOW + LEASE_BUSY_RETRY_MS), None));
+    }
+
+    #[test]
+    fn a_dead_task_or_a_failed_commit_is_an_error_with_backoff() {
+        let died = Err(RefreshError::TaskDied { name: "c".into(), message: "boom".into() });
+        let first = decide(held(0), &died, None, NOW, 0.5);
+        let third = decide(held(2), &died, None, NOW, 0.5);
+        assert_eq!(first.counted_as, Some(metrics::RefreshResult::Error));
+        assert_eq!(first.failures, 1);
+        assert!(first.retry_at.unwrap() - NOW >= 4_000, "backs off (not the 2 s lease poll): {:?}", first.retry_at);
+        assert!(third.retry_at.unwrap() > first.retry_at.unwrap());
+
+        let token = NewToken {
+            access_token: Secret::new("a"),
+            refresh_token: None,
+            token_type: "Bearer".into(),
+            scope: None,
+            expires_in: Some(60),
+            created_at: NOW / 1000,
+        };
+        let source = StoreError::Other { path: "db".into(), message: "disk full".into() };
+        let lost =
+            Err(RefreshError::CommitFailed { name: "c".into(), source, rescue: "r".into(), token: Box::new(token) });
+        let d = decide(held(0), &lost, None, NOW, 0.5);
+        assert_eq!((d.failures, d.counted_as), (1, Some(metrics::RefreshResult::Error)));
+        assert!(d.retry_at.unwrap() > NOW);
     }
 }

@@ -25,6 +25,7 @@ impl Daemon {
                 {
                     // A deferred trigger keeps its time through re-planning.
                     let triggered = self
+                        .watches
                         .trigger_floor
                         .get(name)
                         .and_then(|f| f.deferred_to)

@@ -47,12 +47,12 @@ impl Daemon {
     }
 
     pub(super) fn publish_soon(&mut self) {
-        self.publish_due.get_or_insert(Instant::now() + PUBLISH_INTERVAL);
+        self.due.publish.get_or_insert(Instant::now() + PUBLISH_INTERVAL);
     }
 
     /// Sends systemd a STATUS line and rewrites the metrics file.
     pub(super) fn publish(&mut self) {
-        self.publish_due = None;
+        self.due.publish = None;
         systemd::status(&self.summary().describe());
         let Some(path) = self.config.daemon.metrics_file.clone() else { return };
         let snapshot: BTreeMap<String, CredentialMetrics> = self

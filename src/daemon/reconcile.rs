@@ -24,7 +24,7 @@ impl Daemon {
         for name in dropped {
             if let Some(entry) = self.entries.remove(&name) {
                 self.queue.cancel_all(&name);
-                self.trigger_floor.remove(&name);
+                self.watches.trigger_floor.remove(&name);
                 sink::remove_all(&entry.credential, "credential removed from the configuration");
                 tracing::info!(credential = %name, "dropped (no longer configured); its stored token is kept");
             }
@@ -64,7 +64,7 @@ impl Daemon {
                             retry_at: None,
                             in_flight: false,
                             waiting: false,
-                            results: [0; metrics::RESULTS.len()],
+                            results: [0; metrics::RefreshResult::ALL.len()],
                             pending: None,
                         },
                     );

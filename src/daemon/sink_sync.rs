@@ -38,7 +38,7 @@ impl Daemon {
                 // The state in memory is about to be replaced and the refresh writes the sinks
                 // itself; writing now could put the old token back over the new one. `finished`
                 // looks again.
-                self.dirty_sinks.insert(name);
+                self.watches.dirty_sinks.insert(name);
                 continue;
             }
             let Some(lifetime) = entry.lifetime else { continue };
