@@ -1,4 +1,4 @@
-//! Which engine fires per-token deadlines: tokio-cron-scheduler (the design card's choice) or
+//! Which engine fires per-token deadlines: tokio-cron-scheduler (the obvious crate) or
 //! tokend's own deadline queue on one wall-clock timer? Measures, for each, in a process of its
 //! own:
 //! - lateness of N one-shot jobs due over the next 2 s (fire time − due time; negative = early);

@@ -1,7 +1,7 @@
 //! When is a credential due? Pure functions, no I/O, so the daemon, `tokend list` and the tests
 //! all compute the same answer.
 //!
-//! DESIGN.md "Time": `expires_at = created_at + expires_in`; refresh when 75 % of the lifetime has
+//! ARCHITECTURE.md "Time": `expires_at = created_at + expires_in`; refresh when 75 % of the lifetime has
 //! passed but at least 60 s before expiry, and never earlier than half the lifetime:
 //! `lead = min(max(25 % of lifetime, 60 s), 50 % of lifetime)`, then ±5 % jitter on the lead.
 //! The jitter is derived from the credential's name and generation rather than drawn at random,
@@ -37,7 +37,7 @@ const BACKOFF_JITTER: f64 = 0.2;
 /// The `refresh_at` setting.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RefreshAt {
-    /// DESIGN.md's default formula.
+    /// ARCHITECTURE.md's default formula ("Time").
     Default,
     /// Refresh once this fraction of the lifetime has elapsed (`"80%"` → 0.8).
     Elapsed(f64),

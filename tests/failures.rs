@@ -1,4 +1,4 @@
-//! DESIGN.md "Failure classes": what each kind of answer does to the stored state and the exit code.
+//! ARCHITECTURE.md "Failure classes": what each kind of answer does to the stored state and the exit code.
 
 mod support;
 

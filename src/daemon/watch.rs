@@ -1,6 +1,6 @@
 //! File-system events (inotify via `notify`) turned into paths on a channel. Directories are
 //! watched, not files: an atomic rename replaces the file, and a watch on the old inode would go
-//! silent after the first write (CRATES.md). An empty path means "events were lost; re-check
+//! silent after the first write (ARCHITECTURE.md, "Why these crates"). An empty path means "events were lost; re-check
 //! everything".
 
 use std::collections::BTreeSet;

@@ -1,4 +1,4 @@
-//! Token answers (RFC 6749 §5.1) and error answers (§5.2), classified the one way DESIGN.md's
+//! Token answers (RFC 6749 §5.1) and error answers (§5.2), classified the one way ARCHITECTURE.md's
 //! "Failure classes" table says. Parsing is strict about what tokend will store or write into a
 //! file — a token with a newline in it could inject lines into an env sink — and lenient about
 //! what providers vary on (numbers as strings, scope as a list, extra fields).
