@@ -159,11 +159,7 @@ pub async fn revoke(config: &Config, credential: &Credential, forget: bool) -> R
             return Err(AuthorizeError::Refused(format!(
                 "{} has no revocation endpoint{}; run with --forget to remove the local token and sinks only (the provider keeps the grant until it expires or is revoked in its own settings)",
                 credential.provider(),
-                if credential.provider() == provider::ProviderKind::OAuth2 {
-                    " configured (revocation_url)"
-                } else {
-                    ""
-                }
+                if credential.provider().preset().configured_by_urls { " configured (revocation_url)" } else { "" }
             )));
         }
         store.remove(name)?;

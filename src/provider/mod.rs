@@ -19,35 +19,106 @@ use std::fmt;
 use std::str::FromStr;
 use url::Url;
 
-/// The providers tokend knows. `OAuth2` is any RFC 6749 token endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ProviderKind {
-    NationBuilder,
-    Nudge,
-    WildApricot,
-    OAuth2,
+/// Everything tokend knows about one provider: its name, defaults and rules. Each
+/// `provider/<name>.rs` states its own `PRESET`; [`REGISTRY`] lists them. The configuration
+/// validator asks the preset and never names a provider.
+pub struct Preset {
+    /// The `provider = "…"` value.
+    pub name: &'static str,
+    /// How the client authenticates; `None` lets the configuration choose (`auth`, default
+    /// Basic as RFC 6749 §2.3.1 recommends).
+    pub fixed_auth: Option<ClientAuth>,
+    /// The scope sent when the configuration names none.
+    pub default_scope: Option<&'static str>,
+    /// Send a PKCE S256 challenge unless the configuration says otherwise (where documented).
+    pub pkce_by_default: bool,
+    /// Takes an `api_key` instead of a client id and secret (Wild Apricot).
+    pub takes_api_key: bool,
+    /// A confidential client: a client secret is required.
+    pub requires_client_secret: bool,
+    /// Its own settings among `slug`, `base_url`, `site` (refused for other providers).
+    pub own_fields: &'static [&'static str],
+    /// A plain RFC 6749 server described by URLs in the configuration (`oauth2`).
+    pub configured_by_urls: bool,
+    /// The code exchange repeats `client_id`, `redirect_uri` and `scope` in the form besides
+    /// the Basic header (Wild Apricot's documented shape).
+    pub code_exchange_repeats_client: bool,
+    /// Offers the resource-owner password grant.
+    pub password_grant: bool,
+    /// The token endpoint when `token_url` is not given, from the provider's own settings; the
+    /// error names the field to fix.
+    pub token_url: fn(&Settings<'_>) -> Result<Url, (&'static str, String)>,
+    /// The authorization endpoint when `authorize_url` is not given, and the field it comes from.
+    pub authorize_url: fn(&Settings<'_>) -> Option<(&'static str, String)>,
+    /// The RFC 7009 revocation endpoint when `revocation_url` is not given.
+    pub revocation_url: fn(&Settings<'_>) -> Option<String>,
+    /// The refresh request, in the provider's shape.
+    pub refresh_request: fn(&Endpoint, &str) -> TokenRequest,
 }
 
-impl ProviderKind {
-    pub const ALL: [ProviderKind; 4] =
-        [ProviderKind::NationBuilder, ProviderKind::Nudge, ProviderKind::WildApricot, ProviderKind::OAuth2];
+/// A credential's provider-specific settings, as written.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settings<'a> {
+    pub slug: Option<&'a str>,
+    pub base_url: Option<&'a str>,
+    pub site: Option<&'a str>,
+}
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::NationBuilder => "nationbuilder",
-            ProviderKind::Nudge => "nudge",
-            ProviderKind::WildApricot => "wildapricot",
-            ProviderKind::OAuth2 => "oauth2",
-        }
+/// Every provider preset. A new provider is one file with its `PRESET` and one line here.
+pub static REGISTRY: [&Preset; 4] = [&nationbuilder::PRESET, &nudge::PRESET, &wildapricot::PRESET, &oauth2::PRESET];
+
+/// A provider: a handle to its [`Preset`], compared by name.
+#[derive(Clone, Copy)]
+pub struct ProviderKind(&'static Preset);
+
+impl ProviderKind {
+    pub fn all() -> impl Iterator<Item = ProviderKind> {
+        REGISTRY.iter().map(|p| ProviderKind(p))
     }
 
-    /// How the client authenticates when the configuration does not say (only `oauth2` may choose).
+    pub fn as_str(self) -> &'static str {
+        self.0.name
+    }
+
+    pub fn preset(self) -> &'static Preset {
+        self.0
+    }
+
+    /// How the client authenticates when the configuration does not say.
     pub fn default_auth(self) -> ClientAuth {
-        match self {
-            ProviderKind::NationBuilder => ClientAuth::Json,
-            ProviderKind::Nudge => ClientAuth::Body,
-            ProviderKind::WildApricot | ProviderKind::OAuth2 => ClientAuth::Basic,
-        }
+        self.0.fixed_auth.unwrap_or(ClientAuth::Basic)
+    }
+}
+
+impl PartialEq for ProviderKind {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for ProviderKind {}
+
+impl std::hash::Hash for ProviderKind {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name.hash(state);
+    }
+}
+
+impl PartialOrd for ProviderKind {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ProviderKind {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.name.cmp(other.0.name)
+    }
+}
+
+impl fmt::Debug for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -60,7 +131,7 @@ impl fmt::Display for ProviderKind {
 impl FromStr for ProviderKind {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or(())
+        Self::all().find(|k| k.as_str() == s).ok_or(())
     }
 }
 
@@ -205,15 +276,7 @@ impl RequestBody {
 pub fn token_request(endpoint: &Endpoint, refresh_token: Option<&str>) -> Option<TokenRequest> {
     match &endpoint.grant {
         GrantKind::ApiKey(key) => Some(wildapricot::api_key_request(endpoint, key)),
-        GrantKind::RefreshToken => {
-            let refresh_token = refresh_token?;
-            Some(match endpoint.kind {
-                ProviderKind::NationBuilder => nationbuilder::refresh_request(endpoint, refresh_token),
-                ProviderKind::Nudge => nudge::refresh_request(endpoint, refresh_token),
-                ProviderKind::WildApricot => wildapricot::refresh_request(endpoint, refresh_token),
-                ProviderKind::OAuth2 => oauth2::refresh_request(endpoint, refresh_token),
-            })
-        }
+        GrantKind::RefreshToken => Some((endpoint.kind.preset().refresh_request)(endpoint, refresh_token?)),
     }
 }
 
@@ -224,46 +287,39 @@ pub fn first_request(endpoint: &Endpoint, grant: FirstGrant<'_>) -> Result<Token
     match grant {
         FirstGrant::Code { code, verifier } => {
             let mut fields = vec![("grant_type", "authorization_code".to_string()), ("code", code.to_string())];
-            match endpoint.kind {
-                ProviderKind::WildApricot => {
-                    // Wild Apricot's documented shape: Basic auth, and client_id, redirect_uri and
-                    // scope repeated in the form.
-                    fields.push(("client_id", endpoint.client_id.clone()));
-                    fields.push(("redirect_uri", redirect_uri));
-                    fields.push(("scope", endpoint.scope.clone().unwrap_or_else(|| "auto".into())));
-                }
-                _ => fields.push(("redirect_uri", redirect_uri)),
+            if endpoint.kind.preset().code_exchange_repeats_client {
+                fields.push(("client_id", endpoint.client_id.clone()));
+                fields.push(("redirect_uri", redirect_uri));
+                fields.extend(endpoint.scope.clone().map(|scope| ("scope", scope)));
+            } else {
+                fields.push(("redirect_uri", redirect_uri));
             }
             if let Some(v) = verifier {
                 fields.push(("code_verifier", v.to_string()));
             }
             Ok(rfc6749_request(endpoint, endpoint.auth, fields))
         }
-        FirstGrant::Password { username, password } => match endpoint.kind {
-            ProviderKind::WildApricot | ProviderKind::OAuth2 => {
-                let mut fields = vec![
-                    ("grant_type", "password".to_string()),
-                    ("username", username.to_string()),
-                    ("password", password.expose().to_string()),
-                ];
-                let scope = match endpoint.kind {
-                    ProviderKind::WildApricot => Some(endpoint.scope.clone().unwrap_or_else(|| "auto".into())),
-                    _ => endpoint.scope.clone(),
-                };
-                fields.extend(scope.map(|s| ("scope", s)));
-                Ok(rfc6749_request(endpoint, endpoint.auth, fields))
+        FirstGrant::Password { username, password } => {
+            if !endpoint.kind.preset().password_grant {
+                return Err(format!("{} does not offer the password grant", endpoint.kind));
             }
-            other => Err(format!("{other} does not offer the password grant")),
-        },
+            let mut fields = vec![
+                ("grant_type", "password".to_string()),
+                ("username", username.to_string()),
+                ("password", password.expose().to_string()),
+            ];
+            fields.extend(endpoint.scope.clone().map(|s| ("scope", s)));
+            Ok(rfc6749_request(endpoint, endpoint.auth, fields))
+        }
     }
 }
 
 /// The URL the user opens to authorize: RFC 6749 §4.1.1 with `state`, plus an S256 PKCE
 /// challenge when configured.
 pub fn authorization_url(endpoint: &Endpoint, state: &str, pkce_challenge: Option<&str>) -> Result<Url, String> {
-    let mut url = endpoint.authorization.authorize_url.clone().ok_or_else(|| match endpoint.kind {
-        ProviderKind::WildApricot => "wildapricot needs `site` (your Wild Apricot site, e.g. \"myorg.wildapricot.org\") or `authorize_url` to authorize".to_string(),
-        _ => format!("{} needs `authorize_url` to authorize", endpoint.kind),
+    let mut url = endpoint.authorization.authorize_url.clone().ok_or_else(|| {
+        let needs = endpoint.kind.preset().own_fields.iter().map(|f| format!("`{f}` or ")).collect::<String>();
+        format!("{} needs {needs}`authorize_url` to authorize", endpoint.kind)
     })?;
     {
         let mut q = url.query_pairs_mut();

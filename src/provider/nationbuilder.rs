@@ -3,8 +3,29 @@
 //! V2 access tokens live 86400 s and the spent refresh token is revoked on use; V1 tokens have
 //! neither `expires_in` nor a refresh token and are stored and shared but never refreshed.
 
-use super::{ClientAuth, Endpoint, TokenRequest, rfc6749_request};
+use super::{ClientAuth, Endpoint, Preset, TokenRequest, rfc6749_request};
 use url::Url;
+
+pub const PRESET: Preset = Preset {
+    name: "nationbuilder",
+    fixed_auth: Some(ClientAuth::Json),
+    default_scope: None,
+    // NationBuilder documents PKCE for its authorization code flow.
+    pkce_by_default: true,
+    takes_api_key: false,
+    requires_client_secret: true,
+    own_fields: &["slug"],
+    configured_by_urls: false,
+    code_exchange_repeats_client: false,
+    password_grant: false,
+    token_url: |s| match s.slug {
+        Some(slug) => default_token_url(slug).map_err(|e| ("slug", e)),
+        None => Err(("slug", "is missing; nationbuilder needs the nation slug (or a token_url)".into())),
+    },
+    authorize_url: |s| s.slug.map(|slug| ("slug", format!("https://{slug}.nationbuilder.com/oauth/authorize"))),
+    revocation_url: |_| None,
+    refresh_request,
+};
 
 /// NationBuilder V2 access token lifetime, for documentation and `tokend dev`.
 pub const LIFETIME_SECS: i64 = 86_400;
