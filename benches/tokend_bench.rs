@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokend::clock::{now_ms, now_secs};
-use tokend::mock_provider::{MockProvider, MockSettings};
+use tokend::dev::mock::{MockProvider, MockSettings};
 use tokend::provider::parse_token_json;
 use tokend::refresh::new_token;
 use tokend::schedule::{IssueTime, RefreshAt, due_at_ms, jitter_unit};

@@ -21,8 +21,7 @@
 //! | [`timer`] | sleeping until a wall-clock time (survives suspend and clock steps) |
 //! | [`authorize`] | `tokend authorize`: code + PKCE + state, password grant, first token |
 //! | [`cli`] | subcommands and their output |
-//! | [`dev`] | `tokend dev`: the self-contained demo |
-//! | [`mock_provider`] | a loopback OAuth token endpoint for `tokend dev` and the tests |
+//! | [`dev`] | `tokend dev`: the self-contained demo, and its loopback token endpoint ([`dev::mock`], also the tests') |
 //! | [`redact`] | secrets wrapped so they print only as fingerprints |
 //! | [`clock`] | wall-clock time as unix seconds/milliseconds |
 //! | [`untrusted`] | opening files where others can write: no links, no blocking, bounded reads |
@@ -39,7 +38,6 @@ pub mod hooks;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
-pub mod mock_provider;
 pub mod provider;
 pub mod redact;
 pub mod refresh;

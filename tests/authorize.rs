@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 use support::World;
-use tokend::mock_provider::MockSettings;
+use tokend::dev::mock::MockSettings;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn free_port() -> u16 {

@@ -6,7 +6,7 @@ mod support;
 use nix::sys::signal::Signal;
 use std::time::Duration;
 use support::World;
-use tokend::mock_provider::MockSettings;
+use tokend::dev::mock::MockSettings;
 
 const RACES: usize = 200;
 const PARALLEL: usize = 4;

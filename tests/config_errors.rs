@@ -3,7 +3,7 @@
 mod support;
 
 use support::World;
-use tokend::mock_provider::MockSettings;
+use tokend::dev::mock::MockSettings;
 
 /// Runs `check` on `body` and returns stderr, asserting exit code 3.
 async fn check_fails(w: &World, body: &str) -> String {

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use std::time::Duration;
 use support::World;
 use tokend::clock::now_ms;
-use tokend::mock_provider::MockSettings;
+use tokend::dev::mock::MockSettings;
 
 const CREDENTIALS: usize = 8;
 const MAX_KILLS: usize = 200;

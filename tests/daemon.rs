@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 use support::{World, wait_for};
-use tokend::mock_provider::{Fault, MockSettings};
+use tokend::dev::mock::{Fault, MockSettings};
 
 fn json_sink(w: &World, file: &str) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(w.path(file)).ok()?).ok()

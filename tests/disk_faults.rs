@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::{World, wait_for};
-use tokend::mock_provider::MockSettings;
+use tokend::dev::mock::MockSettings;
 
 struct Tmpfs(PathBuf);
 

@@ -3,7 +3,7 @@
 mod support;
 
 use support::World;
-use tokend::mock_provider::{Fault, MockSettings};
+use tokend::dev::mock::{Fault, MockSettings};
 
 const TEMPORARY: i32 = 7;
 const NEEDS_REAUTH: i32 = 5;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use support::{World, wait_for};
-use tokend::mock_provider::MockSettings;
+use tokend::dev::mock::MockSettings;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const CLIENT_ID: &str = "tokend-interop";

@@ -4,7 +4,7 @@
 mod support;
 
 use support::World;
-use tokend::mock_provider::MockSettings;
+use tokend::dev::mock::MockSettings;
 
 fn only_keys(json: &serde_json::Value, keys: &[&str]) {
     let mut got: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();

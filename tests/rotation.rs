@@ -6,7 +6,7 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 use support::World;
-use tokend::mock_provider::MockSettings;
+use tokend::dev::mock::MockSettings;
 
 const CONFIG: &str = r#"
 [[credential]]

@@ -3,7 +3,7 @@
 mod support;
 
 use support::World;
-use tokend::mock_provider::{Fault, MockSettings};
+use tokend::dev::mock::{Fault, MockSettings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_logs_never_carry_tokens_or_secrets() {

@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 use support::{World, wait_for};
-use tokend::mock_provider::{Fault, MockProvider, MockSettings};
+use tokend::dev::mock::{Fault, MockProvider, MockSettings};
 
 const NOBODY: u32 = 65534;
 

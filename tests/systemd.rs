@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 use support::{World, wait_for};
-use tokend::mock_provider::MockSettings;
+use tokend::dev::mock::MockSettings;
 
 const ONE: &str = r#"
 [[credential]]
@@ -167,7 +167,7 @@ async fn status_and_metrics_follow_an_import_by_another_process() {
     let last_status = || statuses.lock().unwrap().last().cloned().unwrap_or_default();
     let metrics = || std::fs::read_to_string(w.path("tokend.prom")).unwrap_or_default();
     let dead = "tokend_credential_needs_reauth{credential=\"a\",provider=\"oauth2\"} 1";
-    w.mock.push_fault(tokend::mock_provider::Fault::Answer {
+    w.mock.push_fault(tokend::dev::mock::Fault::Answer {
         status: 400,
         body: r#"{"error":"invalid_grant"}"#.into(),
         headers: vec![],

@@ -4,7 +4,7 @@
 //! checks the unit at runtime: notify/STATUS, rotations, sinks, reload, watchdog, stop and restart,
 //! journal priorities, the online `systemd-analyze security` exposure, and the reader examples.
 //!
-//! The token endpoint is the crate's own mock provider (`tokend::mock_provider`), run by this test
+//! The token endpoint is the crate's own mock provider (`tokend::dev::mock`), run by this test
 //! process but listening inside the container: one thread enters the container's network
 //! namespace just long enough to bind the socket. The test can then issue first tokens and look at
 //! every request the service sent, as the other integration tests do.
@@ -25,7 +25,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokend::mock_provider::{MockProvider, MockSettings};
+use tokend::dev::mock::{MockProvider, MockSettings};
 
 /// Token lifetime at the mock: with the default policy tokend refreshes at half of it.
 const SHORT_LIFETIME: i64 = 6;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Stdio;
 use tempfile::TempDir;
-use tokend::mock_provider::{MockProvider, MockSettings};
+use tokend::dev::mock::{MockProvider, MockSettings};
 use tokio::io::AsyncWriteExt;
 
 pub struct World {

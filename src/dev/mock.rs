@@ -69,45 +69,41 @@ impl RecordedRequest {
     /// Decoded HTTP Basic credentials.
     pub fn basic_auth(&self) -> Option<(String, String)> {
         let value = self.header("authorization")?.strip_prefix("Basic ")?;
-        let decoded = String::from_utf8(base64_decode(value.trim())?).ok()?;
+        use base64::Engine as _;
+        let decoded = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?).ok()?;
         let (user, pass) = decoded.split_once(':')?;
         Some((user.to_string(), pass.to_string()))
     }
 }
 
-/// Minimal standard base64 decoding, enough to read Basic auth in tests.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let (mut buf, mut bits) = (0u32, 0u32);
-    for c in s.bytes().filter(|c| *c != b'=') {
-        let v = u32::try_from(ALPHABET.iter().position(|a| *a == c)?).ok()?;
-        buf = (buf << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(u8::try_from((buf >> bits) & 0xff).ok()?);
-        }
-    }
-    Some(out)
-}
+#[cfg(feature = "test-support")]
+pub use fault::Fault;
+#[cfg(not(feature = "test-support"))]
+use fault::Fault;
 
-/// What the next request gets instead of a normal answer.
-#[derive(Debug, Clone)]
-pub enum Fault {
-    /// This status, body and extra headers; the refresh token is not spent.
-    Answer { status: u16, body: String, headers: Vec<(String, String)> },
-    /// Close the connection without answering, before rotating: the token is still valid.
-    DropBeforeRotate,
-    /// Rotate (revoke the spent token, issue a new pair), then close without answering: the
-    /// client never learns the new token — the loss scenario a crash between 3 and 4 produces.
-    DropAfterRotate,
-    /// Send this many bytes of `x` as a 200 body.
-    Huge(usize),
-    /// Send a valid answer one byte every `interval`.
-    SlowLoris(Duration),
-    /// Wait this long, then answer normally.
-    Delay(Duration),
+/// Faults the tests inject. Public only with the `test-support` feature: a release build's
+/// demo provider never misbehaves on purpose.
+#[cfg_attr(not(feature = "test-support"), allow(dead_code, reason = "only the tests construct faults"))]
+mod fault {
+    use std::time::Duration;
+
+    /// What the next request gets instead of a normal answer.
+    #[derive(Debug, Clone)]
+    pub enum Fault {
+        /// This status, body and extra headers; the refresh token is not spent.
+        Answer { status: u16, body: String, headers: Vec<(String, String)> },
+        /// Close the connection without answering, before rotating: the token is still valid.
+        DropBeforeRotate,
+        /// Rotate (revoke the spent token, issue a new pair), then close without answering: the
+        /// client never learns the new token — the loss scenario a crash between 3 and 4 produces.
+        DropAfterRotate,
+        /// Send this many bytes of `x` as a 200 body.
+        Huge(usize),
+        /// Send a valid answer one byte every `interval`.
+        SlowLoris(Duration),
+        /// Wait this long, then answer normally.
+        Delay(Duration),
+    }
 }
 
 /// How the provider issues tokens.
@@ -220,6 +216,7 @@ impl MockProvider {
         self.state().settings = settings;
     }
 
+    #[cfg(feature = "test-support")]
     pub fn push_fault(&self, fault: Fault) {
         self.state().faults.push_back(fault);
     }
@@ -529,14 +526,19 @@ async fn write_response(
 
 #[cfg(test)]
 mod tests {
-    use super::base64_decode;
+    use super::RecordedRequest;
 
     #[test]
-    fn base64_roundtrip_of_known_value() {
+    fn basic_credentials_are_decoded() {
         // From Wild Apricot's docs: Basic QVBJS0VZOm85c2U4N3Jnb2l5c29lcjk4MDcwOS0=
-        assert_eq!(
-            base64_decode("QVBJS0VZOm85c2U4N3Jnb2l5c29lcjk4MDcwOS0=").unwrap(),
-            b"APIKEY:o9se87rgoiysoer980709-"
-        );
+        let request = RecordedRequest {
+            method: "POST".into(),
+            path: "/auth/token".into(),
+            headers: vec![("Authorization".into(), "Basic QVBJS0VZOm85c2U4N3Jnb2l5c29lcjk4MDcwOS0=".into())],
+            body: Vec::new(),
+            received_at_ms: 0,
+            chain: None,
+        };
+        assert_eq!(request.basic_auth(), Some(("APIKEY".into(), "o9se87rgoiysoer980709-".into())));
     }
 }

@@ -6,7 +6,9 @@
 
 use crate::clock::now_secs;
 use crate::daemon;
-use crate::mock_provider::{MockProvider, MockSettings};
+pub mod mock;
+
+use mock::{MockProvider, MockSettings};
 
 /// The demo's providers remember this many requests: enough to look at, bounded for a demo left
 /// running for days.
