@@ -44,8 +44,18 @@ pub enum AuthorizeError {
     Provider(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Refresh(#[from] refresh::RefreshError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    /// The HTTP client could not be built (a bad proxy URL, no TLS roots).
     #[error("{0}")]
-    Io(String),
+    Http(String),
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AuthorizeError {
+    let context = context.into();
+    move |source| AuthorizeError::Io { context, source }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -73,7 +83,7 @@ pub async fn authorize(
     credential: &Credential,
     options: Options,
 ) -> Result<TokenState, AuthorizeError> {
-    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(AuthorizeError::Io)?;
+    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(AuthorizeError::Http)?;
     if let GrantKind::ApiKey(_) = credential.endpoint.grant {
         return api_key(config, credential, &http).await;
     }
@@ -119,11 +129,8 @@ fn store_answer(
 
 async fn api_key(config: &Config, credential: &Credential, http: &HttpClient) -> Result<TokenState, AuthorizeError> {
     let store = crate::committer::Committer::open(&config.daemon.database)?;
-    let sinks = crate::sink::SinkWriter::start()
-        .map_err(|e| AuthorizeError::Io(format!("cannot start the sink writer: {e}")))?;
-    let outcome = refresh::refresh(&store, http, &sinks, credential, None, http.limits().total_timeout)
-        .await
-        .map_err(|e| AuthorizeError::Io(e.to_string()))?;
+    let sinks = crate::sink::SinkWriter::start().map_err(io_error("cannot start the sink writer"))?;
+    let outcome = refresh::refresh(&store, http, &sinks, credential, None, http.limits().total_timeout).await?;
     match outcome {
         Outcome::Refreshed { state, .. } | Outcome::AlreadyRefreshed(state) => {
             crate::daemon::notify_store_changed(&config.daemon.database);
@@ -167,7 +174,7 @@ pub async fn revoke(config: &Config, credential: &Credential, forget: bool) -> R
         crate::daemon::notify_store_changed(&config.daemon.database);
         return Ok(Revoked::ForgottenLocally);
     };
-    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(AuthorizeError::Io)?;
+    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(AuthorizeError::Http)?;
     let raw = http.send(&request).await.map_err(|f| AuthorizeError::Provider(f.reason().to_string()))?;
     // RFC 7009 §2.2: 200 for success, including for a token that was already invalid.
     if !(200..300).contains(&raw.status) {
@@ -213,7 +220,7 @@ async fn code_flow(credential: &Credential, options: Options) -> Result<Code, Au
         let line = tokio::time::timeout(options.timeout, tokio::task::spawn_blocking(read_line))
             .await
             .map_err(|_| AuthorizeError::TimedOut(options.timeout))?
-            .map_err(|e| AuthorizeError::Io(e.to_string()))??;
+            .map_err(|e| io_error("the paste reader failed")(std::io::Error::other(e)))??;
         let pasted =
             Url::parse(line.trim()).map_err(|e| AuthorizeError::Refused(format!("that is not a URL ({e})")))?;
         pasted.query_pairs().into_owned().collect()
@@ -261,14 +268,14 @@ async fn receive_redirect(redirect: &Url, state: &str) -> Result<HashMap<String,
     let port = redirect.port_or_known_default().unwrap_or(80);
     let listener = TcpListener::bind((host, port))
         .await
-        .map_err(|e| AuthorizeError::Io(format!("cannot listen on {host}:{port} for the redirect: {e}")))?;
+        .map_err(io_error(format!("cannot listen on {host}:{port} for the redirect")))?;
     let (found_tx, mut found) = tokio::sync::mpsc::channel(1);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             Some(params) = found.recv() => return Ok(params),
             accepted = listener.accept() => {
-                let (stream, peer) = accepted.map_err(|e| AuthorizeError::Io(e.to_string()))?;
+                let (stream, peer) = accepted.map_err(io_error("the redirect listener failed"))?;
                 while connections.try_join_next().is_some() {}
                 if connections.len() >= MAX_CALLBACK_CONNECTIONS {
                     tracing::warn!(%peer, "too many connections to the redirect listener; closing this one");
@@ -351,7 +358,7 @@ async fn respond(stream: &mut tokio::net::TcpStream, status: u16, text: &str) ->
 
 fn read_line() -> Result<String, AuthorizeError> {
     let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).map_err(|e| AuthorizeError::Io(format!("cannot read stdin: {e}")))?;
+    std::io::stdin().lock().read_line(&mut line).map_err(io_error("cannot read stdin"))?;
     if line.trim().is_empty() {
         return Err(AuthorizeError::Refused("nothing was pasted".into()));
     }
@@ -381,11 +388,12 @@ fn read_credentials(name: &str) -> Result<(String, Secret), AuthorizeError> {
 fn read_password_no_echo() -> Result<String, AuthorizeError> {
     use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
     let stdin = std::io::stdin();
-    let original = tcgetattr(&stdin).map_err(|e| AuthorizeError::Io(format!("cannot read terminal settings: {e}")))?;
+    let original =
+        tcgetattr(&stdin).map_err(|e| io_error("cannot read the terminal settings")(std::io::Error::from(e)))?;
     let mut silent = original.clone();
     silent.local_flags.remove(LocalFlags::ECHO);
     tcsetattr(&stdin, SetArg::TCSANOW, &silent)
-        .map_err(|e| AuthorizeError::Io(format!("cannot turn echo off: {e}")))?;
+        .map_err(|e| io_error("cannot turn echo off")(std::io::Error::from(e)))?;
     let line = read_line();
     let _ = tcsetattr(&stdin, SetArg::TCSANOW, &original);
     line

@@ -105,10 +105,10 @@ pub(super) fn lock_database(database: &Path) -> Result<File, DaemonError> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| DaemonError::Io(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|source| DaemonError::Io { context: format!("cannot create {}", dir.display()), source })?;
     }
     let mut file = crate::untrusted::open_own_file(&path, false)
-        .map_err(|e| DaemonError::Io(format!("cannot open lock file {}: {e}", path.display())))?;
+        .map_err(|source| DaemonError::Io { context: format!("cannot open lock file {}", path.display()), source })?;
     match file.try_lock() {
         Ok(()) => {
             file.set_len(0).and_then(|()| file.write_all(format!("pid {}\n", std::process::id()).as_bytes())).ok();
@@ -126,6 +126,8 @@ pub(super) fn lock_database(database: &Path) -> Result<File, DaemonError> {
                 holder: if holder.is_empty() { "pid unknown".into() } else { holder },
             })
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(DaemonError::Io(format!("cannot lock {}: {e}", path.display()))),
+        Err(std::fs::TryLockError::Error(source)) => {
+            Err(DaemonError::Io { context: format!("cannot lock {}", path.display()), source })
+        }
     }
 }

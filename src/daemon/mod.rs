@@ -93,8 +93,11 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("another `tokend run` is using {database} ({holder}); refusing to start a second one")]
     AlreadyRunning { database: PathBuf, holder: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    /// The HTTP client could not be built (a bad proxy URL, no TLS roots).
     #[error("{0}")]
-    Io(String),
+    Http(String),
 }
 
 struct Entry {
@@ -195,13 +198,13 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     raise_open_file_limit();
     let _lock = lock_database(&config.daemon.database)?;
     let store = Store::open(&config.daemon.database)?;
-    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(DaemonError::Io)?;
+    let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(DaemonError::Http)?;
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         store_changed_path: store_changed_path(&config.daemon.database),
         committer: Committer::open(&config.daemon.database)?,
         sinks: sink::SinkWriter::start()
-            .map_err(|e| DaemonError::Io(format!("cannot start the sink writer thread: {e}")))?,
+            .map_err(|source| DaemonError::Io { context: "cannot start the sink writer thread".into(), source })?,
         config,
         store: Arc::new(Mutex::new(store)),
         http,
@@ -236,8 +239,8 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     let watchdog_interval = systemd::watchdog_interval();
     let mut next_ping = watchdog_interval.map(|i| Instant::now() + i);
 
-    let mut timer =
-        WallTimer::new().map_err(|e| DaemonError::Io(format!("cannot create the wall-clock timer: {e}")))?;
+    let mut timer = WallTimer::new()
+        .map_err(|source| DaemonError::Io { context: "cannot create the wall-clock timer".into(), source })?;
     let mut inflight: JoinSet<RefreshResult> = JoinSet::new();
     loop {
         let next = daemon.queue.next_at();
@@ -263,7 +266,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
             }
             woke = timer.sleep_until(next.unwrap_or(0)), if next.is_some() => {
                 if let Err(e) = woke {
-                    return Err(DaemonError::Io(format!("wall-clock timer failed: {e}")));
+                    return Err(DaemonError::Io { context: "the wall-clock timer failed".into(), source: e });
                 }
                 daemon.fire_due(&mut inflight);
             }
