@@ -44,8 +44,10 @@ pub enum AuthorizeError {
     Provider(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Boxed: a refresh error carries a whole token (a commit that failed) and would make every
+    /// result of this module that large.
     #[error(transparent)]
-    Refresh(#[from] refresh::RefreshError),
+    Refresh(#[from] Box<refresh::RefreshError>),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
     /// The HTTP client could not be built (a bad proxy URL, no TLS roots).
@@ -130,7 +132,9 @@ fn store_answer(
 async fn api_key(config: &Config, credential: &Credential, http: &HttpClient) -> Result<TokenState, AuthorizeError> {
     let store = crate::committer::Committer::open(&config.daemon.database)?;
     let sinks = crate::sink::SinkWriter::start().map_err(io_error("cannot start the sink writer"))?;
-    let outcome = refresh::refresh(&store, http, &sinks, credential, None, http.limits().total_timeout).await?;
+    let outcome = refresh::refresh(&store, http, &sinks, credential, None, http.limits().total_timeout)
+        .await
+        .map_err(Box::new)?;
     match outcome {
         Outcome::Refreshed { state, .. } | Outcome::AlreadyRefreshed(state) => {
             crate::daemon::notify_store_changed(&config.daemon.database);
