@@ -14,9 +14,11 @@
 //!
 //! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] only ever grows.
 
+pub(crate) mod ops;
+
 use super::{Begin, LeaseHolder, Lifetime, NewToken, OpenAttempt, Status, StoreError, TokenState};
-use crate::redact::{Secret, fingerprint};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use crate::redact::Secret;
+use rusqlite::{Connection, TransactionBehavior, params};
 use std::fs::OpenOptions;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -112,7 +114,7 @@ macro_rules! state_columns {
 }
 
 /// One credential's state; prepared once per connection on the refresh path.
-const STATE_BY_NAME: &str = concat!("SELECT ", state_columns!(), " FROM credential c WHERE name = ?1");
+pub(super) const STATE_BY_NAME: &str = concat!("SELECT ", state_columns!(), " FROM credential c WHERE name = ?1");
 const STATE_ALL: &str = concat!("SELECT ", state_columns!(), " FROM credential c ORDER BY name");
 
 const LIFETIMES_ALL: &str = "SELECT name, created_at, expires_at, generation, status, last_refresh_at FROM credential";
@@ -125,7 +127,7 @@ fn status_from_text(text: &str) -> Status {
     }
 }
 
-fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenState> {
+pub(super) fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenState> {
     let status: String = row.get(10)?;
     Ok(TokenState {
         name: row.get(0)?,
@@ -239,7 +241,7 @@ impl Store {
     }
 
     pub fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
-        get_in(&self.conn, name).map_err(|e| self.err(e))
+        ops::get(&self.conn, name).map_err(|e| self.err(e))
     }
 
     /// Every credential's [`Lifetime`], by name, without reading the tokens.
@@ -348,7 +350,7 @@ impl Store {
         lease_ttl: Duration,
         now_ms: i64,
     ) -> Result<Begin, StoreError> {
-        self.in_transaction(|c| begin_in(c, name, holder, lease_ttl, now_ms))
+        self.in_transaction(|c| ops::begin(c, name, holder, lease_ttl, now_ms))
     }
 
     /// Step 4: the rotation commit. One transaction: new tokens, lifetime, generation + 1, status
@@ -363,7 +365,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<TokenState, StoreError> {
         let path = self.path.clone();
-        self.in_transaction(|c| commit_in(c, name, provider, attempt_id, from_generation, token, now_ms))?
+        self.in_transaction(|c| ops::commit(c, name, provider, attempt_id, from_generation, token, now_ms))?
             .ok_or_else(|| StoreError::Other { path, message: format!("credential {name} vanished after commit") })
     }
 
@@ -377,17 +379,17 @@ impl Store {
         needs_reauth: bool,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        self.in_transaction(|c| failure_in(c, name, attempt_id, reason, needs_reauth, now_ms))
+        self.in_transaction(|c| ops::failure(c, name, attempt_id, reason, needs_reauth, now_ms))
     }
 
     /// Closes an attempt that was abandoned before any request was sent.
     pub fn cancel_attempt(&mut self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.in_transaction(|c| cancel_in(c, attempt_id, why, now_ms))
+        self.in_transaction(|c| ops::cancel(c, attempt_id, why, now_ms))
     }
 
     /// Step 5's last act. Only the holder's own lease is removed.
     pub fn release_lease(&mut self, name: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
-        self.in_transaction(|c| release_in(c, name, holder))
+        self.in_transaction(|c| ops::release(c, name, holder))
     }
 
     /// Runs many operations in one transaction — one fsync for all of them (group commit). Each
@@ -445,7 +447,7 @@ impl Store {
             })
             .map_err(|e| self.err(e))?;
         let all = rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))?;
-        Ok(all.into_iter().filter(|a| !holder_alive(&a.holder)).collect())
+        Ok(all.into_iter().filter(|a| !ops::holder_alive(&a.holder)).collect())
     }
 
     /// Housekeeping: forget finished attempts older than `keep`, let SQLite refresh its planner
@@ -481,178 +483,6 @@ impl Store {
         tx.execute("DELETE FROM attempt WHERE credential = ?1", [name]).map_err(sql)?;
         tx.commit().map_err(sql)?;
         Ok(n > 0)
-    }
-}
-
-/// The refresh path's operations, each written once: [`Store`]'s methods run them in a
-/// transaction of their own, [`crate::committer::Committer`] in a group commit.
-pub(crate) mod ops {
-    pub(crate) use super::{
-        begin_in as begin, cancel_in as cancel, commit_in as commit, failure_in as failure, get_in as get,
-        release_in as release,
-    };
-}
-
-pub(crate) fn get_in(c: &Connection, name: &str) -> rusqlite::Result<Option<TokenState>> {
-    c.prepare_cached(STATE_BY_NAME)?.query_row([name], state_from_row).optional()
-}
-
-pub(crate) fn begin_in(
-    c: &Connection,
-    name: &str,
-    holder: &LeaseHolder,
-    lease_ttl: Duration,
-    now_ms: i64,
-) -> rusqlite::Result<Begin> {
-    let state = get_in(c, name)?;
-    let current: Option<(String, u32, i64)> = c
-        .prepare_cached("SELECT holder, pid, deadline_ms FROM lease WHERE credential = ?1")?
-        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    if let Some((other, pid, deadline_ms)) = current {
-        let ours = other == holder.id;
-        if !ours && deadline_ms > now_ms && process_alive(pid) {
-            return Ok(Begin::Busy { pid, deadline_ms });
-        }
-        if !ours {
-            tracing::warn!(
-                credential = name,
-                stale_pid = pid,
-                "reclaiming a stale lease (holder gone or past its deadline)"
-            );
-        }
-    }
-    let deadline = now_ms.saturating_add(i64::try_from(lease_ttl.as_millis()).unwrap_or(i64::MAX));
-    c.prepare_cached("INSERT INTO lease (credential, holder, pid, deadline_ms) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (credential) DO UPDATE SET holder = excluded.holder, pid = excluded.pid, deadline_ms = excluded.deadline_ms")?.execute(
-        params![name, holder.id, holder.pid, deadline],
-    )?;
-    c.prepare_cached("INSERT INTO attempt (credential, from_generation, spent_fp, holder, started_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(
-        params![
-            name,
-            state.as_ref().map_or(0, |s| s.generation),
-            state.as_ref().and_then(|s| s.refresh_token.as_ref()).map(|t| fingerprint(t.expose())),
-            holder.id,
-            now_ms
-        ],
-    )?;
-    Ok(Begin::Leased { state, attempt_id: c.last_insert_rowid() })
-}
-
-pub(crate) fn commit_in(
-    c: &Connection,
-    name: &str,
-    provider: &str,
-    attempt_id: i64,
-    from_generation: i64,
-    token: &NewToken,
-    now_ms: i64,
-) -> rusqlite::Result<Option<TokenState>> {
-    // No generation predicate: the provider has already rotated, so this answer is the only valid
-    // token there is and must be stored whatever happened meanwhile.
-    let previous: Option<i64> = c
-        .prepare_cached("SELECT generation FROM credential WHERE name = ?1")?
-        .query_row([name], |r| r.get(0))
-        .optional()?;
-    let now_secs = now_ms.div_euclid(1000);
-    let changed = c
-        .prepare_cached(
-            "UPDATE credential SET access_token = ?2, refresh_token = COALESCE(?3, refresh_token), token_type = ?4,
-             scope = COALESCE(?5, scope), expires_in = ?6, created_at = ?7, expires_at = ?8,
-             generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = ?9, updated_at = ?9
-         WHERE name = ?1",
-        )?
-        .execute(params![
-            name,
-            token.access_token.expose(),
-            token.refresh_token.as_ref().map(Secret::expose),
-            token.token_type,
-            token.scope,
-            token.expires_in,
-            token.created_at,
-            token.expires_at(),
-            now_secs
-        ])?;
-    if changed == 0 {
-        // First token of an API-key credential, or removed while we were refreshing: create the
-        // row, the new token must not be lost.
-        c.prepare_cached(
-            "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
-                 created_at, expires_at, generation, status, last_refresh_at, updated_at)
-             VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
-        )?
-        .execute(params![
-            name,
-            token.access_token.expose(),
-            token.refresh_token.as_ref().map(Secret::expose),
-            token.token_type,
-            token.scope,
-            token.expires_in,
-            token.created_at,
-            token.expires_at(),
-            from_generation + 1,
-            now_secs,
-            provider
-        ])?;
-    }
-    c.prepare_cached("UPDATE attempt SET finished_at_ms = ?2, result = 'refreshed' WHERE id = ?1")?
-        .execute(params![attempt_id, now_ms])?;
-    if previous.is_some_and(|g| g != from_generation) {
-        tracing::warn!(credential = name, expected = from_generation, found = ?previous, "credential changed during a leased refresh");
-    }
-    get_in(c, name)
-}
-
-pub(crate) fn failure_in(
-    c: &Connection,
-    name: &str,
-    attempt_id: i64,
-    reason: &str,
-    needs_reauth: bool,
-    now_ms: i64,
-) -> rusqlite::Result<()> {
-    c.prepare_cached(
-        "UPDATE credential SET last_error = ?2, updated_at = ?3,
-             status = CASE WHEN ?4 THEN 'needs_reauth' ELSE status END
-         WHERE name = ?1",
-    )?
-    .execute(params![name, reason, now_ms.div_euclid(1000), needs_reauth])?;
-    c.prepare_cached("UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1")?.execute(params![
-        attempt_id,
-        now_ms,
-        if needs_reauth { "needs_reauth" } else { "failed" }
-    ])?;
-    Ok(())
-}
-
-pub(crate) fn cancel_in(c: &Connection, attempt_id: i64, why: &str, now_ms: i64) -> rusqlite::Result<()> {
-    c.prepare_cached("UPDATE attempt SET finished_at_ms = ?2, result = ?3 WHERE id = ?1")?
-        .execute(params![attempt_id, now_ms, why])
-        .map(|_| ())
-}
-
-pub(crate) fn release_in(c: &Connection, name: &str, holder: &LeaseHolder) -> rusqlite::Result<()> {
-    c.prepare_cached("DELETE FROM lease WHERE credential = ?1 AND holder = ?2")?
-        .execute(params![name, holder.id])
-        .map(|_| ())
-}
-
-/// The pid is the part of a holder id before the first '-'.
-fn holder_alive(holder: &str) -> bool {
-    holder.split('-').next().and_then(|p| p.parse().ok()).is_some_and(process_alive)
-}
-
-/// Whether a process with this pid exists. A process owned by another user (EPERM) counts as
-/// alive: we must not steal a lease from a live refresher we merely cannot signal.
-fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    if pid <= 0 {
-        return false;
-    }
-    // Signal "none" sends nothing; it only checks that the pid exists.
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) | Err(nix::errno::Errno::EPERM) => true,
-        Err(_) => false,
     }
 }
 
