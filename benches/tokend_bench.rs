@@ -5,6 +5,8 @@
 //!
 //!   cargo bench --bench tokend_bench            full run (the figures in BENCHMARKS.md)
 //!   cargo bench --bench tokend_bench -- smoke   small and quick, for CI; no time assertions
+//!   TOKEND_BENCH_BIN=path/to/old/tokend cargo bench --bench tokend_bench -- catchup n=10000
+//!                                               another build through the same harness
 //!
 //! Measured: catch-up (N credentials all due at once → every rotation committed and every sink
 //! written), steady-state lateness (request received at the provider − due time), start-up (exec →
@@ -27,6 +29,12 @@ use tokend::store::Store;
 
 const CLIENT_ID: &str = "bench-client";
 const CLIENT_SECRET: &str = "bench-secret";
+
+/// The daemon under test: this build's, or `TOKEND_BENCH_BIN` (another build of tokend, so that
+/// a before/after comparison runs through the same harness in one session).
+fn tokend_binary() -> PathBuf {
+    std::env::var_os("TOKEND_BENCH_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tokend")), PathBuf::from)
+}
 
 fn children_cpu_secs() -> f64 {
     let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
@@ -190,7 +198,7 @@ fn start_tokend(f: &Fixture) -> Running {
     let _ = std::fs::remove_file(&socket_path);
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     let started = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
+    let child = Command::new(tokend_binary())
         .args(["--log-level", "warn", "run"])
         .env("TOKEND_CONFIG", f.config())
         .env("NOTIFY_SOCKET", &socket_path)
