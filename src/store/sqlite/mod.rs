@@ -14,6 +14,26 @@
 //!
 //! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] only ever grows.
 
+/// The parameters of a statement that stores a token: `?1` the credential's name, `?2`–`?8` the
+/// token's columns (access token, refresh token, type, scope, expires_in, created_at,
+/// expires_at), then each statement's own from `?9` on. One list for every statement that
+/// writes a token, so that none can put a column in the wrong place.
+macro_rules! token_params {
+    ($name:expr, $token:expr $(, $rest:expr)* $(,)?) => {
+        rusqlite::params![
+            $name,
+            $token.access_token.expose(),
+            $token.refresh_token.as_ref().map(crate::redact::Secret::expose),
+            $token.token_type,
+            $token.scope,
+            $token.expires_in,
+            $token.created_at,
+            $token.expires_at(),
+            $($rest),*
+        ]
+    };
+}
+
 pub(crate) mod ops;
 
 use super::{Begin, LeaseHolder, Lifetime, NewToken, OpenAttempt, Status, StoreError, TokenState};
@@ -297,7 +317,7 @@ impl Store {
                 .prepare(
                     "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
                          created_at, expires_at, generation, status, last_error, last_refresh_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, 'active', NULL, NULL, ?10)
+                     VALUES (?1, ?9, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, 'active', NULL, NULL, ?10)
                      ON CONFLICT (name) DO UPDATE SET provider = excluded.provider, access_token = excluded.access_token,
                          refresh_token = excluded.refresh_token, token_type = excluded.token_type, scope = excluded.scope,
                          expires_in = excluded.expires_in, created_at = excluded.created_at, expires_at = excluded.expires_at,
@@ -311,20 +331,7 @@ impl Store {
                 )
                 .map_err(sql)?;
             for (name, provider, token) in tokens {
-                upsert
-                    .execute(params![
-                        name,
-                        provider,
-                        token.access_token.expose(),
-                        token.refresh_token.as_ref().map(Secret::expose),
-                        token.token_type,
-                        token.scope,
-                        token.expires_in,
-                        token.created_at,
-                        token.expires_at(),
-                        now_secs
-                    ])
-                    .map_err(sql)?;
+                upsert.execute(token_params!(name, token, provider, now_secs)).map_err(sql)?;
                 close.execute(params![name, now_secs * 1000]).map_err(sql)?;
             }
         }

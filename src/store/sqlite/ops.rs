@@ -4,7 +4,7 @@
 //! cancellation of an attempt that sent nothing, the lease release, and the read.
 
 use super::{STATE_BY_NAME, state_from_row};
-use crate::redact::{Secret, fingerprint};
+use crate::redact::fingerprint;
 use crate::store::{Begin, LeaseHolder, NewToken, TokenState};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::time::Duration;
@@ -78,17 +78,7 @@ pub(crate) fn commit(
              generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = ?9, updated_at = ?9
          WHERE name = ?1",
         )?
-        .execute(params![
-            name,
-            token.access_token.expose(),
-            token.refresh_token.as_ref().map(Secret::expose),
-            token.token_type,
-            token.scope,
-            token.expires_in,
-            token.created_at,
-            token.expires_at(),
-            now_secs
-        ])?;
+        .execute(token_params!(name, token, now_secs))?;
     if changed == 0 {
         // First token of an API-key credential, or removed while we were refreshing: create the
         // row, the new token must not be lost.
@@ -97,19 +87,7 @@ pub(crate) fn commit(
                  created_at, expires_at, generation, status, last_refresh_at, updated_at)
              VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
         )?
-        .execute(params![
-            name,
-            token.access_token.expose(),
-            token.refresh_token.as_ref().map(Secret::expose),
-            token.token_type,
-            token.scope,
-            token.expires_in,
-            token.created_at,
-            token.expires_at(),
-            from_generation + 1,
-            now_secs,
-            provider
-        ])?;
+        .execute(token_params!(name, token, from_generation + 1, now_secs, provider))?;
     }
     c.prepare_cached("UPDATE attempt SET finished_at_ms = ?2, result = 'refreshed' WHERE id = ?1")?
         .execute(params![attempt_id, now_ms])?;
