@@ -17,6 +17,8 @@ use std::time::Duration;
 pub enum StoreError {
     #[error("database {path}: {source}")]
     Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error("database {path}: {context}: {source}")]
+    Io { path: PathBuf, context: String, source: std::io::Error },
     #[error("database {path}: {message}")]
     Other { path: PathBuf, message: String },
 }

@@ -171,19 +171,20 @@ impl Store {
     /// Opens (creating with mode 0600 if needed) and migrates the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let other = |message: String| StoreError::Other { path: path.to_path_buf(), message };
+        let io = |context: String, source| StoreError::Io { path: path.to_path_buf(), context, source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| other(format!("cannot create directory {}: {e}", dir.display())))?;
+                .map_err(|source| io(format!("cannot create directory {}", dir.display()), source))?;
         }
         // Create the file ourselves so it is 0600 from its first byte; SQLite gives the -wal and
         // -shm files the same mode as the database file.
         match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let meta = std::fs::metadata(path).map_err(|e| other(e.to_string()))?;
+                let meta = std::fs::metadata(path).map_err(|source| io("cannot inspect".into(), source))?;
                 if meta.permissions().mode() & 0o077 != 0 {
                     tracing::warn!(
                         database = %path.display(),
@@ -192,14 +193,14 @@ impl Store {
                     );
                 }
             }
-            Err(e) => return Err(other(format!("cannot create: {e}"))),
+            Err(source) => return Err(io("cannot create".into(), source)),
         }
         // SQLite's own message for these is "unable to open database file"; say what is wrong.
         OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|e| other(format!("cannot open for writing: {e}")))?;
+            .map_err(|source| io("cannot open for writing".into(), source))?;
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).map_err(|e| {
             other(format!("directory {} is not writable ({e}); SQLite needs it for the WAL files", dir.display()))
