@@ -21,6 +21,7 @@
 //! | [`authorize`] | `tokend authorize`: code + PKCE + state, password grant, first token |
 //! | [`cli`] | subcommands and their output |
 //! | [`dev`] | `tokend dev`: the self-contained demo |
+//! | [`manual`] | man pages and shell completions, generated from the CLI and the reference config |
 //! | [`mock_provider`] | a loopback OAuth token endpoint for `tokend dev` and the tests |
 //! | [`redact`] | secrets wrapped so they print only as fingerprints |
 //! | [`clock`] | wall-clock time as unix seconds/milliseconds |
@@ -35,6 +36,7 @@ pub mod daemon;
 pub mod dev;
 pub mod hooks;
 pub mod logging;
+pub mod manual;
 pub mod memory;
 pub mod metrics;
 pub mod mock_provider;
