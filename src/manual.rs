@@ -75,6 +75,17 @@ const SIGNALS: [(&str, &str); 3] = [
     ("SIGUSR1", "Refresh every credential now."),
 ];
 
+/// THE SERVICE of `tokend(1)`: what the package's postinst points to, README "Install" in short.
+/// A paragraph starting with `$ ` is a block of commands.
+const SERVICE: [&str; 6] = [
+    "The Debian package installs tokend.service enabled, but starts it only once /etc/tokend/tokend.toml is no longer the example (its client_id placeholders left). As root:",
+    "$ printf '%s' 'THE-CLIENT-SECRET' > /etc/tokend/secrets/my-nation\nchmod 0600 /etc/tokend/secrets/my-nation\nmkdir -p /etc/systemd/system/tokend.service.d\nprintf '[Service]\\nLoadCredential=my-nation:/etc/tokend/secrets/my-nation\\n' \\\n    > /etc/systemd/system/tokend.service.d/credentials.conf\n${EDITOR:-vi} /etc/tokend/tokend.toml\nsystemctl daemon-reload && systemctl start tokend",
+    "One secret file and one LoadCredential= line per `*_credential` the configuration names; in the configuration, keep the credentials you use and fill in their client_id, slug, site or URLs (tokend.toml(5)). A configuration that is invalid makes the start fail, and `journalctl -u tokend` names every problem; `tokend check` run the way the unit runs it checks without starting:",
+    "$ systemd-run --pipe --wait -q -p User=tokend \\\n    -p LoadCredential=my-nation:/etc/tokend/secrets/my-nation tokend check",
+    "Then the first token of each credential, as the service user: `tokend import` reads a token answer on stdin (`runuser -u tokend -- tokend import my-nation`); the running daemon picks it up at once. `systemctl reload tokend` runs `tokend reload`; an upgrade of the package restarts the daemon (SIGTERM: refreshes in flight commit first).",
+    "Removing the package keeps the token store /var/lib/tokend; purging it deletes the store, /run/tokend and /etc/tokend, and says so first.",
+];
+
 /// Environment variables tokend reads, besides those clap documents with each option.
 const ENVIRONMENT: [(&str, &str); 4] = [
     ("RUST_LOG", "A full tracing filter; overrides --log-level."),
@@ -235,6 +246,24 @@ pub fn tokend_1() -> String {
                 option(&mut roff, arg);
             }
             roff.control("RE", []);
+        }
+    }
+
+    roff.control("SH", ["THE SERVICE"]);
+    for (i, paragraph) in SERVICE.iter().enumerate() {
+        if i > 0 {
+            roff.control("PP", []);
+        }
+        if let Some(command) = paragraph.strip_prefix("$ ") {
+            roff.control("RS", ["4"]);
+            roff.control("nf", []);
+            for line in command.lines() {
+                roff.text([roman(line)]);
+            }
+            roff.control("fi", []);
+            roff.control("RE", []);
+        } else {
+            roff.text(prose(paragraph));
         }
     }
 
