@@ -132,6 +132,9 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Print the completion script for SHELL on stdout (the package installs those for bash, zsh
+    /// and fish).
+    Completions { shell: clap_complete::Shell },
 }
 
 /// An error for the user: one line and an exit code.
@@ -219,6 +222,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Dev { lifetime, keep } => crate::dev::run(Duration::from_secs(lifetime), keep)
             .await
             .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
+        Command::Completions { shell } => crate::manual::print_completions(shell),
     }
 }
 

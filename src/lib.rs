@@ -22,6 +22,7 @@
 //! | [`authorize`] | `tokend authorize`: code + PKCE + state, password grant, first token |
 //! | [`cli`] | subcommands and their output |
 //! | [`dev`] | `tokend dev`: the self-contained demo, and its loopback token endpoint ([`dev::mock`], also the tests') |
+//! | [`manual`] | man pages and shell completions, generated from the CLI and the reference config |
 //! | [`redact`] | secrets wrapped so they print only as fingerprints |
 //! | [`clock`] | wall-clock time as unix seconds/milliseconds |
 //! | [`untrusted`] | opening files where others can write: no links, no blocking, bounded reads |
@@ -36,6 +37,7 @@ pub mod daemon;
 pub mod dev;
 pub mod hooks;
 pub mod logging;
+pub mod manual;
 pub mod memory;
 pub mod metrics;
 pub mod provider;

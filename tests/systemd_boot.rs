@@ -1,6 +1,7 @@
 //! tokend.service under a real systemd: boots the machine's own systemd as PID 1 of fresh
 //! namespaces (`tests/systemd_boot/`: overlay root, own cgroup, loopback-only network), installs
-//! the freshly built binary, the unit and a config the way README "Install as a service" says, and
+//! the freshly built binary, the unit and a config the way README "Install" says for other
+//! distributions ("the same files by hand"), and
 //! checks the unit at runtime: notify/STATUS, rotations, sinks, reload, watchdog, stop and restart,
 //! journal priorities, the online `systemd-analyze security` exposure, and the reader examples.
 //!
@@ -17,13 +18,16 @@
 //! SKIPPED (with the reason) when not root, when systemd is not installed, or when the machine
 //! cannot create the namespaces.
 
+#[path = "systemd_boot/harness.rs"]
+mod harness;
 mod support;
+
+use harness::*;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokend::dev::mock::{MockProvider, MockSettings};
 
@@ -31,9 +35,6 @@ use tokend::dev::mock::{MockProvider, MockSettings};
 const SHORT_LIFETIME: i64 = 6;
 /// A lifetime long enough that nothing refreshes on its own while a check needs quiet.
 const LONG_LIFETIME: i64 = 600;
-const SYSTEMD: &str = "/lib/systemd/systemd";
-const CONFIG: &str = "/etc/tokend/tokend.toml";
-const TOKEND: &str = "/usr/local/bin/tokend";
 
 /// The three credentials: (name, client authentication, sink path, sink format, sink group).
 const CREDENTIALS: [(&str, &str, &str, &str, Option<&str>); 3] = [
@@ -47,280 +48,7 @@ fn secret_of(name: &str) -> String {
 }
 
 // ------------------------------------------------------------------------------------------------
-// The container.
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(&self) -> bool {
-        self.code == 0
-    }
-
-    /// Everything it printed, for evidence.
-    fn text(&self) -> String {
-        let mut t = self.stdout.trim_end().to_string();
-        if !self.stderr.trim().is_empty() {
-            if !t.is_empty() {
-                t.push('\n');
-            }
-            t.push_str(self.stderr.trim_end());
-        }
-        t
-    }
-}
-
-/// An unnamed temp file holding `bytes`, read from the start: stdin for a command inside.
-fn file_holding(bytes: &[u8]) -> File {
-    let mut file = tempfile::tempfile().expect("temp file");
-    std::io::Write::write_all(&mut file, bytes).expect("write temp file");
-    std::io::Seek::rewind(&mut file).expect("rewind temp file");
-    file
-}
-
-/// A booted container. Dropping it powers it off and removes its cgroup.
-struct Container {
-    dir: Option<tempfile::TempDir>,
-    scripts: PathBuf,
-    init_pid: i32,
-    halted: bool,
-}
-
-impl Container {
-    fn scripts() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/systemd_boot")
-    }
-
-    fn boot() -> Result<Container, String> {
-        let dir = tempfile::Builder::new().prefix("tokend-sysd-").tempdir().map_err(|e| e.to_string())?;
-        let scripts = Self::scripts();
-        let out = Command::new(scripts.join("boot.sh"))
-            .arg(dir.path())
-            // If this process dies without running Drop (killed), the container halts itself.
-            .env("SYSD_OWNER_PID", std::process::id().to_string())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run boot.sh: {e}"))?;
-        let pid = std::fs::read_to_string(dir.path().join("init.pid")).ok().and_then(|p| p.trim().parse().ok());
-        // From here on the guard owns whatever boot.sh started, even if it then failed.
-        let mut container = Container { dir: Some(dir), scripts, init_pid: pid.unwrap_or(0), halted: false };
-        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !out.status.success() || pid.is_none() {
-            let console = std::fs::read_to_string(container.path().join("console.log")).unwrap_or_default();
-            let tail: Vec<&str> = console.lines().rev().take(15).collect();
-            let why = format!(
-                "boot.sh failed ({}): {state} {}\nconsole (last lines):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-            let _ = container.halt();
-            return Err(why);
-        }
-        println!("container state after boot: {state}");
-        if state != "running" {
-            println!("{}", std::fs::read_to_string(container.path().join("boot.out")).unwrap_or_default());
-        }
-        Ok(container)
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.as_ref().expect("scratch dir").path()
-    }
-
-    /// Runs `sh -c script` inside, with `args` as $1..., and `stdin` fed from a file.
-    fn run(&self, script: &str, args: &[&str], stdin: Stdio) -> Out {
-        let out = Command::new(self.scripts.join("inside.sh"))
-            .arg(self.path())
-            .args(["sh", "-c", script, "sh"])
-            .args(args)
-            .stdin(stdin)
-            .output()
-            .expect("run inside.sh");
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    fn sh(&self, script: &str) -> Out {
-        self.run(script, &[], Stdio::null())
-    }
-
-    /// `sh`, which must succeed: a step the rest depends on (a failure ends the test, the Drop
-    /// guard still tears the container down).
-    fn must(&self, script: &str) -> String {
-        let out = self.sh(script);
-        assert!(out.ok(), "inside the container, `{script}` exited {}:\n{}", out.code, out.text());
-        out.stdout
-    }
-
-    /// `sh -c script` with `input` on stdin.
-    fn sh_input(&self, script: &str, args: &[&str], input: &[u8]) -> Out {
-        self.run(script, args, Stdio::from(file_holding(input)))
-    }
-
-    /// Installs `content` at `path` inside with `install -m MODE [-o OWNER] [-g GROUP]`.
-    fn install(&self, path: &str, content: &[u8], install_args: &str) {
-        self.install_from(path, file_holding(content), install_args);
-    }
-
-    /// Same, from a host file (streamed: the debug binary is over 100 MB).
-    fn install_from(&self, path: &str, source: File, install_args: &str) {
-        let script = format!("cat > /root/.staged && install {install_args} /root/.staged \"$1\" && rm /root/.staged");
-        let out = self.run(&script, &[path], Stdio::from(source));
-        assert!(out.ok(), "installing {path}: {}", out.text());
-    }
-
-    fn systemctl_show(&self, unit: &str, props: &[&str]) -> BTreeMap<String, String> {
-        let args: String = props.iter().map(|p| format!(" -p {p}")).collect();
-        self.sh(&format!("systemctl show{args} {unit}"))
-            .stdout
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn prop(&self, unit: &str, prop: &str) -> String {
-        self.systemctl_show(unit, &[prop]).remove(prop).unwrap_or_default()
-    }
-
-    /// Powers off, waits, removes the cgroup (halt.sh); then checks nothing of it is left.
-    fn halt(&mut self) -> Result<(), String> {
-        if self.halted {
-            return Ok(());
-        }
-        self.halted = true;
-        let out = Command::new(self.scripts.join("halt.sh"))
-            .arg(self.path())
-            .output()
-            .map_err(|e| format!("cannot run halt.sh: {e}"))?;
-        let mut problems = String::new();
-        if !out.status.success() {
-            let _ = write!(
-                problems,
-                "halt.sh: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        if self.init_pid > 0 && Path::new(&format!("/proc/{}", self.init_pid)).exists() {
-            let _ = write!(problems, " the container's PID 1 ({}) is still alive", self.init_pid);
-        }
-        if problems.is_empty() { Ok(()) } else { Err(problems) }
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        if let Err(e) = self.halt() {
-            eprintln!("TEARDOWN PROBLEM: {e}");
-        }
-        // Dropping the TempDir deletes it: kept only on request or after a failure.
-        if let Some(dir) = self.dir.take()
-            && (std::env::var_os("TOKEND_SYSD_KEEP").is_some() || std::thread::panicking())
-        {
-            let kept = dir.keep();
-            eprintln!("container scratch dir kept: {} (console.log, boot.out)", kept.display());
-        }
-    }
-}
-
-/// The crate's mock token endpoint, listening on 127.0.0.1 *inside* the container.
-struct InsideMock {
-    provider: MockProvider,
-    // Declared after `provider`, so it is dropped after it.
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl InsideMock {
-    fn start(init_pid: i32, settings: MockSettings) -> Result<InsideMock, String> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        let handle = runtime.handle().clone();
-        let netns =
-            File::open(format!("/proc/{init_pid}/ns/net")).map_err(|e| format!("container's net namespace: {e}"))?;
-        // The listening socket belongs to the namespace it was created in, whichever thread later
-        // accepts on it; the thread that created it ends right after.
-        let provider = std::thread::spawn(move || {
-            enter_net_namespace(&netns)?;
-            handle.block_on(MockProvider::start(settings))
-        })
-        .join()
-        .map_err(|_| "the mock's thread panicked".to_string())?
-        .map_err(|e| format!("cannot start the mock inside the container: {e}"))?;
-        Ok(InsideMock { provider, _runtime: runtime })
-    }
-}
-
-fn enter_net_namespace(ns: &File) -> std::io::Result<()> {
-    // Changes the network namespace of the calling thread alone (a thread created for this).
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-}
-
-// ------------------------------------------------------------------------------------------------
-// Checks and their report.
-
-type Check = Result<String, String>;
-
-#[derive(Default)]
-struct Report {
-    rows: Vec<(String, bool, String)>,
-}
-
-impl Report {
-    fn record(&mut self, name: &str, result: Check) {
-        let (ok, evidence) = match result {
-            Ok(e) => (true, e),
-            Err(e) => (false, e),
-        };
-        println!("\n[{}] {name}\n    {}", if ok { "PASS" } else { "FAIL" }, evidence.replace('\n', "\n    "));
-        self.rows.push((name.to_string(), ok, evidence));
-    }
-
-    fn summary(&self) -> String {
-        let mut s = String::new();
-        for (name, ok, evidence) in &self.rows {
-            let first = evidence.lines().next().unwrap_or_default();
-            let _ = writeln!(s, "{} {name}: {first}", if *ok { "PASS" } else { "FAIL" });
-        }
-        let failed = self.rows.iter().filter(|r| !r.1).count();
-        let _ = write!(s, "{} checks, {} passed, {failed} failed", self.rows.len(), self.rows.len() - failed);
-        s
-    }
-}
-
-fn wait_until<T>(within: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = probe() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn ensure(ok: bool, evidence: String) -> Check {
-    if ok { Ok(evidence) } else { Err(evidence) }
-}
-
-// ------------------------------------------------------------------------------------------------
 // What gets installed.
-
-fn repo_file(path: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
 
 /// The test's configuration: three `oauth2` credentials at the mock, secrets from LoadCredential=.
 fn config(mock_url: &str, extra_sink: bool, broken: bool) -> String {
@@ -358,45 +86,6 @@ fn config_with(mock_url: &str, extra_sink: bool, broken: bool, failing_sink: boo
 
 fn install_config(c: &Container, text: &str) {
     c.install(CONFIG, text.as_bytes(), "-m 0640 -g tokend");
-}
-
-/// `tokend list --json` as the service user, by name.
-fn list(c: &Container) -> Result<BTreeMap<String, serde_json::Value>, String> {
-    let out = c.sh(&format!("runuser -u tokend -- {TOKEND} -c {CONFIG} list --json"));
-    if !out.ok() {
-        return Err(format!("tokend list exited {}: {}", out.code, out.text()));
-    }
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).map_err(|e| format!("{e}: {}", out.stdout))?;
-    Ok(rows.into_iter().map(|r| (r["name"].as_str().unwrap_or_default().to_string(), r)).collect())
-}
-
-fn generations(c: &Container) -> BTreeMap<String, i64> {
-    list(c).unwrap_or_default().into_iter().map(|(name, row)| (name, row["generation"].as_i64().unwrap_or(0))).collect()
-}
-
-/// Waits until every credential's generation is at least `at_least[name] + by`.
-fn wait_generations(c: &Container, at_least: &BTreeMap<String, i64>, by: i64, within: Duration) -> Check {
-    let started = Instant::now();
-    let mut last = BTreeMap::new();
-    let reached = wait_until(within, || {
-        last = generations(c);
-        at_least.iter().all(|(n, g)| last.get(n).is_some_and(|now| *now >= g + by)).then_some(())
-    });
-    let evidence = format!("generations {at_least:?} -> {last:?} after {:.1} s", started.elapsed().as_secs_f64());
-    ensure(reached.is_some(), evidence)
-}
-
-/// Imports a first token answer for `name` as the service user, as the README does.
-fn import(c: &Container, name: &str, answer: &serde_json::Value) -> Out {
-    c.sh_input(
-        &format!("runuser -u tokend -- {TOKEND} -c {CONFIG} import \"$1\""),
-        &[name],
-        answer.to_string().as_bytes(),
-    )
-}
-
-fn journal(c: &Container, args: &str) -> String {
-    c.sh(&format!("journalctl --no-pager -q -o cat {args}")).stdout
 }
 
 fn status_text(c: &Container) -> String {
@@ -604,32 +293,17 @@ fn example_config_passes_check_under_unit(c: &Container) -> Check {
         "rm /etc/systemd/system/tokend.service.d/zz-check-only.conf {} && systemctl daemon-reload && {{ systemctl reset-failed tokend 2>/dev/null; true; }}",
         secrets.join(" ")
     ));
-    // That start created RuntimeDirectory= and StateDirectory= (and preserves them): remove
-    // them, so that what follows sees the machine as the README leaves it.
-    c.must("systemctl clean --what=runtime --what=state tokend && test ! -e /run/tokend && test ! -e /var/lib/tokend");
+    // That start created RuntimeDirectory= and filled StateDirectory= (and preserves them): back
+    // to the machine as the README leaves it, /var/lib/tokend as tmpfiles.d makes it, empty.
+    c.must(
+        "systemctl clean --what=runtime --what=state tokend && test ! -e /run/tokend && test ! -e /var/lib/tokend \
+         && systemd-tmpfiles --create tokend.conf && test -z \"$(ls -A /var/lib/tokend)\"",
+    );
     ensure(run.ok(), format!("`tokend check` as tokend.service exited {}: {}", run.code, said.trim()))
 }
 
 // ------------------------------------------------------------------------------------------------
 // The test.
-
-fn skip_reason() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root (it boots systemd in new namespaces)".into());
-    }
-    if !Path::new(SYSTEMD).exists() {
-        return Some(format!("systemd is not installed ({SYSTEMD} is missing)"));
-    }
-    let probe = Command::new("unshare")
-        .args(["--mount", "--pid", "--fork", "--uts", "--ipc", "--net", "--cgroup", "--", "true"])
-        .stdin(Stdio::null())
-        .output();
-    match probe {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!("this machine cannot create namespaces: {}", String::from_utf8_lossy(&o.stderr).trim())),
-        Err(e) => Some(format!("this machine cannot create namespaces (unshare: {e})")),
-    }
-}
 
 #[test]
 fn tokend_service_under_a_real_systemd() {
@@ -664,17 +338,33 @@ fn tokend_service_under_a_real_systemd() {
         reachable.text().lines().next().unwrap_or("nothing")
     );
 
-    // ---- Install as the README says (section "Install as a service").
+    // ---- Install as the README says (section "Install", "the same files by hand").
     c.install_from(TOKEND, File::open(env!("CARGO_BIN_EXE_tokend")).expect("tokend binary"), "-m 0755");
-    c.must("useradd --system --no-create-home --home-dir /var/lib/tokend --shell /usr/sbin/nologin tokend");
+    c.install("/usr/share/doc/tokend/README.md", &repo_file("README.md"), "-m 0644 -D");
+    c.install("/etc/sysusers.d/tokend.conf", &repo_file("systemd/sysusers.d/tokend.conf"), "-m 0644 -D");
+    c.must("systemd-sysusers tokend.conf");
+    c.install("/etc/tmpfiles.d/tokend.conf", &repo_file("systemd/tmpfiles.d/tokend.conf"), "-m 0644 -D");
+    c.must("systemd-tmpfiles --create tokend.conf");
     // The group of the `group =` sink, with the service user in it: without membership no
     // process may give a file to a group (EPERM), whatever the unit says. And a group the
     // service user is not in, for a sink that must fail (b).
     c.must("groupadd --system tokenreaders && usermod -aG tokenreaders tokend && groupadd --system outsiders");
-    c.must("install -d -m 0750 -g tokend /etc/tokend && install -d -m 0700 /etc/tokend/secrets");
     c.install("/etc/systemd/system/tokend.service", &repo_file("systemd/tokend.service"), "-m 0644");
-    c.install("/usr/share/doc/tokend/README.md", &repo_file("README.md"), "-m 0644 -D");
+    c.must("systemctl enable tokend");
     c.must("mkdir -p /etc/systemd/system/tokend.service.d && systemctl daemon-reload");
+    let layout = c.must("getent passwd tokend; stat -c '%U:%G %a %n' /etc/tokend /etc/tokend/secrets /var/lib/tokend");
+    report.record(
+        "sysusers.d and tmpfiles.d: system user tokend (home /var/lib/tokend), /etc/tokend 0750 root:tokend, secrets/ 0700 root, /var/lib/tokend 0700 tokend",
+        ensure(
+            layout.lines().next().is_some_and(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                f.len() == 7 && f[2].parse::<u32>().is_ok_and(|uid| uid < 1000) && f[5] == "/var/lib/tokend"
+            }) && layout.contains("root:tokend 750 /etc/tokend\n")
+                && layout.contains("root:root 700 /etc/tokend/secrets\n")
+                && layout.contains("tokend:tokend 700 /var/lib/tokend"),
+            layout.trim_end().to_string(),
+        ),
+    );
     let docs = c.prop("tokend", "Documentation");
     let doc_files: Vec<String> =
         docs.split_whitespace().filter_map(|d| d.strip_prefix("file://")).map(str::to_string).collect();
@@ -707,8 +397,7 @@ fn tokend_service_under_a_real_systemd() {
         c.must("stat -c '%U:%G %a %n' /etc/tokend /etc/tokend/secrets /etc/tokend/secrets/* /etc/tokend/tokend.toml");
     println!("installed:\n{}", layout.trim_end());
 
-    // ---- First tokens, as the service user, before the first start (README order).
-    c.must("install -d -m 0700 -o tokend -g tokend /var/lib/tokend");
+    // ---- First tokens, as the service user, before the first start (README: either order).
     let imports: Vec<(String, Out)> = CREDENTIALS
         .iter()
         .map(|(name, ..)| (name.to_string(), import(&c, name, &mock.provider.authorize(name))))
@@ -731,12 +420,12 @@ fn tokend_service_under_a_real_systemd() {
 
     // ---- Start.
     let start_began = Instant::now();
-    let enable = c.sh("systemctl enable --now tokend");
+    let enable = c.sh("systemctl start tokend");
     let active = wait_until(Duration::from_secs(10), || (c.prop("tokend", "ActiveState") == "active").then_some(()));
     let start_time = start_began.elapsed();
     let p = c.systemctl_show("tokend", &["ActiveState", "SubState", "MainPID", "Type", "NRestarts"]);
     report.record(
-        "`systemctl enable --now tokend`, then `systemctl is-active tokend` = active",
+        "`systemctl start tokend` (enabled at install), then `systemctl is-active tokend` = active",
         ensure(
             enable.ok() && active.is_some() && c.sh("systemctl is-active tokend").stdout.trim() == "active",
             format!(
