@@ -218,7 +218,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Run => run_daemon(&cli.config).await,
-        Command::Reload { pid } => reload(&cli.config, pid),
+        Command::Reload { pid } => reload(&cli.config, pid).await,
         Command::Dev { lifetime, keep } => crate::dev::run(Duration::from_secs(lifetime), keep)
             .await
             .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
@@ -246,7 +246,7 @@ async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
 /// How long `tokend reload` waits for the daemon to report the reload's outcome.
 const RELOAD_WAIT: Duration = Duration::from_secs(30);
 
-fn reload(path: &std::path::Path, pid: Option<u32>) -> Result<(), CliError> {
+async fn reload(path: &std::path::Path, pid: Option<u32>) -> Result<(), CliError> {
     // Without secrets: systemd runs ExecReload= with /run/credentials out of reach. The daemon
     // reads them itself and reports the verdict, which is waited for below.
     let config = config::load_without_secrets(path)
@@ -292,7 +292,7 @@ fn reload(path: &std::path::Path, pid: Option<u32>) -> Result<(), CliError> {
                     format!("the daemon (pid {pid}) did not report the reload within {}s", RELOAD_WAIT.as_secs()),
                 ));
             }
-            None => std::thread::sleep(Duration::from_millis(20)),
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }

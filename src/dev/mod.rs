@@ -8,6 +8,8 @@ use crate::clock::now_secs;
 use crate::daemon;
 pub mod mock;
 
+use std::os::unix::fs::OpenOptionsExt;
+
 use mock::{MockProvider, MockSettings};
 
 /// The demo's providers remember this many requests: enough to look at, bounded for a demo left
@@ -46,8 +48,9 @@ pub async fn run(lifetime: Duration, keep: bool) -> Result<(), DevError> {
     let expires_in = i64::try_from(lifetime.as_secs()).unwrap_or(20).max(2);
     let mut providers = Vec::new();
     let mut config = format!(
-        "# Written by `tokend dev`: a throwaway demo.\n[daemon]\ndatabase = \"{}\"\n",
-        root.join("tokend.db").display()
+        "# Written by `tokend dev`: a throwaway demo.\n[daemon]\ndatabase = \"{}\"\ntrigger_dir = \"{}\"\n",
+        root.join("tokend.db").display(),
+        root.join("triggers").display()
     );
     for (name, provider, path, created_at, sink, format) in DEMO {
         let settings = MockSettings {
@@ -65,7 +68,14 @@ pub async fn run(lifetime: Duration, keep: bool) -> Result<(), DevError> {
         providers.push((name, provider, mock));
     }
     let config_path = root.join("tokend.toml");
-    std::fs::write(&config_path, &config).map_err(|e| fail("cannot write the demo config", e))?;
+    // It holds the demo's (inline) client secrets: readable by this user only, as a real one should be.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&config_path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, config.as_bytes()))
+        .map_err(|e| fail("cannot write the demo config", e))?;
 
     let mut store = Store::open(&root.join("tokend.db")).map_err(|e| fail("cannot open the demo store", e))?;
     for (name, provider, mock) in &providers {
@@ -103,7 +113,7 @@ fn print_banner(root: &Path, providers: &[(&str, &str, MockProvider)], expires_i
     println!("Watch the tokens rotate in another terminal:");
     println!("  watch -n1 'tail -n +1 {}/*'", root.join("sinks").display());
     println!("Force a refresh the way a script that got a 401 would:");
-    println!("  touch {}.refresh", root.join("sinks").join(DEMO[0].4).display());
+    println!("  touch {}", root.join("triggers").join(format!("{}.refresh", DEMO[0].0)).display());
     println!("Or all of them: kill -USR1 {}   ·   Stop: Ctrl-C", std::process::id());
     println!();
 }
