@@ -518,3 +518,18 @@ async fn a_refresh_task_that_dies_is_counted_and_backed_off() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(daemon.log_text().matches(died).count(), 1, "{}", daemon.log_text());
 }
+
+/// Found while testing the package: a refresh point that is already past when the new token
+/// arrives (`refresh_at` larger than a tiny lifetime, a `created_at` floored to the second) made
+/// the daemon refresh again at once, many times a second. At most one success per second now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_point_already_past_does_not_refresh_in_a_loop() {
+    let w = World::new(MockSettings { expires_in: 6, ..MockSettings::default() }).await;
+    w.write_config(&ONE.replace("client_secret = \"s\"", "client_secret = \"s\"\nrefresh_at = \"18h\""));
+    w.authorize_and_import("a").await;
+    let daemon = w.start_daemon().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let refreshes = w.mock.refreshes();
+    assert!(refreshes >= 2, "it still refreshes: {refreshes}: {}", daemon.log_text());
+    assert!(refreshes <= 6, "{refreshes} refreshes in 4 s with 6 s tokens");
+}

@@ -7,6 +7,8 @@ use admission::pause;
 /// A token's life when nothing says otherwise, for backoff: the length of Nudge's and most
 /// providers' access tokens.
 const ASSUMED_LIFETIME: Duration = Duration::from_secs(3600);
+/// A credential is refreshed successfully at most once per this long, whatever its schedule says.
+const MIN_GAP_AFTER_REFRESH_MS: i64 = 1000;
 /// Backoff for retrying a commit that failed (disk full, read-only): the store, not the
 /// provider, has to recover, and the rescued token does not expire sooner for waiting.
 const COMMIT_RETRY_BASE: Duration = Duration::from_secs(60);
@@ -227,6 +229,14 @@ impl Daemon {
             self.due.fs.get_or_insert(Instant::now() + FS_DEBOUNCE);
         }
         self.plan(&name);
+        if decision.counted_as == Some(metrics::RefreshResult::Success)
+            && let Some(entry) = self.entries.get(&name)
+            && self.queue.get(&name, Job::Refresh).is_some_and(|at| at < now + MIN_GAP_AFTER_REFRESH_MS)
+        {
+            // The new token's refresh point is already (nearly) past: a lifetime shorter than
+            // `refresh_at`, or a `created_at` floored to the second. Refreshing at once would loop.
+            self.queue.schedule(&entry.credential.name, Job::Refresh, now + MIN_GAP_AFTER_REFRESH_MS);
+        }
         if self.entries.get(&name).is_some_and(|e| e.retry_at.is_some_and(|r| r <= now)) {
             self.start_refresh(&name, inflight);
         }
