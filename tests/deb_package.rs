@@ -228,7 +228,7 @@ fn the_package_installs_upgrades_and_purges_under_a_real_systemd() {
     let test_started = Instant::now();
     let mut report = Report::default();
 
-    let mut c = Container::boot().expect("boot");
+    let c = Container::boot().expect("boot");
     println!(
         "systemd up as PID 1 (host pid {}); package {} built in {:.1} s",
         c.init_pid,
@@ -523,14 +523,7 @@ fn the_package_installs_upgrades_and_purges_under_a_real_systemd() {
     );
 
     // ---- Teardown, checked.
-    let halt_started = Instant::now();
-    let halted = c.halt();
-    report.record(
-        "teardown: poweroff, container's PID 1 gone, cgroup removed",
-        halted.map(|()| format!("in {:.2} s", halt_started.elapsed().as_secs_f64())),
-    );
-    drop(mock);
-    drop(c);
+    report.record_teardown(c, mock);
 
     let summary = format!(
         "{}\npackage built in {:.1} s (debian/build-deb --binary, debug binary), dpkg -i {:.1} s, whole test {:.1} s",

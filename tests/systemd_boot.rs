@@ -315,7 +315,7 @@ fn tokend_service_under_a_real_systemd() {
     let mut report = Report::default();
 
     let boot_started = Instant::now();
-    let mut c = Container::boot().expect("boot");
+    let c = Container::boot().expect("boot");
     let boot_time = boot_started.elapsed();
     println!(
         "systemd up as PID 1 in {:.2} s (host pid {}, scratch {})",
@@ -739,14 +739,7 @@ fn tokend_service_under_a_real_systemd() {
 
     // ---- Teardown, checked.
     let total_inside = test_started.elapsed();
-    let halt_started = Instant::now();
-    let halted = c.halt();
-    report.record(
-        "teardown: poweroff, container's PID 1 gone, cgroup removed",
-        halted.map(|()| format!("in {:.2} s", halt_started.elapsed().as_secs_f64())),
-    );
-    drop(mock);
-    drop(c);
+    report.record_teardown(c, mock);
 
     let summary = format!(
         "{}\nboot {:.2} s, tokend start {:.2} s, whole test {:.1} s (checks {:.1} s)",

@@ -258,6 +258,18 @@ impl Report {
         self.rows.push((name.to_string(), ok, evidence));
     }
 
+    /// Powers the container off (the mock inside it goes first) and records whether the teardown
+    /// left nothing behind.
+    pub fn record_teardown(&mut self, mut container: Container, mock: InsideMock) {
+        let halt_started = Instant::now();
+        let halted = container.halt();
+        self.record(
+            "teardown: poweroff, container's PID 1 gone, cgroup removed",
+            halted.map(|()| format!("in {:.2} s", halt_started.elapsed().as_secs_f64())),
+        );
+        drop(mock);
+    }
+
     pub fn summary(&self) -> String {
         let mut s = String::new();
         for (name, ok, evidence) in &self.rows {
