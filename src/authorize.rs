@@ -118,7 +118,12 @@ fn store_answer(
     answer: &TokenAnswer,
     sent_at: i64,
 ) -> Result<TokenState, AuthorizeError> {
-    let token = refresh::new_token(answer, issue_time(answer.created_at, sent_at), &credential.name);
+    let token = refresh::new_token(
+        answer,
+        issue_time(answer.created_at, sent_at),
+        &credential.name,
+        &credential.endpoint.extra_fields,
+    );
     let state = Store::open(&config.daemon.database)?.import(
         &credential.name,
         credential.provider().as_str(),

@@ -144,7 +144,8 @@ pub async fn refresh(
         Ok((answer, rate_limited_for)) => {
             // Step 4: commit before anything else happens. The only await here is for the
             // committer's report; the commit itself proceeds whatever this task does.
-            let token = new_token(&answer, issue_time(answer.created_at, sent_at), name);
+            let token =
+                new_token(&answer, issue_time(answer.created_at, sent_at), name, &credential.endpoint.extra_fields);
             let committed = store
                 .commit_rotation(name, credential.provider().as_str(), attempt_id, generation, &token, now_ms())
                 .await;
@@ -208,8 +209,9 @@ pub async fn refresh(
     Ok(outcome)
 }
 
-/// The token to store from an answer issued at `issued` (see [`crate::schedule::issue_time`]).
-pub fn new_token(answer: &TokenAnswer, issued: IssueTime, name: &str) -> NewToken {
+/// The token to store from an answer issued at `issued` (see [`crate::schedule::issue_time`]),
+/// with the answer fields named in `keep` (the credential's `Endpoint::extra_fields`).
+pub fn new_token(answer: &TokenAnswer, issued: IssueTime, name: &str, keep: &[String]) -> NewToken {
     if let Some(skew) = issued.distrusted_skew {
         tracing::warn!(
             credential = name,
@@ -224,6 +226,13 @@ pub fn new_token(answer: &TokenAnswer, issued: IssueTime, name: &str) -> NewToke
         scope: answer.scope.clone(),
         expires_in: answer.expires_in,
         created_at: issued.created_at,
+        // Extras never stand between a rotated token and the store: too large, they are dropped
+        // (the stored ones kept) with a warning.
+        extra: provider::select_extras(answer, keep).unwrap_or_else(|e| {
+            tracing::warn!(credential = name, "answer extras not kept: {e}");
+            None
+        }),
+        refresh_token_expires_at: answer.refresh_token_expires_in.map(|s| issued.created_at.saturating_add(s)),
     }
 }
 
@@ -247,7 +256,16 @@ fn write_rescue(db: &std::path::Path, name: &str, token: &NewToken) -> String {
         "scope": token.scope,
         "expires_in": token.expires_in,
         "created_at": token.created_at,
+        "refresh_token_expires_in": token.refresh_token_expires_at.map(|t| t - token.created_at),
     });
+    // The kept extras go back in as the answer fields they came from, so an import restores them.
+    let mut json = json;
+    if let (Some(object), Some(extra)) =
+        (json.as_object_mut(), token.extra.as_deref().and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok()))
+        && let Some(fields) = extra.as_object()
+    {
+        object.extend(fields.clone());
+    }
     let file_name = format!("tokend-rescue-{name}-{}.json", now_ms());
     let beside = db.parent().map(|p| p.join(&file_name)).unwrap_or_else(|| PathBuf::from(&file_name));
     for path in [beside, std::env::temp_dir().join(&file_name)] {

@@ -107,6 +107,38 @@ pub struct Credential {
     pub refresh_cron: Option<Box<CronSchedule>>,
     /// Interned like `endpoint`: nearly every credential has the same (usually empty) hooks.
     pub hooks: std::sync::Arc<Hooks>,
+    /// Interned like `hooks`.
+    pub lifecycle: std::sync::Arc<Lifecycle>,
+}
+
+/// What keeps a chain alive beyond its access token: when its refresh token or consent dies,
+/// how early a human hears of it, and how often a dead credential reminds them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Lifecycle {
+    /// The refresh token's life, counted from when it was issued (the authorization, for
+    /// providers that do not rotate), when the answers carry no `refresh_token_expires_in`.
+    pub refresh_token_lifetime: Option<Duration>,
+    /// The `reauth_soon` event fires this long before the re-authorization deadline.
+    pub reauth_warn: Option<Duration>,
+    /// A refresh at least this often after the last one, whatever the access token's expiry:
+    /// keeps refresh tokens that die unused, and tokens that never expire, exercised.
+    pub refresh_at_least: Option<Duration>,
+    /// `needs_reauth` is repeated this often until a human re-authorizes; `None`: once.
+    pub reauth_repeat: Option<Duration>,
+}
+
+/// `needs_reauth` reminders, unless a credential says otherwise: daily.
+pub const DEFAULT_REAUTH_REPEAT: Duration = Duration::from_secs(86_400);
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            refresh_token_lifetime: None,
+            reauth_warn: None,
+            refresh_at_least: None,
+            reauth_repeat: Some(DEFAULT_REAUTH_REPEAT),
+        }
+    }
 }
 
 /// A parsed cron expression (croner syntax, the parser tokio-cron-scheduler uses), evaluated in

@@ -116,6 +116,10 @@ struct Entry {
     /// and its rescue file: committed before anything else is tried, so the chain survives the
     /// outage. Boxed: rare, and every credential carries the field.
     pending: Option<Box<(crate::store::NewToken, String)>>,
+    /// The re-authorization deadline `reauth_soon` was already announced for.
+    warned_deadline: Option<i64>,
+    /// Events for humans since start, by [`metrics::NOTICES`], for metrics.
+    notices: [u32; metrics::NOTICES.len()],
 }
 
 type RefreshResult = (Arc<str>, Result<Outcome, RefreshError>);
@@ -153,8 +157,8 @@ struct Admission {
     in_flight_by_provider: HashMap<ProviderKind, usize>,
     /// Set on shutdown: no new refresh starts.
     stopping: bool,
-    /// Rate-limit pauses by [`crate::provider::Endpoint::rate_limit_scope`]: until when that
-    /// endpoint and client asked us to wait.
+    /// Rate-limit pauses by [`crate::provider::Endpoint::rate_limit_key`]: until when that
+    /// budget (a credential, a client or a whole endpoint) asked us to wait.
     paused_until: HashMap<String, i64>,
 }
 

@@ -35,6 +35,8 @@ pub(super) struct Decision {
     pub counted_as: Option<metrics::RefreshResult>,
     /// The hook event, if any.
     pub event: Option<Event>,
+    /// A credential that was failing is healthy again.
+    pub recovered: bool,
 }
 
 /// The decision for `result`, given what was held before (`held`), the stored state re-read
@@ -62,6 +64,7 @@ pub(super) fn decide(
         pause_until,
         counted_as: Some(metrics::RefreshResult::Success),
         event,
+        recovered: held.failures > 0,
     };
     match result {
         Ok(Outcome::Refreshed { state, rate_limited_for }) => {
@@ -75,6 +78,7 @@ pub(super) fn decide(
             pause_until: None,
             counted_as: Some(counted_as(failure)),
             event: Some(Event::NeedsReauth),
+            recovered: false,
         },
         Ok(Outcome::Failed { failure, needs_reauth: false }) => {
             let provider_wait = match failure {
@@ -89,6 +93,7 @@ pub(super) fn decide(
                 pause_until: provider_wait.map(until),
                 counted_as: Some(counted_as(failure)),
                 event: Some(Event::Failed),
+                recovered: false,
             }
         }
         Ok(Outcome::Skipped { state, .. }) => Decision {
@@ -98,6 +103,7 @@ pub(super) fn decide(
             pause_until: None,
             counted_as: None,
             event: None,
+            recovered: false,
         },
         // Another process holds the lease: nothing was attempted; look again soon.
         Err(RefreshError::Busy { .. }) => Decision {
@@ -107,6 +113,7 @@ pub(super) fn decide(
             pause_until: None,
             counted_as: None,
             event: None,
+            recovered: false,
         },
         // The token is kept in memory and its commit retried — never another refresh with the
         // revoked refresh token.
@@ -119,6 +126,7 @@ pub(super) fn decide(
                 pause_until: None,
                 counted_as: Some(metrics::RefreshResult::Error),
                 event: None,
+                recovered: false,
             }
         }
         Err(RefreshError::Store(_) | RefreshError::TaskDied { .. }) => {
@@ -130,6 +138,7 @@ pub(super) fn decide(
                 pause_until: None,
                 counted_as: Some(metrics::RefreshResult::Error),
                 event: None,
+                recovered: false,
             }
         }
     }
@@ -196,8 +205,25 @@ impl Daemon {
         }
         let credential = entry.credential.clone();
         if let Some(until) = decision.pause_until {
-            tracing::warn!(credential = %name, until = %rfc3339(until / 1000), "the endpoint asked for no requests until then; pausing it for this client");
+            let scope = credential.endpoint.rate_limit.as_str();
+            match decision.lifetime.and_then(|l| l.expires_at).filter(|t| *t * 1000 < until) {
+                Some(expires_at) => {
+                    tracing::error!(credential = %name, until = %rfc3339(until / 1000), expires_at = %rfc3339(expires_at), rate_limit = scope, "rate limited past the access token's expiry: it will expire then unless the last attempt before it succeeds")
+                }
+                None => {
+                    tracing::warn!(credential = %name, until = %rfc3339(until / 1000), rate_limit = scope, "rate limited: no requests until then for this {scope}")
+                }
+            }
             pause(&mut self.admission.paused_until, &credential, now, until);
+        }
+        let result_was_skipped = matches!(result, Ok(Outcome::Skipped { .. }));
+        if decision.recovered {
+            self.recovered(&name);
+        }
+        if decision.event == Some(Event::NeedsReauth)
+            && let Some(entry) = self.entries.get_mut(&name)
+        {
+            entry.notices[metrics::Notice::NeedsReauth as usize] += 1;
         }
         match result {
             Ok(Outcome::Refreshed { state, .. }) => hooks::spawn(&credential, Event::Refreshed, Some(&state), None),
@@ -214,7 +240,7 @@ impl Daemon {
                 }
             }
             Ok(Outcome::Skipped { reason, .. }) => {
-                tracing::info!(credential = %name, "not refreshed: {}", reason.text())
+                tracing::info!(credential = %name, "not refreshed: {}", reason.text());
             }
             Err(RefreshError::CommitFailed { token, rescue, .. }) => {
                 // Already logged loudly by `refresh`.
@@ -237,10 +263,28 @@ impl Daemon {
             // `refresh_at`, or a `created_at` floored to the second. Refreshing at once would loop.
             self.queue.schedule(&entry.credential.name, Job::Refresh, now + MIN_GAP_AFTER_REFRESH_MS);
         }
+        if result_was_skipped
+            && self.queue.get(&name, Job::Refresh).is_some_and(|at| at < now + MIN_GAP_AFTER_REFRESH_MS)
+        {
+            // Nothing could be sent (no token, dead, nothing to renew with) and nothing changes
+            // that by waiting: an import or a reload plans it again.
+            self.queue.cancel(&name, Job::Refresh);
+        }
         if self.entries.get(&name).is_some_and(|e| e.retry_at.is_some_and(|r| r <= now)) {
             self.start_refresh(&name, inflight);
         }
         self.start_waiting(inflight);
+    }
+
+    /// A credential that was failing, rate-limited or dead is healthy again: said once, to the
+    /// log, the alerting hook and the metrics.
+    pub(super) fn recovered(&mut self, name: &str) {
+        let Some(entry) = self.entries.get_mut(name) else { return };
+        entry.notices[metrics::Notice::Recovered as usize] += 1;
+        let credential = entry.credential.clone();
+        let state = self.store().get(name).ok().flatten();
+        tracing::info!(credential = name, "recovered: healthy again");
+        hooks::spawn(&credential, Event::Recovered, state.as_ref(), None);
     }
 
     /// Retries storing a token whose rotation commit failed.
@@ -311,6 +355,10 @@ mod tests {
             last_error: None,
             last_refresh_at: Some(created_at),
             attempts_in_flight: 0,
+            extra: None,
+            refresh_token_expires_at: None,
+            refresh_token_issued_at: None,
+            dead_since: None,
         }
     }
 
@@ -407,6 +455,8 @@ mod tests {
             scope: None,
             expires_in: Some(60),
             created_at: NOW / 1000,
+            extra: None,
+            refresh_token_expires_at: None,
         };
         let source = StoreError::Other { path: "db".into(), message: "disk full".into() };
         let lost =

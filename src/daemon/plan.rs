@@ -21,7 +21,12 @@ impl Daemon {
             None => {}
             Some(lifetime) => {
                 if lifetime.status == Status::Active
-                    && let Some(due) = schedule::next_refresh_ms(name, entry.credential.refresh_at, lifetime)
+                    && let Some(due) = schedule::next_refresh_ms(
+                        name,
+                        entry.credential.refresh_at,
+                        entry.credential.lifecycle.refresh_at_least,
+                        lifetime,
+                    )
                 {
                     // A deferred trigger keeps its time through re-planning.
                     let triggered = self
@@ -39,6 +44,55 @@ impl Daemon {
                 }
             }
         }
+        self.plan_notice(name);
+    }
+
+    /// The next event for a human: a `needs_reauth` reminder while the credential is dead, else
+    /// `reauth_soon` once its re-authorization deadline is within `reauth_warn`.
+    pub(super) fn plan_notice(&mut self, name: &str) {
+        self.queue.cancel(name, Job::Notice);
+        let Some(entry) = self.entries.get(name) else { return };
+        let Some(lifetime) = &entry.lifetime else { return };
+        let lifecycle = &entry.credential.lifecycle;
+        let at = if lifetime.status.is_dead() {
+            match (lifetime.dead_since, lifecycle.reauth_repeat) {
+                (Some(since), Some(every)) => Some(schedule::next_reminder_ms(since, every, now_ms())),
+                _ => None,
+            }
+        } else {
+            match (schedule::reauth_deadline(lifetime, lifecycle.refresh_token_lifetime), lifecycle.reauth_warn) {
+                (Some(deadline), Some(warn)) if entry.warned_deadline != Some(deadline) => {
+                    Some(schedule::reauth_warning_ms(deadline, warn))
+                }
+                _ => None,
+            }
+        };
+        if let Some(at) = at {
+            self.queue.schedule(&entry.credential.name, Job::Notice, at);
+        }
+    }
+
+    /// A [`Job::Notice`] fired.
+    pub(super) fn notice(&mut self, name: &str) {
+        let stored = self.store().get(name).ok().flatten();
+        let Some(entry) = self.entries.get_mut(name) else { return };
+        let Some(lifetime) = entry.lifetime else { return };
+        let credential = entry.credential.clone();
+        if lifetime.status.is_dead() {
+            let since = lifetime.dead_since.map_or_else(|| "an unknown time".into(), rfc3339);
+            let reason = stored.as_ref().and_then(|s| s.last_error.clone());
+            tracing::error!(credential = name, since = %since, reason = reason.as_deref().unwrap_or("-"), "still needs re-authorization (tokend authorize or tokend import)");
+            entry.notices[metrics::Notice::NeedsReauth as usize] += 1;
+            hooks::spawn(&credential, Event::NeedsReauth, stored.as_ref(), reason.as_deref());
+        } else if let Some(deadline) = schedule::reauth_deadline(&lifetime, credential.lifecycle.refresh_token_lifetime)
+        {
+            tracing::warn!(credential = name, deadline = %rfc3339(deadline), in_ = %short_duration(deadline - now_ms() / 1000), "re-authorization will be needed by then (tokend authorize)");
+            entry.warned_deadline = Some(deadline);
+            entry.notices[metrics::Notice::ReauthSoon as usize] += 1;
+            hooks::spawn_with(&credential, Event::ReauthSoon, stored.as_ref(), None, Some(deadline));
+        }
+        self.plan_notice(name);
+        self.publish_soon();
     }
 
     pub(super) fn plan_cron(&mut self, name: &str) {

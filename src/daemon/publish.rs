@@ -65,6 +65,10 @@ impl Daemon {
                     needs_reauth: e.lifetime.is_some_and(|l| l.status.is_dead()),
                     last_refresh_at: e.lifetime.and_then(|l| l.last_refresh_at),
                     refreshes: e.results.map(u64::from),
+                    reauth_deadline: e
+                        .lifetime
+                        .and_then(|l| schedule::reauth_deadline(&l, e.credential.lifecycle.refresh_token_lifetime)),
+                    notices: e.notices.map(u64::from),
                 };
                 (name.to_string(), m)
             })

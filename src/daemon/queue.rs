@@ -17,9 +17,12 @@ pub enum Job {
     Cron,
     /// Daemon housekeeping (`PRAGMA optimize`, pruning old attempt records).
     Maintenance,
+    /// Tell a human: `reauth_soon` before the re-authorization deadline, or a `needs_reauth`
+    /// reminder while the credential is dead.
+    Notice,
 }
 
-const JOBS: usize = 4;
+const JOBS: usize = 5;
 /// A job with no deadline (a slot's deadlines are plain integers: an `Option` would double them).
 const UNSET: i64 = i64::MIN;
 

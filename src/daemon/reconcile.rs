@@ -66,6 +66,8 @@ impl Daemon {
                             waiting: false,
                             results: [0; metrics::RefreshResult::ALL.len()],
                             pending: None,
+                            warned_deadline: None,
+                            notices: [0; metrics::NOTICES.len()],
                         },
                     );
                 }

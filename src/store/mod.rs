@@ -65,6 +65,14 @@ pub struct TokenState {
     pub last_error: Option<String>,
     pub last_refresh_at: Option<i64>,
     pub attempts_in_flight: i64,
+    /// The answer fields kept for scripts (a JSON object), e.g. Wild Apricot's `permissions`.
+    pub extra: Option<String>,
+    /// When the refresh token dies, where an answer said (`refresh_token_expires_in`).
+    pub refresh_token_expires_at: Option<i64>,
+    /// When the current refresh token was issued.
+    pub refresh_token_issued_at: Option<i64>,
+    /// Since when the credential has been `needs_reauth` or `revoked`.
+    pub dead_since: Option<i64>,
 }
 
 /// What decides when a stored token is due, and what the daemon reports about it: all it keeps
@@ -78,6 +86,9 @@ pub struct Lifetime {
     pub expires_at: Option<i64>,
     pub status: Status,
     pub last_refresh_at: Option<i64>,
+    pub refresh_token_expires_at: Option<i64>,
+    pub refresh_token_issued_at: Option<i64>,
+    pub dead_since: Option<i64>,
 }
 
 impl Lifetime {
@@ -95,6 +106,9 @@ impl TokenState {
             expires_at: self.expires_at,
             status: self.status,
             last_refresh_at: self.last_refresh_at,
+            refresh_token_expires_at: self.refresh_token_expires_at,
+            refresh_token_issued_at: self.refresh_token_issued_at,
+            dead_since: self.dead_since,
         }
     }
 }
@@ -109,6 +123,10 @@ pub struct NewToken {
     pub scope: Option<String>,
     pub expires_in: Option<i64>,
     pub created_at: i64,
+    /// Kept answer fields (JSON object); `None` keeps the stored ones.
+    pub extra: Option<String>,
+    /// From the answer's `refresh_token_expires_in`, when it has one.
+    pub refresh_token_expires_at: Option<i64>,
 }
 
 impl NewToken {
