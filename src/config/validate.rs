@@ -177,16 +177,16 @@ impl<'a> Validator<'a> {
         }
     }
 
-    /// A lifecycle period: a minute to ten years ("off" where `allow_off`, as `Some(None)`).
+    /// A lifecycle period: a second to ten years ("off" where `allow_off`, as `Some(None)`).
     fn period(&mut self, place: &str, field: &str, text: Option<&str>, allow_off: bool) -> Option<Option<Duration>> {
         let text = text?;
         if allow_off && text == "off" {
             return Some(None);
         }
         match humantime::parse_duration(text) {
-            Ok(d) if d >= Duration::from_secs(60) && d.as_secs() <= 10 * 365 * 86_400 => Some(Some(d)),
+            Ok(d) if d >= Duration::from_secs(1) && d.as_secs() <= 10 * 365 * 86_400 => Some(Some(d)),
             Ok(_) => {
-                self.report(place, Some(field), format!("\"{text}\" is out of range; expected 1m to 10 years"));
+                self.report(place, Some(field), format!("\"{text}\" is out of range; expected 1s to 10 years"));
                 None
             }
             Err(_) => {
