@@ -142,6 +142,12 @@ pub async fn refresh(
 
     let outcome = match interpreted {
         Ok((answer, rate_limited_for)) => {
+            // Debug builds only: the tests' way to die exactly in the crash window, after the
+            // provider answered and before the commit.
+            #[cfg(debug_assertions)]
+            if std::env::var_os("TOKEND_TEST_ABORT_BEFORE_COMMIT").is_some_and(|n| n == name) {
+                std::process::abort();
+            }
             // Step 4: commit before anything else happens. The only await here is for the
             // committer's report; the commit itself proceeds whatever this task does.
             let token =
