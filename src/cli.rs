@@ -113,7 +113,7 @@ pub enum Command {
     /// Revoke the token at the provider (RFC 7009), mark it revoked and remove its sinks.
     Revoke {
         name: String,
-        /// For providers without a revocation endpoint: only forget the token locally.
+        /// Forget the token locally when the provider has no revocation endpoint or its revocation fails.
         #[arg(long)]
         forget: bool,
     },
@@ -217,6 +217,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 Ok(crate::authorize::Revoked::ForgottenLocally) => {
                     println!("forgot {name} locally (the provider was not told); sinks removed");
+                    Ok(())
+                }
+                Ok(crate::authorize::Revoked::ForgottenAfterFailure(reason)) => {
+                    eprintln!("tokend: {name}: {reason}");
+                    println!(
+                        "forgot {name} locally; the provider did NOT revoke the grant (revoke it in the provider's settings); sinks removed"
+                    );
                     Ok(())
                 }
                 Err(e) => Err(CliError::new(exit::FAILURE, format!("{name}: {e}"))),
