@@ -114,8 +114,8 @@ pub fn next_refresh_ms(
 /// When a human must authorize again at the latest (unix seconds): when the refresh token dies,
 /// as the provider said or as `refresh_token_lifetime` (counted from its issue) says.
 pub fn reauth_deadline(lifetime: &crate::store::Lifetime, refresh_token_lifetime: Option<Duration>) -> Option<i64> {
-    lifetime.refresh_token_expires_at.or_else(|| {
-        let issued = lifetime.refresh_token_issued_at?;
+    lifetime.refresh_token_expires_at.get().or_else(|| {
+        let issued = lifetime.refresh_token_issued_at.get()?;
         Some(issued.saturating_add(i64::try_from(refresh_token_lifetime?.as_secs()).unwrap_or(i64::MAX / 2)))
     })
 }
@@ -232,9 +232,9 @@ mod tests {
             expires_at,
             status: Status::Active,
             last_refresh_at: None,
-            refresh_token_expires_at: None,
-            refresh_token_issued_at: Some(created_at),
-            dead_since: None,
+            refresh_token_expires_at: None.into(),
+            refresh_token_issued_at: Some(created_at).into(),
+            dead_since: None.into(),
         }
     }
 
@@ -261,7 +261,7 @@ mod tests {
         let ninety = Some(Duration::from_secs(90 * DAY as u64));
         assert_eq!(reauth_deadline(&l, None), None);
         assert_eq!(reauth_deadline(&l, ninety), Some(1_000_000 + 90 * DAY));
-        let told = Lifetime { refresh_token_expires_at: Some(1_500_000), ..l };
+        let told = Lifetime { refresh_token_expires_at: Some(1_500_000).into(), ..l };
         assert_eq!(reauth_deadline(&told, ninety), Some(1_500_000), "the provider's word wins");
         assert_eq!(reauth_warning_ms(1_500_000, Duration::from_secs(7 * DAY as u64)), (1_500_000 - 7 * DAY) * 1000);
     }

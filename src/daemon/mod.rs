@@ -116,10 +116,6 @@ struct Entry {
     /// and its rescue file: committed before anything else is tried, so the chain survives the
     /// outage. Boxed: rare, and every credential carries the field.
     pending: Option<Box<(crate::store::NewToken, String)>>,
-    /// The re-authorization deadline `reauth_soon` was already announced for.
-    warned_deadline: Option<i64>,
-    /// Events for humans since start, by [`metrics::NOTICES`], for metrics.
-    notices: [u32; metrics::NOTICES.len()],
 }
 
 type RefreshResult = (Arc<str>, Result<Outcome, RefreshError>);
@@ -144,6 +140,23 @@ struct Daemon {
     store_changed_path: PathBuf,
     /// Reloads attempted since start, numbering the outcomes `tokend reload` waits for.
     reloads: u64,
+    notices: Notices,
+}
+
+/// What humans were told, for the few credentials that had something to tell: kept beside the
+/// entries rather than in each of them (100,000 entries × 28 bytes for a handful of values).
+#[derive(Default)]
+struct Notices {
+    /// The re-authorization deadline `reauth_soon` was announced for, by credential.
+    warned: FxHashMap<Arc<str>, i64>,
+    /// Events since start by [`metrics::NOTICES`], for metrics.
+    counts: FxHashMap<Arc<str>, [u32; metrics::NOTICES.len()]>,
+}
+
+impl Notices {
+    fn count(&mut self, name: &Arc<str>, notice: metrics::Notice) {
+        self.counts.entry(name.clone()).or_default()[notice as usize] += 1;
+    }
 }
 
 /// Which refreshes run, which wait, and which endpoints asked us to wait (`admission.rs`).
@@ -226,6 +239,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         },
         due: Due::default(),
         reloads: 0,
+        notices: Notices::default(),
     };
     daemon.config.path = config_path;
     let abandoned = daemon.recover_abandoned_attempts()?;

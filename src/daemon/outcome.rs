@@ -220,10 +220,8 @@ impl Daemon {
         if decision.recovered {
             self.recovered(&name);
         }
-        if decision.event == Some(Event::NeedsReauth)
-            && let Some(entry) = self.entries.get_mut(&name)
-        {
-            entry.notices[metrics::Notice::NeedsReauth as usize] += 1;
+        if decision.event == Some(Event::NeedsReauth) {
+            self.notices.count(&name, metrics::Notice::NeedsReauth);
         }
         match result {
             Ok(Outcome::Refreshed { state, .. }) => hooks::spawn(&credential, Event::Refreshed, Some(&state), None),
@@ -279,9 +277,9 @@ impl Daemon {
     /// A credential that was failing, rate-limited or dead is healthy again: said once, to the
     /// log, the alerting hook and the metrics.
     pub(super) fn recovered(&mut self, name: &str) {
-        let Some(entry) = self.entries.get_mut(name) else { return };
-        entry.notices[metrics::Notice::Recovered as usize] += 1;
+        let Some(entry) = self.entries.get(name) else { return };
         let credential = entry.credential.clone();
+        self.notices.count(&credential.name, metrics::Notice::Recovered);
         let state = self.store().get(name).ok().flatten();
         tracing::info!(credential = name, "recovered: healthy again");
         hooks::spawn(&credential, Event::Recovered, state.as_ref(), None);
@@ -382,10 +380,15 @@ mod tests {
         assert_eq!(d.pause_until, Some(NOW + 60_000));
         assert_eq!(d.counted_as, Some(metrics::RefreshResult::Success));
         assert_eq!(d.event, Some(Event::Refreshed));
+        assert!(d.recovered, "healthy after 3 failures");
 
         let d = decide(held(2), &Ok(Outcome::AlreadyRefreshed(fresh.clone())), None, NOW, 0.5);
         assert_eq!((d.failures, d.retry_at, d.event), (0, None, None));
         assert_eq!(d.counted_as, Some(metrics::RefreshResult::Success));
+        assert!(d.recovered);
+
+        let done = Ok(Outcome::Refreshed { state: fresh, rate_limited_for: None });
+        assert!(!decide(held(0), &done, None, NOW, 0.5).recovered, "nothing to recover from");
     }
 
     #[test]

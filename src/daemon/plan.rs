@@ -55,13 +55,13 @@ impl Daemon {
         let Some(lifetime) = &entry.lifetime else { return };
         let lifecycle = &entry.credential.lifecycle;
         let at = if lifetime.status.is_dead() {
-            match (lifetime.dead_since, lifecycle.reauth_repeat) {
+            match (lifetime.dead_since.get(), lifecycle.reauth_repeat) {
                 (Some(since), Some(every)) => Some(schedule::next_reminder_ms(since, every, now_ms())),
                 _ => None,
             }
         } else {
             match (schedule::reauth_deadline(lifetime, lifecycle.refresh_token_lifetime), lifecycle.reauth_warn) {
-                (Some(deadline), Some(warn)) if entry.warned_deadline != Some(deadline) => {
+                (Some(deadline), Some(warn)) if self.notices.warned.get(name) != Some(&deadline) => {
                     Some(schedule::reauth_warning_ms(deadline, warn))
                 }
                 _ => None,
@@ -75,20 +75,20 @@ impl Daemon {
     /// A [`Job::Notice`] fired.
     pub(super) fn notice(&mut self, name: &str) {
         let stored = self.store().get(name).ok().flatten();
-        let Some(entry) = self.entries.get_mut(name) else { return };
+        let Some(entry) = self.entries.get(name) else { return };
         let Some(lifetime) = entry.lifetime else { return };
         let credential = entry.credential.clone();
         if lifetime.status.is_dead() {
-            let since = lifetime.dead_since.map_or_else(|| "an unknown time".into(), rfc3339);
+            let since = lifetime.dead_since.get().map_or_else(|| "an unknown time".into(), rfc3339);
             let reason = stored.as_ref().and_then(|s| s.last_error.clone());
             tracing::error!(credential = name, since = %since, reason = reason.as_deref().unwrap_or("-"), "still needs re-authorization (tokend authorize or tokend import)");
-            entry.notices[metrics::Notice::NeedsReauth as usize] += 1;
+            self.notices.count(&credential.name, metrics::Notice::NeedsReauth);
             hooks::spawn(&credential, Event::NeedsReauth, stored.as_ref(), reason.as_deref());
         } else if let Some(deadline) = schedule::reauth_deadline(&lifetime, credential.lifecycle.refresh_token_lifetime)
         {
             tracing::warn!(credential = name, deadline = %rfc3339(deadline), in_ = %short_duration(deadline - now_ms() / 1000), "re-authorization will be needed by then (tokend authorize)");
-            entry.warned_deadline = Some(deadline);
-            entry.notices[metrics::Notice::ReauthSoon as usize] += 1;
+            self.notices.warned.insert(credential.name.clone(), deadline);
+            self.notices.count(&credential.name, metrics::Notice::ReauthSoon);
             hooks::spawn_with(&credential, Event::ReauthSoon, stored.as_ref(), None, Some(deadline));
         }
         self.plan_notice(name);

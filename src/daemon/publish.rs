@@ -68,7 +68,7 @@ impl Daemon {
                     reauth_deadline: e
                         .lifetime
                         .and_then(|l| schedule::reauth_deadline(&l, e.credential.lifecycle.refresh_token_lifetime)),
-                    notices: e.notices.map(u64::from),
+                    notices: self.notices.counts.get(name).copied().unwrap_or_default().map(u64::from),
                 };
                 (name.to_string(), m)
             })

@@ -25,6 +25,8 @@ impl Daemon {
             if let Some(entry) = self.entries.remove(&name) {
                 self.queue.cancel_all(&name);
                 self.watches.trigger_floor.remove(&name);
+                self.notices.warned.remove(&name);
+                self.notices.counts.remove(&name);
                 sink::remove_all(&entry.credential, "credential removed from the configuration");
                 tracing::info!(credential = %name, "dropped (no longer configured); its stored token is kept");
             }
@@ -66,8 +68,6 @@ impl Daemon {
                             waiting: false,
                             results: [0; metrics::RefreshResult::ALL.len()],
                             pending: None,
-                            warned_deadline: None,
-                            notices: [0; metrics::NOTICES.len()],
                         },
                     );
                 }

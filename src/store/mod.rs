@@ -86,9 +86,27 @@ pub struct Lifetime {
     pub expires_at: Option<i64>,
     pub status: Status,
     pub last_refresh_at: Option<i64>,
-    pub refresh_token_expires_at: Option<i64>,
-    pub refresh_token_issued_at: Option<i64>,
-    pub dead_since: Option<i64>,
+    pub refresh_token_expires_at: MaybeTime,
+    pub refresh_token_issued_at: MaybeTime,
+    pub dead_since: MaybeTime,
+}
+
+/// A unix time in seconds that may be unknown, in 8 bytes instead of an `Option<i64>`'s 16: every
+/// credential's [`Lifetime`] holds three (100,000 of them in the daemon). 0 stands for unknown;
+/// no token tokend keeps was issued at the epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaybeTime(i64);
+
+impl MaybeTime {
+    pub fn get(self) -> Option<i64> {
+        (self.0 != 0).then_some(self.0)
+    }
+}
+
+impl From<Option<i64>> for MaybeTime {
+    fn from(t: Option<i64>) -> Self {
+        MaybeTime(t.unwrap_or(0))
+    }
 }
 
 impl Lifetime {
@@ -106,9 +124,9 @@ impl TokenState {
             expires_at: self.expires_at,
             status: self.status,
             last_refresh_at: self.last_refresh_at,
-            refresh_token_expires_at: self.refresh_token_expires_at,
-            refresh_token_issued_at: self.refresh_token_issued_at,
-            dead_since: self.dead_since,
+            refresh_token_expires_at: self.refresh_token_expires_at.into(),
+            refresh_token_issued_at: self.refresh_token_issued_at.into(),
+            dead_since: self.dead_since.into(),
         }
     }
 }

@@ -297,9 +297,9 @@ impl Store {
                         generation: row.get(3)?,
                         status: status_from_text(&status),
                         last_refresh_at: row.get(5)?,
-                        refresh_token_expires_at: row.get(6)?,
-                        refresh_token_issued_at: row.get(7)?,
-                        dead_since: row.get(8)?,
+                        refresh_token_expires_at: row.get::<_, Option<i64>>(6)?.into(),
+                        refresh_token_issued_at: row.get::<_, Option<i64>>(7)?.into(),
+                        dead_since: row.get::<_, Option<i64>>(8)?.into(),
                     },
                 ))
             })
