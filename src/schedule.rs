@@ -99,10 +99,10 @@ pub fn next_refresh_ms(
         return None;
     }
     let by_expiry = lifetime
-        .expires_at
+        .expires_at()
         .map(|expires_at| due_at_ms(lifetime.created_at, expires_at, policy, jitter_unit(name, lifetime.generation)));
     let by_exercise = at_least.map(|period| {
-        let last = lifetime.last_refresh_at.unwrap_or(lifetime.created_at).max(lifetime.created_at);
+        let last = lifetime.last_refresh_at.get().unwrap_or(lifetime.created_at).max(lifetime.created_at);
         last.saturating_mul(1000).saturating_add(i64::try_from(period.as_millis()).unwrap_or(i64::MAX / 2))
     });
     match (by_expiry, by_exercise) {
@@ -229,9 +229,9 @@ mod tests {
         Lifetime {
             generation: 1,
             created_at,
-            expires_at,
+            expires: expires_at.into(),
             status: Status::Active,
-            last_refresh_at: None,
+            last_refresh_at: None.into(),
             refresh_token_expires_at: None.into(),
             refresh_token_issued_at: Some(created_at).into(),
             dead_since: None.into(),
@@ -245,7 +245,7 @@ mod tests {
         assert_eq!(next_refresh_ms("c", RefreshAt::Default, None, &never), None);
         assert_eq!(next_refresh_ms("c", RefreshAt::Default, week, &never), Some((1_000_000 + 7 * DAY) * 1000));
         // Counted from the last refresh when there was one.
-        let refreshed = Lifetime { last_refresh_at: Some(1_000_500), ..never };
+        let refreshed = Lifetime { last_refresh_at: Some(1_000_500).into(), ..never };
         assert_eq!(next_refresh_ms("c", RefreshAt::Default, week, &refreshed), Some((1_000_500 + 7 * DAY) * 1000));
         // A token that expires sooner is refreshed by its expiry, as before.
         let hourly = lifetime(1_000_000, Some(1_003_600));

@@ -55,7 +55,7 @@ impl Daemon {
                 .filter(|u| *u > now)
         };
         if let Some(until) = paused {
-            let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
+            let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at()).map(|t| t * 1000);
             let last_chance = expires_at_ms.map(|t| t - schedule::LAST_CHANCE_BEFORE_EXPIRY_MS).filter(|t| *t < until);
             match last_chance {
                 Some(at) if now >= at => {

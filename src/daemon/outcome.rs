@@ -52,7 +52,7 @@ pub(super) fn decide(
     let lifetime = fresh.or(held.lifetime);
     let token_life =
         lifetime.and_then(|l| l.expires_in()).map_or(ASSUMED_LIFETIME, |s| Duration::from_secs(s.unsigned_abs()));
-    let expires_at_ms = lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
+    let expires_at_ms = lifetime.and_then(|l| l.expires_at()).map(|t| t * 1000);
     let backoff = |failures: u32, provider_wait: Option<Duration>| {
         schedule::retry_at_ms(now, failures, token_life, expires_at_ms, provider_wait, random)
     };
@@ -206,7 +206,7 @@ impl Daemon {
         let credential = entry.credential.clone();
         if let Some(until) = decision.pause_until {
             let scope = credential.endpoint.rate_limit.as_str();
-            match decision.lifetime.and_then(|l| l.expires_at).filter(|t| *t * 1000 < until) {
+            match decision.lifetime.and_then(|l| l.expires_at()).filter(|t| *t * 1000 < until) {
                 Some(expires_at) => {
                     tracing::error!(credential = %name, until = %rfc3339(until / 1000), expires_at = %rfc3339(expires_at), rate_limit = scope, "rate limited past the access token's expiry: it will expire then unless the last attempt before it succeeds")
                 }

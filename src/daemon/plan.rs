@@ -39,7 +39,7 @@ impl Daemon {
                     let at = entry.retry_at.unwrap_or(due).min(triggered.unwrap_or(i64::MAX));
                     self.queue.schedule(key, Job::Refresh, at);
                 }
-                if let Some(expiry) = lifetime.expires_at.map(|t| t * 1000).filter(|t| *t > now) {
+                if let Some(expiry) = lifetime.expires_at().map(|t| t * 1000).filter(|t| *t > now) {
                     self.queue.schedule(key, Job::Expire, expiry);
                 }
             }

@@ -61,9 +61,9 @@ impl Daemon {
             .map(|(name, e)| {
                 let m = CredentialMetrics {
                     provider: e.credential.provider().to_string(),
-                    expires_at: e.lifetime.and_then(|l| l.expires_at),
+                    expires_at: e.lifetime.and_then(|l| l.expires_at()),
                     needs_reauth: e.lifetime.is_some_and(|l| l.status.is_dead()),
-                    last_refresh_at: e.lifetime.and_then(|l| l.last_refresh_at),
+                    last_refresh_at: e.lifetime.and_then(|l| l.last_refresh_at.get()),
                     refreshes: e.results.map(u64::from),
                     reauth_deadline: e
                         .lifetime

@@ -82,10 +82,11 @@ pub struct TokenState {
 pub struct Lifetime {
     pub generation: i64,
     pub created_at: i64,
-    /// `created_at + expires_in`: the lifetime itself is not kept (100,000 × 16 bytes).
-    pub expires_at: Option<i64>,
+    /// `created_at + expires_in`: the lifetime itself is not kept (100,000 × 16 bytes). Unknown
+    /// for tokens that never expire; read it with [`Lifetime::expires_at`].
+    pub expires: MaybeTime,
     pub status: Status,
-    pub last_refresh_at: Option<i64>,
+    pub last_refresh_at: MaybeTime,
     pub refresh_token_expires_at: MaybeTime,
     pub refresh_token_issued_at: MaybeTime,
     pub dead_since: MaybeTime,
@@ -110,9 +111,14 @@ impl From<Option<i64>> for MaybeTime {
 }
 
 impl Lifetime {
+    /// When the access token expires; `None` for tokens that never do.
+    pub fn expires_at(&self) -> Option<i64> {
+        self.expires.get()
+    }
+
     /// The life the provider granted, in seconds.
     pub fn expires_in(&self) -> Option<i64> {
-        self.expires_at.map(|at| at.saturating_sub(self.created_at))
+        self.expires_at().map(|at| at.saturating_sub(self.created_at))
     }
 }
 
@@ -121,9 +127,9 @@ impl TokenState {
         Lifetime {
             generation: self.generation,
             created_at: self.created_at,
-            expires_at: self.expires_at,
+            expires: self.expires_at.into(),
             status: self.status,
-            last_refresh_at: self.last_refresh_at,
+            last_refresh_at: self.last_refresh_at.into(),
             refresh_token_expires_at: self.refresh_token_expires_at.into(),
             refresh_token_issued_at: self.refresh_token_issued_at.into(),
             dead_since: self.dead_since.into(),

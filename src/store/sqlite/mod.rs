@@ -293,10 +293,10 @@ impl Store {
                     row.get(0)?,
                     Lifetime {
                         created_at: row.get(1)?,
-                        expires_at: row.get(2)?,
+                        expires: row.get::<_, Option<i64>>(2)?.into(),
                         generation: row.get(3)?,
                         status: status_from_text(&status),
-                        last_refresh_at: row.get(5)?,
+                        last_refresh_at: row.get::<_, Option<i64>>(5)?.into(),
                         refresh_token_expires_at: row.get::<_, Option<i64>>(6)?.into(),
                         refresh_token_issued_at: row.get::<_, Option<i64>>(7)?.into(),
                         dead_since: row.get::<_, Option<i64>>(8)?.into(),
