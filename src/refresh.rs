@@ -255,23 +255,20 @@ impl SkipReason {
 /// Last resort when the rotation commit fails: keep the answer as importable JSON beside the
 /// database (mode 0600), then in the system temp dir. Returns where it went.
 fn write_rescue(db: &std::path::Path, name: &str, token: &NewToken) -> String {
-    let json = serde_json::json!({
-        "access_token": token.access_token.expose(),
-        "refresh_token": token.refresh_token.as_ref().map(|t| t.expose()),
-        "token_type": token.token_type,
-        "scope": token.scope,
-        "expires_in": token.expires_in,
-        "created_at": token.created_at,
-        "refresh_token_expires_in": token.refresh_token_expires_at.map(|t| t - token.created_at),
-    });
-    // The kept extras go back in as the answer fields they came from, so an import restores them.
-    let mut json = json;
-    if let (Some(object), Some(extra)) =
-        (json.as_object_mut(), token.extra.as_deref().and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok()))
-        && let Some(fields) = extra.as_object()
-    {
-        object.extend(fields.clone());
-    }
+    // The kept extras go back in as the answer fields they came from, so an import restores them;
+    // the token's own fields are written over them.
+    let mut json: serde_json::Map<String, serde_json::Value> =
+        token.extra.as_deref().and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
+    json.extend([
+        ("access_token".to_string(), token.access_token.expose().into()),
+        ("refresh_token".to_string(), token.refresh_token.as_ref().map(|t| t.expose()).into()),
+        ("token_type".to_string(), token.token_type.clone().into()),
+        ("scope".to_string(), token.scope.clone().into()),
+        ("expires_in".to_string(), token.expires_in.into()),
+        ("created_at".to_string(), token.created_at.into()),
+        ("refresh_token_expires_in".to_string(), token.refresh_token_expires_at.map(|t| t - token.created_at).into()),
+    ]);
+    let json = serde_json::Value::Object(json);
     let file_name = format!("tokend-rescue-{name}-{}.json", now_ms());
     let beside = db.parent().map(|p| p.join(&file_name)).unwrap_or_else(|| PathBuf::from(&file_name));
     for path in [beside, std::env::temp_dir().join(&file_name)] {

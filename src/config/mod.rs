@@ -99,8 +99,6 @@ pub struct Credential {
     /// nations usually share one client), so it is held once.
     pub endpoint: std::sync::Arc<Endpoint>,
     pub refresh_at: RefreshAt,
-    /// Refreshes in flight at once for this credential's provider.
-    pub provider_concurrency: usize,
     pub sinks: Vec<SinkConfig>,
     /// Extra refreshes on a cron schedule (tokens without expiry that should still be re-issued).
     /// Boxed: most credentials have none, and a parsed cron expression is 300+ bytes.
@@ -439,7 +437,7 @@ mod tests {
             "https://staging.justanudge.co/api/oauth/zapier/token"
         );
         assert_eq!(c.credentials[0].refresh_at, RefreshAt::Elapsed(0.8));
-        assert_eq!(c.credentials[0].provider_concurrency, 2);
+        assert_eq!(c.credentials[0].endpoint.provider_concurrency, 2);
         assert_eq!(c.credentials[1].endpoint.token_url.as_str(), "https://oauth.wildapricot.org/auth/token");
         assert!(matches!(c.credentials[1].endpoint.grant, GrantKind::ApiKey(_)));
     }

@@ -451,12 +451,12 @@ impl<'a> Validator<'a> {
             revocation_url,
             extra_fields,
             rate_limit,
+            provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
         };
         Some(Credential {
             name: name.into(),
             endpoint: intern(&mut self.endpoints, endpoint),
             refresh_at,
-            provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
             sinks,
             refresh_cron: refresh_cron.map(Box::new),
             hooks: intern(&mut self.hooks, hooks),

@@ -80,7 +80,7 @@ impl Daemon {
         self.queue.cancel(name, Job::Refresh);
         let busy = self.admission.in_flight_by_provider.get(&provider).copied().unwrap_or(0);
         if self.admission.running.len() >= self.config.daemon.concurrency
-            || busy >= entry.credential.provider_concurrency
+            || busy >= entry.credential.endpoint.provider_concurrency
         {
             if !entry.waiting {
                 entry.waiting = true;

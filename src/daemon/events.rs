@@ -154,7 +154,7 @@ impl Daemon {
                 let was_failing = entry.failures > 0;
                 entry.lifetime = new;
                 entry.failures = 0;
-                entry.retry_at = None;
+                entry.retry_at = None.into();
                 if revived || was_failing {
                     // A human re-authorized (or another process refreshed a failing credential).
                     self.recovered(&name);

@@ -105,7 +105,8 @@ struct Entry {
     /// `None` while no token is stored.
     lifetime: Option<Lifetime>,
     failures: u32,
-    retry_at: Option<i64>,
+    /// When to try again after a failure (unix ms); unknown: at the planned refresh point.
+    retry_at: crate::store::MaybeTime,
     in_flight: bool,
     /// In the `waiting` queue for a concurrency slot.
     waiting: bool,

@@ -198,7 +198,7 @@ impl Daemon {
         let decision =
             decide(held, &result, fresh_state.as_ref().map(TokenState::lifetime), now, rand::random::<f64>());
         entry.failures = decision.failures;
-        entry.retry_at = decision.retry_at;
+        entry.retry_at = decision.retry_at.into();
         entry.lifetime = decision.lifetime;
         if let Some(kind) = decision.counted_as {
             entry.results[kind.index()] += 1;
@@ -268,7 +268,7 @@ impl Daemon {
             // that by waiting: an import or a reload plans it again.
             self.queue.cancel(&name, Job::Refresh);
         }
-        if self.entries.get(&name).is_some_and(|e| e.retry_at.is_some_and(|r| r <= now)) {
+        if self.entries.get(&name).is_some_and(|e| e.retry_at.get().is_some_and(|r| r <= now)) {
             self.start_refresh(&name, inflight);
         }
         self.start_waiting(inflight);
@@ -311,7 +311,7 @@ impl Daemon {
                 sink::write_all(&entry.credential, &state);
                 entry.lifetime = Some(state.lifetime());
                 entry.failures = 0;
-                entry.retry_at = None;
+                entry.retry_at = None.into();
             }
             Err(e) => {
                 entry.failures += 1;
@@ -319,7 +319,7 @@ impl Daemon {
                     schedule::retry_at_ms(now, entry.failures, COMMIT_RETRY_BASE, None, None, rand::random::<f64>());
                 tracing::error!(credential = name, rescue = %rescue, retry_in_ms = at - now, "rescued token still cannot be stored: {e}");
                 entry.pending = Some(Box::new((token, rescue)));
-                entry.retry_at = Some(at);
+                entry.retry_at = Some(at).into();
             }
         }
         self.plan(name);

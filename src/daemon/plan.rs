@@ -16,7 +16,7 @@ impl Daemon {
         let key = &entry.credential.name;
         match &entry.lifetime {
             None if matches!(entry.credential.endpoint.grant, GrantKind::ApiKey(_)) => {
-                self.queue.schedule(key, Job::Refresh, entry.retry_at.unwrap_or(now));
+                self.queue.schedule(key, Job::Refresh, entry.retry_at.get().unwrap_or(now));
             }
             None => {}
             Some(lifetime) => {
@@ -36,7 +36,7 @@ impl Daemon {
                         .and_then(|f| f.deferred_to)
                         .and_then(|at| at.checked_duration_since(Instant::now()))
                         .map(|wait| now + i64::try_from(wait.as_millis()).unwrap_or(0));
-                    let at = entry.retry_at.unwrap_or(due).min(triggered.unwrap_or(i64::MAX));
+                    let at = entry.retry_at.get().unwrap_or(due).min(triggered.unwrap_or(i64::MAX));
                     self.queue.schedule(key, Job::Refresh, at);
                 }
                 if let Some(expiry) = lifetime.expires_at().map(|t| t * 1000).filter(|t| *t > now) {

@@ -63,7 +63,7 @@ impl Daemon {
                             credential,
                             lifetime: lifetimes.get(&*name).copied(),
                             failures: 0,
-                            retry_at: None,
+                            retry_at: None.into(),
                             in_flight: false,
                             waiting: false,
                             results: [0; metrics::RefreshResult::ALL.len()],

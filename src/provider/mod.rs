@@ -261,6 +261,9 @@ pub struct Endpoint {
     pub extra_fields: Vec<String>,
     /// Which credentials one rate-limit answer pauses.
     pub rate_limit: RateLimitScope,
+    /// Refreshes in flight at once at this provider (`[provider.X] concurrency`, else
+    /// `[daemon] concurrency`). Held here, shared, rather than in each of 100,000 credentials.
+    pub provider_concurrency: usize,
 }
 
 impl Endpoint {

@@ -92,9 +92,9 @@ pub struct Lifetime {
     pub dead_since: MaybeTime,
 }
 
-/// A unix time in seconds that may be unknown, in 8 bytes instead of an `Option<i64>`'s 16: every
-/// credential's [`Lifetime`] holds three (100,000 of them in the daemon). 0 stands for unknown;
-/// no token tokend keeps was issued at the epoch.
+/// A unix time (seconds, or milliseconds where the field says so) that may be unknown, in 8 bytes
+/// instead of an `Option<i64>`'s 16: every credential's [`Lifetime`] holds five (100,000 of them
+/// in the daemon). 0 stands for unknown; nothing tokend keeps happened at the epoch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MaybeTime(i64);
 
