@@ -88,6 +88,10 @@ pub struct DaemonConfig {
     pub trigger_dir: Option<PathBuf>,
     /// The HTTP(S) proxy for token endpoints; environment proxy variables are never used.
     pub proxy: Option<Url>,
+    /// The local HTTP API's Unix socket (src/socket/); none means off.
+    pub socket: Option<PathBuf>,
+    /// The socket systemd's `LoadCredential=` reads tokens from; none means off.
+    pub credential_socket: Option<PathBuf>,
 }
 
 /// One credential: who to ask, how, when, and where its token goes.
@@ -107,6 +111,27 @@ pub struct Credential {
     pub refresh_cron: Option<Box<CronSchedule>>,
     /// Interned like `endpoint`: nearly every credential has the same (usually empty) hooks.
     pub hooks: std::sync::Arc<Hooks>,
+    /// Who may read it over the local socket, and which systemd units get it. Interned like
+    /// `hooks`: nearly every credential has the defaults.
+    pub access: std::sync::Arc<SocketAccess>,
+}
+
+/// A credential's rules on the local sockets (README "Tokens on demand").
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SocketAccess {
+    /// Who may read the token over `[daemon] socket`; `None`: members of the socket's group.
+    pub readers: Option<Vec<Reader>>,
+    /// Unit-name globs (`*`, `?`) allowed to load it through `[daemon] credential_socket`.
+    pub units: Vec<String>,
+    /// What the credential socket writes.
+    pub credential_format: SinkFormat,
+}
+
+/// One entry of `readers`, resolved to ids when the configuration is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reader {
+    Uid(u32),
+    Gid(u32),
 }
 
 /// A parsed cron expression (croner syntax, the parser tokio-cron-scheduler uses), evaluated in
@@ -160,7 +185,7 @@ impl Credential {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SinkFormat {
     Raw,
     Json,

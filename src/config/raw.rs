@@ -28,6 +28,9 @@ pub(super) struct RawDaemon {
     pub(super) metrics_file: Option<PathBuf>,
     pub(super) trigger_dir: Option<PathBuf>,
     pub(super) proxy: Option<String>,
+    // The local socket API (src/socket/).
+    pub(super) socket: Option<PathBuf>,
+    pub(super) credential_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -68,6 +71,10 @@ pub(super) struct RawCredential {
     pub(super) hook_timeout: Option<String>,
     pub(super) hook_token: Option<bool>,
     pub(super) hook_env: Option<Vec<String>>,
+    // The local socket API (src/socket/).
+    pub(super) readers: Option<Vec<String>>,
+    pub(super) units: Option<Vec<String>>,
+    pub(super) credential_format: Option<String>,
     #[serde(default)]
     pub(super) sink: Vec<RawSink>,
 }

@@ -199,6 +199,7 @@ impl Daemon {
             tracing::warn!(credential = %name, until = %rfc3339(until / 1000), "the endpoint asked for no requests until then; pausing it for this client");
             pause(&mut self.admission.paused_until, &credential, now, until);
         }
+        self.answer_waiters(&name, &result);
         match result {
             Ok(Outcome::Refreshed { state, .. }) => hooks::spawn(&credential, Event::Refreshed, Some(&state), None),
             Ok(Outcome::AlreadyRefreshed(state)) => {
@@ -228,6 +229,7 @@ impl Daemon {
         if self.watches.dirty_sinks.contains(&name) {
             self.due.fs.get_or_insert(Instant::now() + FS_DEBOUNCE);
         }
+
         self.plan(&name);
         if decision.counted_as == Some(metrics::RefreshResult::Success)
             && let Some(entry) = self.entries.get(&name)
