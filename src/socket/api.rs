@@ -84,10 +84,11 @@ async fn route(shared: &Arc<Shared>, peer: &Peer, request: Request<Incoming>) ->
     let Some(rest) = path.strip_prefix("/v1/credentials") else {
         return Err(Refusal::new(404, "not_found", "no such endpoint; the API lives under /v1/credentials"));
     };
-    let segments: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest[1..].split('/').collect() };
-    if !rest.is_empty() && !rest.starts_with('/') {
-        return Err(Refusal::new(404, "not_found", "no such endpoint; the API lives under /v1/credentials"));
-    }
+    let segments: Vec<&str> = match rest.strip_prefix('/') {
+        Some(rest) => rest.split('/').collect(),
+        None if rest.is_empty() => Vec::new(),
+        None => return Err(Refusal::new(404, "not_found", "no such endpoint; the API lives under /v1/credentials")),
+    };
     match (request.method(), segments.as_slice()) {
         (&Method::GET, []) => list(shared, peer).await,
         (&Method::GET, [name, "token"]) => {
@@ -261,7 +262,8 @@ async fn token(shared: &Shared, peer: &Peer, name: &str, min_valid: Option<i64>)
 async fn refresh(shared: &Shared, peer: &Peer, name: &str, rejected: &str) -> Answer {
     readable(shared, peer, name)?;
     let state = current(shared, name).await?;
-    if state.access_token.expose() != rejected {
+    let expired = state.expires_at.is_some_and(|at| at <= now_secs());
+    if state.access_token.expose() != rejected && !expired {
         // Already replaced (or never the token): the current one, with no provider request.
         return Ok(token_answer(&state));
     }

@@ -147,18 +147,21 @@ pub fn start(config: &Config, refresh_wait: Duration) -> Result<Option<Sockets>,
 }
 
 /// Store connections for the servers' reads, opened on demand and kept for the next request.
-/// SQLite readers in WAL mode do not block the daemon's writes, nor they them.
+/// SQLite readers in WAL mode do not block the daemon's writes, nor they them. At most
+/// [`READERS`] reads run at once, so at most that many connections are ever opened (opening one
+/// checks the schema in a write transaction: not something to do per request).
 pub(crate) struct StorePool {
     path: PathBuf,
     idle: Mutex<Vec<Store>>,
+    readers: tokio::sync::Semaphore,
 }
 
-/// Connections kept open between requests.
-const IDLE_STORES: usize = 4;
+/// Reads at once (and connections kept): a point read takes microseconds.
+const READERS: usize = 4;
 
 impl StorePool {
     fn new(path: &Path) -> Self {
-        Self { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) }
+        Self { path: path.to_path_buf(), idle: Mutex::new(Vec::new()), readers: tokio::sync::Semaphore::new(READERS) }
     }
 
     /// Runs `read` on a pooled connection, off the async runtime.
@@ -166,6 +169,7 @@ impl StorePool {
         self: &Arc<Self>,
         read: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let _turn = self.readers.acquire().await;
         let pool = self.clone();
         tokio::task::spawn_blocking(move || {
             let taken = pool.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
@@ -174,10 +178,7 @@ impl StorePool {
                 None => Store::open(&pool.path)?,
             };
             let result = read(&store);
-            let mut idle = pool.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if idle.len() < IDLE_STORES {
-                idle.push(store);
-            }
+            pool.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(store);
             result
         })
         .await
