@@ -64,6 +64,30 @@ fn context_switches(pid: u32) -> u64 {
     total
 }
 
+/// Context switches of each live thread of `pid`, by thread id.
+fn context_switches_by_task(pid: u32) -> std::collections::HashMap<String, u64> {
+    let mut by_task = std::collections::HashMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let switches = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            .sum();
+        by_task.insert(task.file_name().to_string_lossy().into_owned(), switches);
+    }
+    by_task
+}
+
+/// Switches between two samples: a thread that exited meanwhile (tokio's idle blocking threads)
+/// would otherwise make the process total go down.
+fn switches_between(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> u64 {
+    after.iter().map(|(task, n)| n.saturating_sub(before.get(task).copied().unwrap_or(0))).sum()
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
 }
@@ -575,11 +599,13 @@ fn socket_load(
     std::thread::sleep(Duration::from_millis(1000));
     let rss_idle_kb = proc_status_kb(pid, "VmRSS").saturating_sub(rss_quiet);
     drop(held);
-    // Wake-ups with the socket open and nothing due (every new token lives a day).
-    std::thread::sleep(Duration::from_secs(6));
-    let cs0 = context_switches(pid);
+    // Wake-ups with the socket open and nothing due (every new token lives a day), once tokio's
+    // blocking threads (store reads) have idled out (10 s).
+    std::thread::sleep(Duration::from_secs(12));
+    let cs0 = context_switches_by_task(pid);
     std::thread::sleep(idle);
-    let idle_switches_per_min = (context_switches(pid) - cs0) as f64 * 60.0 / idle.as_secs_f64();
+    let idle_switches_per_min =
+        switches_between(&cs0, &context_switches_by_task(pid)) as f64 * 60.0 / idle.as_secs_f64();
     stop(running);
     SocketLoad {
         clients,
