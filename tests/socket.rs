@@ -608,3 +608,27 @@ async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
     assert!(!w.path("tokend.sock").exists(), "the socket is removed at exit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_follow_a_configuration_reload() {
+    assert!(nix::unistd::geteuid().is_root(), "this test switches uids and needs root");
+    let w = world(MockSettings::default(), &credential("a", "readers = [\"uid:61005\"]")).await;
+    w.authorize_and_import("a").await;
+    std::fs::set_permissions(w.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(w.config_path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let daemon = w.start_daemon().await;
+    let gid = std::fs::metadata(w.path("tokend.sock")).unwrap().gid_of().to_string();
+    let before = token_as(&w, 61006, &gid, "a").await;
+    assert!(before.stderr.contains("403 forbidden"), "{}", before.stderr);
+    let text = std::fs::read_to_string(w.config_path()).unwrap().replace("uid:61005", "uid:61006");
+    std::fs::write(w.config_path(), text).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || daemon.log_text().contains("configuration reloaded")).await,
+        "{}",
+        daemon.log_text()
+    );
+    let after = token_as(&w, 61006, &gid, "a").await;
+    assert_eq!((after.code, after.stdout.trim()), (0, stored_token(&w, "a").as_str()), "{}", after.stderr);
+    let dropped = token_as(&w, 61005, &gid, "a").await;
+    assert!(dropped.stderr.contains("403 forbidden"), "{}", dropped.stderr);
+}

@@ -107,3 +107,55 @@ impl Validator<'_> {
         found.map_err(|m| self.report(place, Some("readers"), m)).ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Reader, SinkFormat, parse_with};
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    fn parse(daemon: &str, credential: &str) -> Result<crate::config::Config, String> {
+        let text = format!(
+            "[daemon]\n{daemon}\n[[credential]]\nname = \"a\"\nprovider = \"oauth2\"\ntoken_url = \"https://auth.example.com/t\"\nclient_id = \"c\"\n{credential}\n"
+        );
+        parse_with(Path::new("/etc/tokend/tokend.toml"), &text, &BTreeMap::<String, String>::new())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn socket_settings_resolve_and_default() {
+        let c = parse("socket = \"run/t.sock\"\ncredential_socket = \"/run/c.sock\"", "").unwrap();
+        assert_eq!(c.daemon.socket.as_deref(), Some(Path::new("/etc/tokend/run/t.sock")));
+        assert_eq!(c.daemon.credential_socket.as_deref(), Some(Path::new("/run/c.sock")));
+        let a = &c.credentials[0].access;
+        assert_eq!((a.readers.as_ref(), a.units.len(), a.credential_format), (None, 0, SinkFormat::Raw));
+        let c = parse("", "readers = [\"uid:1001\", \"gid:5\", \"user:root\", \"group:root\"]\nunits = [\"job-*.service\"]\ncredential_format = \"env\"").unwrap();
+        let a = &c.credentials[0].access;
+        assert_eq!(a.readers, Some(vec![Reader::Uid(1001), Reader::Gid(5), Reader::Uid(0), Reader::Gid(0)]));
+        assert_eq!((a.units.as_slice(), a.credential_format), (&["job-*.service".to_string()][..], SinkFormat::Env));
+        assert!(c.daemon.socket.is_none(), "off unless set");
+    }
+
+    #[test]
+    fn bad_socket_settings_name_the_field_and_value() {
+        let long = format!("socket = \"/{}\"", "x".repeat(120));
+        for (daemon, credential, expected) in [
+            (long.as_str(), "", "field \"socket\": /xxx"),
+            (
+                "socket = \"/run/s\"\ncredential_socket = \"/run/s\"",
+                "",
+                "field \"credential_socket\": must not be the same path",
+            ),
+            ("", "readers = [\"www-data\"]", "field \"readers\": \"www-data\" is not a reader"),
+            ("", "readers = [\"uid:-1\"]", "field \"readers\": \"uid:-1\" is not a uid"),
+            ("", "readers = [\"user:no-such-user-here\"]", "no user named \"no-such-user-here\""),
+            ("", "readers = [\"group:no-such-group-here\"]", "no group named \"no-such-group-here\""),
+            ("", "units = [\"a b.service\"]", "field \"units\": \"a b.service\" is not a unit name"),
+            ("", "credential_format = \"yaml\"", "field \"credential_format\": \"yaml\" is not a format"),
+        ] {
+            let err = parse(daemon, credential).unwrap_err();
+            assert!(err.contains(expected), "{expected}: {err}");
+            assert!(err.starts_with("/etc/tokend/tokend.toml: "), "{err}");
+        }
+    }
+}
