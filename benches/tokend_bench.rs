@@ -64,6 +64,30 @@ fn context_switches(pid: u32) -> u64 {
     total
 }
 
+/// Context switches of each live thread of `pid`, by thread id.
+fn context_switches_by_task(pid: u32) -> std::collections::HashMap<String, u64> {
+    let mut by_task = std::collections::HashMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let switches = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            .sum();
+        by_task.insert(task.file_name().to_string_lossy().into_owned(), switches);
+    }
+    by_task
+}
+
+/// Switches between two samples: a thread that exited meanwhile (tokio's idle blocking threads)
+/// would otherwise make the process total go down.
+fn switches_between(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> u64 {
+    after.iter().map(|(task, n)| n.saturating_sub(before.get(task).copied().unwrap_or(0))).sum()
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
 }
@@ -454,12 +478,158 @@ fn baseline(rt: &tokio::runtime::Runtime, name: &'static str, n: usize) -> Optio
     Some(Baseline { name, n, secs, cpu_secs: children_cpu_secs() - cpu_before })
 }
 
+struct SocketLoad {
+    clients: usize,
+    background: usize,
+    requests: usize,
+    secs: f64,
+    p50_us: u64,
+    p99_us: u64,
+    max_us: u64,
+    errors: usize,
+    background_refreshed: usize,
+    rss_before_kb: u64,
+    rss_idle_kb: u64,
+    idle_connections: usize,
+    idle_switches_per_min: f64,
+}
+
+/// One keep-alive client: GET the token, read the answer (Content-Length), again, until `until`.
+/// Returns each request's latency in µs and the number of non-200 answers.
+async fn socket_client(socket: PathBuf, path: String, until: Instant) -> (Vec<u32>, usize) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut stream = BufReader::new(stream);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    let mut line = String::new();
+    let mut body = Vec::new();
+    while Instant::now() < until {
+        let sent = Instant::now();
+        stream.get_mut().write_all(request.as_bytes()).await.unwrap();
+        let (mut length, mut status) = (0usize, 0u16);
+        loop {
+            line.clear();
+            if stream.read_line(&mut line).await.unwrap() == 0 {
+                panic!("the server closed a keep-alive connection");
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(rest) = line.strip_prefix("HTTP/1.1 ") {
+                status = rest[..3].parse().unwrap();
+            } else if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        body.resize(length, 0);
+        stream.read_exact(&mut body).await.unwrap();
+        latencies.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
+        if status != 200 {
+            errors += 1;
+        }
+    }
+    (latencies, errors)
+}
+
+/// `GET …/token` over `[daemon] socket` from `clients` keep-alive connections for `window`, while
+/// `background` other credentials come due evenly over that window; then RSS per idle connection
+/// and idle wake-ups with the socket open.
+fn socket_load(
+    rt: &tokio::runtime::Runtime,
+    clients: usize,
+    background: usize,
+    window: Duration,
+    idle: Duration,
+) -> SocketLoad {
+    let mock =
+        rt.block_on(MockProvider::start(MockSettings { expires_in: 86_400, ..MockSettings::default() })).unwrap();
+    let lifetime = 3600i64;
+    let start_ms = now_ms() + 15_000;
+    // c0 is the token asked for (due in a day); c1.. come due evenly over the window.
+    let placement = |i: usize| -> (i64, i64) {
+        let target = if i == 0 || background == 0 {
+            now_ms() + 86_000_000
+        } else {
+            start_ms + window.as_millis() as i64 * (i as i64 - 1) / background as i64
+        };
+        let lead = RefreshAt::Default.lead_ms(lifetime * 1000) as f64 * (1.0 + 0.05 * jitter_unit(&format!("c{i}"), 1));
+        let expires_at = ((target as f64 + lead) / 1000.0).round() as i64;
+        (expires_at - lifetime, lifetime)
+    };
+    let f = fixture(&mock, background + 1, false, placement);
+    let config =
+        std::fs::read_to_string(f.config()).unwrap().replacen("[daemon]\n", "[daemon]\nsocket = \"tokend.sock\"\n", 1);
+    std::fs::write(f.config(), config).unwrap();
+    let running = start_tokend(&f);
+    let pid = running.child.id();
+    let socket = f.dir.path().join("tokend.sock");
+    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rss_before_kb = proc_status_kb(pid, "VmRSS");
+    while now_ms() < start_ms {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    let until = started + window;
+    let results: Vec<(Vec<u32>, usize)> = client_rt.block_on(async {
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| tokio::spawn(socket_client(socket.clone(), "/v1/credentials/c0/token".into(), until)))
+            .collect();
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.unwrap());
+        }
+        results
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let background_refreshed = mock.refreshes() as usize;
+    let errors = results.iter().map(|r| r.1).sum();
+    let mut latencies: Vec<u32> = results.into_iter().flat_map(|r| r.0).collect();
+    latencies.sort_unstable();
+    let pct = |p: f64| u64::from(latencies[((latencies.len() - 1) as f64 * p) as usize]);
+    // Idle connections: as many as the server keeps (its limit less a margin), held for a second
+    // (it closes them after 5 s without a request).
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_quiet = proc_status_kb(pid, "VmRSS");
+    let idle_connections = tokend::socket::MAX_CONNECTIONS - 6;
+    let held: Vec<std::os::unix::net::UnixStream> =
+        (0..idle_connections).map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    let rss_idle_kb = proc_status_kb(pid, "VmRSS").saturating_sub(rss_quiet);
+    drop(held);
+    // Wake-ups with the socket open and nothing due (every new token lives a day), once tokio's
+    // blocking threads (store reads) have idled out (10 s).
+    std::thread::sleep(Duration::from_secs(12));
+    let cs0 = context_switches_by_task(pid);
+    std::thread::sleep(idle);
+    let idle_switches_per_min =
+        switches_between(&cs0, &context_switches_by_task(pid)) as f64 * 60.0 / idle.as_secs_f64();
+    stop(running);
+    SocketLoad {
+        clients,
+        background,
+        requests: latencies.len(),
+        secs,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        max_us: pct(1.0),
+        errors,
+        background_refreshed,
+        rss_before_kb,
+        rss_idle_kb,
+        idle_connections,
+        idle_switches_per_min,
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let smoke = args.iter().any(|a| a == "smoke");
     // Optional part filter: catchup, baselines, steady (default: all).
     let parts: Vec<&str> =
-        args.iter().map(String::as_str).filter(|a| ["catchup", "baselines", "steady"].contains(a)).collect();
+        args.iter().map(String::as_str).filter(|a| ["catchup", "baselines", "steady", "socket"].contains(a)).collect();
     let want = |part: &str| parts.is_empty() || parts.contains(&part);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let mut report = String::new();
@@ -534,6 +704,35 @@ fn main() {
         }
     }
 
+    if want("socket") {
+        let (background, window, idle) = if smoke {
+            (500, Duration::from_secs(3), Duration::from_secs(3))
+        } else {
+            (10_000, Duration::from_secs(20), Duration::from_secs(30))
+        };
+        let l = socket_load(&rt, 64, background, window, idle);
+        line(format!(
+            "\n## socket API: GET …/token, {} keep-alive clients for {:.1} s while {} other credentials come due (client in this process, same 2 shared cores)\n",
+            l.clients, l.secs, l.background
+        ));
+        line("| measure | value |".into());
+        line("| --- | --- |".into());
+        line(format!(
+            "| requests/s | {:.0} ({} requests, {} not 200) |",
+            l.requests as f64 / l.secs,
+            l.requests,
+            l.errors
+        ));
+        line(format!("| latency p50 / p99 / max | {} / {} / {} µs |", l.p50_us, l.p99_us, l.max_us));
+        line(format!("| background refreshes done meanwhile | {} of {} |", l.background_refreshed, l.background));
+        line(format!("| RSS before the load | {:.1} MB |", l.rss_before_kb as f64 / 1024.0));
+        line(format!(
+            "| RSS per idle connection ({} held) | {:.1} KiB |",
+            l.idle_connections,
+            l.rss_idle_kb as f64 / l.idle_connections as f64
+        ));
+        line(format!("| idle with the socket open: context switches per minute | {:.1} |", l.idle_switches_per_min));
+    }
     let (n, due, window, idle) = if smoke {
         (2000, 500, Duration::from_secs(5), Duration::from_secs(5))
     } else {

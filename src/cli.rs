@@ -137,6 +137,17 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Print a token valid for at least --min-valid: from the running daemon over `[daemon]
+    /// socket` (joining any refresh in flight), else from the store, refreshing under the lease.
+    Token {
+        name: String,
+        /// The token must stay valid this long ("300", "5m"); a shorter-lived one is replaced first.
+        #[arg(long)]
+        min_valid: Option<String>,
+        /// Print the API's JSON object instead of the bare token.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the completion script for SHELL on stdout (the package installs those for bash, zsh
     /// and fish).
     Completions { shell: clap_complete::Shell },
@@ -235,8 +246,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
         Command::Completions { shell } => crate::manual::print_completions(shell),
+        Command::Token { name, min_valid, json } => token::run(&cli.config, &name, min_valid.as_deref(), json).await,
     }
 }
+
+mod token;
 
 async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

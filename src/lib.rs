@@ -45,6 +45,7 @@ pub mod redact;
 pub mod refresh;
 pub mod schedule;
 pub mod sink;
+pub mod socket;
 pub mod store;
 pub mod timer;
 pub mod untrusted;

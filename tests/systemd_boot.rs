@@ -59,14 +59,17 @@ fn config(mock_url: &str, extra_sink: bool, broken: bool) -> String {
 /// every write fails.
 fn config_with(mock_url: &str, extra_sink: bool, broken: bool, failing_sink: bool) -> String {
     let mut c = String::from("[daemon]\ndatabase = \"/var/lib/tokend/tokend.db\"\n");
+    // The socket API and systemd's LoadCredential= (README "Tokens on demand").
+    c.push_str("socket = \"/run/tokend/tokend.sock\"\ncredential_socket = \"/run/tokend/credentials.sock\"\n");
     if broken {
         c.push_str("colour = \"blue\"   # not a key tokend knows: the whole file is rejected\n");
     }
     for (name, auth, path, format, group) in CREDENTIALS {
+        let units = if name == "alpha" { "units = [\"loader-*.service\"]\n" } else { "" };
         let _ = write!(
             c,
             "\n[[credential]]\nname = \"{name}\"\nprovider = \"oauth2\"\ntoken_url = \"{mock_url}/token\"\n\
-             auth = \"{auth}\"\nclient_id = \"{name}-client\"\nclient_secret_credential = \"{name}\"\n\n\
+             auth = \"{auth}\"\nclient_id = \"{name}-client\"\nclient_secret_credential = \"{name}\"\n{units}\n\
              [[credential.sink]]\npath = \"{path}\"\nformat = \"{format}\"\nmode = \"0640\"\n"
         );
         if let Some(g) = group {
@@ -300,6 +303,64 @@ fn example_config_passes_check_under_unit(c: &Container) -> Check {
          && systemd-tmpfiles --create tokend.conf && test -z \"$(ls -A /var/lib/tokend)\"",
     );
     ensure(run.ok(), format!("`tokend check` as tokend.service exited {}: {}", run.code, said.trim()))
+}
+
+fn token_over_the_socket_under_the_unit(c: &Container) -> Check {
+    let sockets = c.sh("stat -c '%U:%G %a %F' /run/tokend/tokend.sock /run/tokend/credentials.sock").stdout;
+    let before = c.sh("cat /run/tokend/alpha.token").stdout;
+    let asked = c.sh(&format!("{TOKEND} -c {CONFIG} token alpha --min-valid 1"));
+    let after = c.sh("cat /run/tokend/alpha.token").stdout;
+    let token = asked.stdout.trim();
+    ensure(
+        asked.ok()
+            && (token == before || token == after)
+            && sockets.contains("tokend:tokend 660 socket")
+            && sockets.contains("tokend:tokend 600 socket"),
+        format!("exit {} {}; sockets: {}", asked.code, asked.stderr.trim(), sockets.trim().replace('\n', " | ")),
+    )
+}
+
+/// A oneshot job reading the credential as README's example does, and one whose unit is not in
+/// alpha's `units`: tokend writes it nothing, systemd 252 still starts it with an empty
+/// credential, and the job's own `[ -n "$token" ]` fails it.
+fn load_credential_from_the_socket(c: &Container) -> Check {
+    // A script, as README's example: in ExecStart= itself systemd would expand `$token` and `%s`.
+    c.install(
+        "/usr/local/bin/read-alpha",
+        b"#!/bin/sh\ntoken=$(cat \"$CREDENTIALS_DIRECTORY/alpha\") && [ -n \"$token\" ] || exit 1\nprintf '%s' \"$token\" > \"/run/$1.out\"\n",
+        "-m 0755",
+    );
+    for unit in ["loader-job", "other-job"] {
+        let text = format!(
+            "[Service]\nType=oneshot\nLoadCredential=alpha:/run/tokend/credentials.sock\nExecStart=/usr/local/bin/read-alpha {unit}\n"
+        );
+        c.install(&format!("/etc/systemd/system/{unit}.service"), text.as_bytes(), "-m 0644");
+    }
+    c.must("systemctl daemon-reload");
+    let before = c.sh("cat /run/tokend/alpha.token").stdout;
+    let loaded = c.sh("systemctl start loader-job.service");
+    let after = c.sh("cat /run/tokend/alpha.token").stdout;
+    let got = c.sh("cat /run/loader-job.out").stdout;
+    let other = c.sh("systemctl start other-job.service");
+    let other_out = c.sh("test -e /run/other-job.out").ok();
+    let logged = journal(c, "-u tokend | grep 'credential socket' | tail -3");
+    ensure(
+        loaded.ok()
+            && !got.is_empty()
+            && (got == before || got == after)
+            && !other.ok()
+            && !other_out
+            && logged.contains("closed with nothing written"),
+        format!(
+            "loader-job exit {} ({} bytes, matches the sink: {}); other-job exit {} {}; tokend logged: {}",
+            loaded.code,
+            got.len(),
+            got == before || got == after,
+            other.code,
+            other.stderr.trim(),
+            logged.trim().replace('\n', " | ")
+        ),
+    )
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -554,6 +615,15 @@ fn tokend_service_under_a_real_systemd() {
         ),
     );
     c.sh("systemctl disable --now tokend-watch@report-job.path; systemctl stop report-job.service");
+
+    report.record(
+        "the socket API under the unit: `tokend token alpha` (root, over /run/tokend/tokend.sock) = alpha.token",
+        token_over_the_socket_under_the_unit(&c),
+    );
+    report.record(
+        "LoadCredential=alpha:/run/tokend/credentials.sock: loader-job.service gets alpha's token, other-job.service is refused",
+        load_credential_from_the_socket(&c),
+    );
 
     // ---- (c) STATUS= after `tokend import` from another process.
     report.record(

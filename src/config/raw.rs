@@ -28,6 +28,9 @@ pub(super) struct RawDaemon {
     pub(super) metrics_file: Option<PathBuf>,
     pub(super) trigger_dir: Option<PathBuf>,
     pub(super) proxy: Option<String>,
+    // The local socket API (src/socket/).
+    pub(super) socket: Option<PathBuf>,
+    pub(super) credential_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -80,6 +83,10 @@ pub(super) struct RawCredential {
     pub(super) refresh_at_least: Option<String>,
     /// Repeat the `needs_reauth` event this often until a human re-authorizes ("off" to not).
     pub(super) reauth_repeat: Option<String>,
+    // The local socket API (src/socket/).
+    pub(super) readers: Option<Vec<String>>,
+    pub(super) units: Option<Vec<String>>,
+    pub(super) credential_format: Option<String>,
     #[serde(default)]
     pub(super) sink: Vec<RawSink>,
 }

@@ -3,6 +3,7 @@
 //! [`crate::provider::Preset`].
 
 mod sinks;
+mod socket;
 
 use super::raw::{RawConfig, RawCredential, RawDaemon};
 use super::*;
@@ -17,6 +18,7 @@ pub(super) struct Validator<'a> {
     endpoints: HashSet<std::sync::Arc<Endpoint>>,
     hooks: HashSet<std::sync::Arc<Hooks>>,
     lifecycles: HashSet<std::sync::Arc<Lifecycle>>,
+    access: HashSet<std::sync::Arc<SocketAccess>>,
     /// URLs already parsed and found acceptable, by their text: token URLs (held to the
     /// stricter check) and the others.
     secure_urls: HashMap<String, Url>,
@@ -37,6 +39,7 @@ impl<'a> Validator<'a> {
             endpoints: HashSet::new(),
             hooks: HashSet::new(),
             lifecycles: HashSet::new(),
+            access: HashSet::new(),
             secure_urls: HashMap::new(),
             plain_urls: HashMap::new(),
             warnings: Vec::new(),
@@ -150,7 +153,8 @@ impl<'a> Validator<'a> {
                 None
             }
         });
-        DaemonConfig { database, concurrency, http, metrics_file, trigger_dir, proxy }
+        let (socket, credential_socket) = self.sockets(place, raw.socket, raw.credential_socket);
+        DaemonConfig { database, concurrency, http, metrics_file, trigger_dir, proxy, socket, credential_socket }
     }
 
     fn positive(&mut self, place: &str, field: &str, n: i64, max: usize) -> Option<usize> {
@@ -428,6 +432,7 @@ impl<'a> Validator<'a> {
                 format!("\"{}\" is not an environment variable name", bad.escape_debug()),
             );
         }
+        let access = self.access(&place, raw.readers, raw.units, raw.credential_format);
         let hooks = Hooks {
             on_refresh,
             on_failure,
@@ -461,6 +466,7 @@ impl<'a> Validator<'a> {
             refresh_cron: refresh_cron.map(Box::new),
             hooks: intern(&mut self.hooks, hooks),
             lifecycle: intern(&mut self.lifecycles, lifecycle),
+            access: intern(&mut self.access, access?),
         })
     }
 

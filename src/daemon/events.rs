@@ -98,15 +98,24 @@ impl Daemon {
 
     /// A script created `<trigger_dir>/<name>.refresh`: it got a 401 and wants a new token now.
     pub(super) fn trigger(&mut self, name: &str, inflight: &mut JoinSet<RefreshResult>) {
-        let Some(entry) = self.entries.get(name) else { return };
+        if !self.entries.contains_key(name) {
+            return;
+        }
         if let Some(dir) = &self.config.daemon.trigger_dir {
             // unlink never follows a link; whatever was created there is gone.
             let _ = std::fs::remove_file(trigger_path(dir, name));
         }
+        self.force_refresh(name, "a trigger file", inflight);
+    }
+
+    /// A refresh asked for from outside the schedule (`via`: a trigger file, the socket API),
+    /// under the credential's trigger floor: one too soon is deferred to the floor's end.
+    pub(super) fn force_refresh(&mut self, name: &str, via: &str, inflight: &mut JoinSet<RefreshResult>) {
+        let Some(entry) = self.entries.get(name) else { return };
         let now = Instant::now();
         let floor = self.watches.trigger_floor.get(name).copied();
         if floor.and_then(|f| f.deferred_to).is_some_and(|at| at > now) {
-            tracing::debug!(credential = name, "refresh requested through a trigger file; one is already planned");
+            tracing::debug!(credential = name, "refresh requested through {via}; one is already planned");
             return;
         }
         match floor.filter(|f| f.next_allowed > now) {
@@ -115,7 +124,7 @@ impl Daemon {
                     entry.credential.name.clone(),
                     TriggerFloor { next_allowed: now + TRIGGER_MIN_INTERVAL, deferred_to: None },
                 );
-                tracing::info!(credential = name, "refresh requested through a trigger file");
+                tracing::info!(credential = name, "refresh requested through {via}");
                 self.start_refresh(name, inflight);
             }
             Some(f) => {
@@ -125,7 +134,7 @@ impl Daemon {
                     TriggerFloor { next_allowed: at + TRIGGER_MIN_INTERVAL, deferred_to: Some(at) },
                 );
                 let at_ms = now_ms() + i64::try_from((at - now).as_millis()).unwrap_or(0);
-                tracing::info!(credential = name, "refresh requested through a trigger file again too soon; deferred");
+                tracing::info!(credential = name, "refresh requested through {via} again too soon; deferred");
                 let at_ms = at_ms.min(self.queue.get(name, Job::Refresh).unwrap_or(i64::MAX));
                 self.queue.schedule(&entry.credential.name, Job::Refresh, at_ms);
             }

@@ -17,6 +17,7 @@
 mod admission;
 mod events;
 mod instance;
+mod on_demand;
 mod outcome;
 mod plan;
 mod publish;
@@ -98,6 +99,9 @@ pub enum DaemonError {
     /// The HTTP client could not be built (a bad proxy URL, no TLS roots).
     #[error("{0}")]
     Http(String),
+    /// A socket of `[daemon] socket` / `credential_socket` could not be served.
+    #[error("{0}")]
+    Socket(String),
 }
 
 struct Entry {
@@ -142,6 +146,8 @@ struct Daemon {
     /// Reloads attempted since start, numbering the outcomes `tokend reload` waits for.
     reloads: u64,
     notices: Notices,
+    /// The socket API's servers and the callers waiting on refreshes they asked for.
+    on_demand: on_demand::OnDemand,
 }
 
 /// What humans were told, for the few credentials that had something to tell: kept beside the
@@ -241,6 +247,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         due: Due::default(),
         reloads: 0,
         notices: Notices::default(),
+        on_demand: on_demand::OnDemand::default(),
     };
     daemon.config.path = config_path;
     let abandoned = daemon.recover_abandoned_attempts()?;
@@ -250,6 +257,10 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     // READY=1 means every sink holds its token (the check runs on the sink thread).
     let _ = sinks_checked.await;
     daemon.schedule_maintenance();
+    // Served before READY=1, so that units ordered after tokend find the sockets there.
+    let refresh_wait = daemon.config.daemon.http.total_timeout + TRIGGER_MIN_INTERVAL + Duration::from_secs(5);
+    daemon.on_demand.sockets = crate::socket::start(&daemon.config, refresh_wait).map_err(DaemonError::Socket)?;
+    let mut asks = daemon.on_demand.sockets.as_mut().and_then(|s| s.asks.take());
     crate::memory::release_freed_memory();
     tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "every credential scheduled");
     let summary = daemon.summary();
@@ -275,6 +286,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
             },
             Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => daemon.finished(done, &mut inflight),
             Some(path) = fs_rx.recv() => daemon.fs_event(path),
+            Some(ask) = on_demand::next_ask(&mut asks) => daemon.ask(ask, &mut inflight),
             () = sleep_until_opt(fs_due) => daemon.fs_settled(&mut inflight),
             () = sleep_until_opt(next_ping) => {
                 // Pinged from the loop itself, and only while the store answers: a wedged loop

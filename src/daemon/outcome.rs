@@ -223,6 +223,7 @@ impl Daemon {
         if decision.event == Some(Event::NeedsReauth) {
             self.notices.count(&name, metrics::Notice::NeedsReauth);
         }
+        self.answer_waiters(&name, &result);
         match result {
             Ok(Outcome::Refreshed { state, .. }) => hooks::spawn(&credential, Event::Refreshed, Some(&state), None),
             Ok(Outcome::AlreadyRefreshed(state)) => {
@@ -252,6 +253,7 @@ impl Daemon {
         if self.watches.dirty_sinks.contains(&name) {
             self.due.fs.get_or_insert(Instant::now() + FS_DEBOUNCE);
         }
+
         self.plan(&name);
         if decision.counted_as == Some(metrics::RefreshResult::Success)
             && let Some(entry) = self.entries.get(&name)

@@ -86,6 +86,9 @@ impl Daemon {
         }
         self.queue.settle();
         self.rebuild_watches();
+        if let Some(sockets) = &self.on_demand.sockets {
+            sockets.install(&self.config);
+        }
         Ok(sinks_checked)
     }
 
