@@ -27,6 +27,7 @@
 //! | [`clock`] | wall-clock time as unix seconds/milliseconds |
 //! | [`untrusted`] | opening files where others can write: no links, no blocking, bounded reads |
 
+pub mod at_rest;
 pub mod authorize;
 pub mod batcher;
 pub mod cli;
@@ -44,6 +45,7 @@ pub mod provider;
 pub mod redact;
 pub mod refresh;
 pub mod schedule;
+pub mod seal;
 pub mod sink;
 pub mod store;
 pub mod timer;

@@ -88,6 +88,8 @@ pub struct DaemonConfig {
     pub trigger_dir: Option<PathBuf>,
     /// The HTTP(S) proxy for token endpoints; environment proxy variables are never used.
     pub proxy: Option<Url>,
+    /// Where the key that seals stored tokens comes from; `None`: tokens stored in plaintext.
+    pub key: Option<crate::seal::KeySource>,
 }
 
 /// One credential: who to ask, how, when, and where its token goes.

@@ -28,6 +28,10 @@ pub(super) struct RawDaemon {
     pub(super) metrics_file: Option<PathBuf>,
     pub(super) trigger_dir: Option<PathBuf>,
     pub(super) proxy: Option<String>,
+    // Encryption at rest (src/seal.rs): at most one of these.
+    pub(super) key_credential: Option<String>,
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) key_env: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
