@@ -44,7 +44,6 @@ pub fn open_for_daemon(config: &Config) -> Result<(Store, Sealer), StoreError> {
     let database = &config.daemon.database;
     let sealer = sealer(config)?;
     let mut store = Store::open_sealed(database, sealer.clone())?;
-    let using = store.key_use()?;
     match sealer.keyring() {
         None => {
             tracing::warn!(
@@ -53,6 +52,9 @@ pub fn open_for_daemon(config: &Config) -> Result<(Store, Sealer), StoreError> {
             );
         }
         Some(ring) => {
+            // One scan of the values' prefixes (no decryption): a key id no configured key
+            // opens stops the start here, before any request.
+            let using = store.key_use()?;
             if let Some((id, n)) = using.sealed.iter().find(|(id, _)| !ring.ids().any(|k| k == **id)) {
                 return Err(key_error(
                     database,
