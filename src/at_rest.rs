@@ -225,6 +225,7 @@ pub fn restore(config: &Config, backup: &Path) -> Result<u64, StoreError> {
             return Err(e);
         }
     };
+    give_to_directory_owner(&staging);
     crate::store::remove_with_side_files(database);
     std::fs::rename(&staging, database).map_err(|source| StoreError::Io {
         path: database.to_path_buf(),
@@ -232,4 +233,19 @@ pub fn restore(config: &Config, backup: &Path) -> Result<u64, StoreError> {
         source,
     })?;
     Ok(n)
+}
+
+/// Root restoring into the service's state directory: the database must stay the service
+/// user's, as the directory is, or the daemon could not write it.
+fn give_to_directory_owner(file: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Ok(meta) = std::fs::metadata(dir)
+        && let Err(e) = std::os::unix::fs::chown(file, Some(meta.uid()), Some(meta.gid()))
+    {
+        tracing::warn!(file = %file.display(), "cannot give the restored database to its directory's owner: {e}");
+    }
 }

@@ -87,6 +87,10 @@ async fn no_issued_token_is_in_the_database_its_wal_shm_or_a_backup() {
     let backup = w.tokend(&["backup", "backup.db"], None).await;
     assert_eq!(backup.code, 0, "{}", backup.stderr);
     assert!(backup.stdout.contains("encrypted, key id"), "{}", backup.stdout);
+    // The store cannot be re-keyed under the running daemon, which holds the old key.
+    assert_eq!(w.tokend(&["key", "init", "next.key"], None).await.code, 0);
+    let rotate = w.tokend(&["key", "rotate", "--new", "next.key"], None).await;
+    assert!(rotate.code != 0 && rotate.stderr.contains("tokend is running on it"), "{}", rotate.stderr);
     let mut files = store_files(&w);
     files.push(w.path("backup.db"));
     assert!(w.path("tokend.db-wal").exists(), "the WAL should be in use while the daemon runs");
