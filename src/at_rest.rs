@@ -31,6 +31,12 @@ pub fn open(config: &Config) -> Result<Store, StoreError> {
     Store::open_sealed(&config.daemon.database, sealer(config)?)
 }
 
+/// The store for commands that show no token (`tokend list`, `tokend remove`): opened without
+/// its key, so that they work outside the service, where a `key_credential` is not available.
+pub fn open_without_key(config: &Config) -> Result<Store, StoreError> {
+    Store::open_sealed(&config.daemon.database, Sealer::locked())
+}
+
 /// The committer, opened with the configured key.
 pub fn committer(config: &Config) -> Result<crate::committer::Committer, StoreError> {
     crate::committer::Committer::open_sealed(&config.daemon.database, sealer(config)?)

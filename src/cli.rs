@@ -544,7 +544,8 @@ fn display_status(state: &TokenState, now: i64) -> &'static str {
 }
 
 fn list(config: &Config, json: bool) -> Result<(), CliError> {
-    let store = open_store(config)?;
+    // Names, expiry and status only: no key needed (README "Encryption at rest").
+    let store = crate::at_rest::open_without_key(config)?;
     let states = store.list()?;
     let now = now_secs();
     let mut rows = Vec::new();
@@ -685,7 +686,7 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
 }
 
 fn remove(config: &Config, name: &str) -> Result<(), CliError> {
-    let existed = open_store(config)?.remove(name)?;
+    let existed = crate::at_rest::open_without_key(config)?.remove(name)?;
     daemon::notify_store_changed(&config.daemon.database);
     let mut removed_files = Vec::new();
     if let Some(cred) = config.credential(name) {

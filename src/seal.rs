@@ -127,6 +127,8 @@ pub enum SealError {
     /// The store as a whole does not fit the key (its recorded key id, values of unknown keys).
     #[error("{0}")]
     Store(String),
+    #[error("cannot store credential \"{name}\" {column}: this command reads the store without its key")]
+    Locked { name: String, column: &'static str },
     #[error("cannot seal credential \"{name}\" {column}: the cipher failed")]
     Seal { name: String, column: &'static str },
 }
@@ -277,7 +279,12 @@ impl Keyring {
 /// What a store seals with: no key (plaintext, as before encryption existed) or a keyring. Cheap
 /// to clone; every connection of a store holds one.
 #[derive(Debug, Clone, Default)]
-pub struct Sealer(Option<Arc<Keyring>>);
+pub struct Sealer {
+    ring: Option<Arc<Keyring>>,
+    /// For commands that show no token (`tokend list`): sealed values read as empty, and nothing
+    /// can be sealed, so nothing can be written in the wrong form.
+    locked: bool,
+}
 
 /// What a stored value is, read without decrypting it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,24 +303,33 @@ pub fn classify(stored: &str) -> Stored {
 
 impl Sealer {
     pub fn plaintext() -> Sealer {
-        Sealer(None)
+        Sealer { ring: None, locked: false }
     }
 
     pub fn with(keyring: Keyring) -> Sealer {
-        Sealer(Some(Arc::new(keyring)))
+        Sealer { ring: Some(Arc::new(keyring)), locked: false }
+    }
+
+    /// Reads the store without its key: every sealed value opens as an empty secret, and
+    /// sealing fails. For listings, which show names, expiry and status, never a token.
+    pub fn locked() -> Sealer {
+        Sealer { ring: None, locked: true }
     }
 
     pub fn keyring(&self) -> Option<&Keyring> {
-        self.0.as_deref()
+        self.ring.as_deref()
     }
 
-    pub fn is_encrypting(&self) -> bool {
-        self.0.is_some()
+    pub fn is_locked(&self) -> bool {
+        self.locked
     }
 
     /// The text to store for `value`: sealed under the current key, or `value` itself without one.
     pub fn seal(&self, name: &str, column: Column, generation: i64, value: &str) -> Result<String, SealError> {
-        let Some(ring) = &self.0 else { return Ok(value.to_string()) };
+        if self.locked {
+            return Err(SealError::Locked { name: name.to_string(), column: column.as_str() });
+        }
+        let Some(ring) = &self.ring else { return Ok(value.to_string()) };
         let key = ring.current();
         let mut buffer = Vec::with_capacity(value.len() + TAG_LEN);
         buffer.extend_from_slice(value.as_bytes());
@@ -334,7 +350,10 @@ impl Sealer {
             Stored::Sealed(id) => id,
         };
         let column_name = column.as_str();
-        let Some(ring) = &self.0 else {
+        if self.locked {
+            return Ok(Secret::new(""));
+        }
+        let Some(ring) = &self.ring else {
             return Err(SealError::NoKey { name: name.to_string(), column: column_name, id });
         };
         let Some(key) = ring.keys.iter().find(|k| k.id == id) else {
@@ -414,6 +433,8 @@ mod tests {
         let e = Sealer::plaintext().open("nb", Column::AccessToken, 1, &sealed).unwrap_err().to_string();
         assert!(e.contains("no key is configured"), "{e}");
         assert_eq!(Sealer::plaintext().open("nb", Column::AccessToken, 1, "plain").unwrap().expose(), "plain");
+        assert_eq!(Sealer::locked().open("nb", Column::AccessToken, 1, &sealed).unwrap().expose(), "");
+        assert!(matches!(Sealer::locked().seal("nb", Column::AccessToken, 1, "a"), Err(SealError::Locked { .. })));
     }
 
     #[test]

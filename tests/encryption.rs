@@ -396,6 +396,11 @@ async fn systemd_creds_round_trip() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     let check = w.tokend_env(&["check"], None, &env).await;
     assert!(check.stdout.contains("encryption: key_credential \"tokend-key\""), "{}", check.stdout);
+    // Outside the service the credential is not there: a listing works without it (it shows no
+    // token), anything that needs a token is a clear error naming the key source.
+    let list = w.tokend(&["list", "--json"], None).await;
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(list.stdout.contains("\"generation\": 2"), "{}", list.stdout);
     // Outside the service the credential is not there: a clear error naming it.
     let run = w.tokend(&["show", "nb"], None).await;
     assert_eq!(run.code, KEY_EXIT, "{}", run.stderr);

@@ -53,6 +53,9 @@ impl Store {
     /// At open: a store sealed with a key must be opened with it; a key given for a plaintext
     /// store marks it as sealed with that key (the values follow with [`Store::reseal_batch`]).
     pub(super) fn check_key(&mut self) -> Result<(), StoreError> {
+        if self.sealer.is_locked() {
+            return Ok(());
+        }
         let recorded = self.store_key_id()?;
         let ring = self.sealer.keyring();
         match (recorded, ring) {
