@@ -407,3 +407,21 @@ async fn systemd_creds_round_trip() {
     assert!(run.stderr.contains("key_credential \"tokend-key\": $CREDENTIALS_DIRECTORY is not set"), "{}", run.stderr);
     assert_eq!(tokens_in_clear(&store_files(&w), &w.mock.issued_tokens()), vec![]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_key_sources_or_a_path_in_a_credential_name_are_config_errors() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config_with_daemon("key_file = \"k\"\nkey_env = \"K\"", &credentials(&["nb"]));
+    let run = w.tokend(&["check"], None).await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("[daemon]: field \"key_credential\": give only one of key_credential, key_file, key_env"),
+        "{}",
+        run.stderr
+    );
+    w.write_config_with_daemon("key_credential = \"../etc/key\"", &credentials(&["nb"]));
+    let run = w.tokend(&["check"], None).await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(run.stderr.contains("must be a bare credential name"), "{}", run.stderr);
+    assert!(!w.path("tokend.db").exists(), "check created a database");
+}
