@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the hot pieces, so regressions show: answer parsing, the deadline queue,
-//! and the rotation commit (alone, and group-committed 64 at a time).
+//! the rotation commit (alone, and group-committed 64 at a time), and sealing / opening a token.
 //!
 //!   cargo bench --bench micro
 
@@ -97,5 +97,22 @@ fn commits(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parsing, queue, commits);
+/// Encryption at rest: what each stored token costs (README "Encryption at rest").
+fn sealing(c: &mut Criterion) {
+    use tokend::seal::{Column, Key, Keyring, Sealer};
+    let sealer = Sealer::with(Keyring::new(Key::from_text(&Key::generate_text(), "bench").unwrap(), vec![]));
+    // A NationBuilder-sized token, and a 1 KiB JWT-sized one.
+    for len in [43, 1024] {
+        let token = "t".repeat(len);
+        let sealed = sealer.seal("c0", Column::RefreshToken, 7, &token).unwrap();
+        c.bench_function(&format!("seal a {len}-byte token"), |b| {
+            b.iter(|| sealer.seal(black_box("c0"), Column::RefreshToken, 7, black_box(&token)).unwrap())
+        });
+        c.bench_function(&format!("open a {len}-byte token"), |b| {
+            b.iter(|| sealer.open(black_box("c0"), Column::RefreshToken, 7, black_box(&sealed)).unwrap())
+        });
+    }
+}
+
+criterion_group!(benches, parsing, queue, commits, sealing);
 criterion_main!(benches);

@@ -140,11 +140,41 @@ impl Fixture {
 /// N credentials with live tokens at the mock; `lifetime(i)` gives each imported token's
 /// (created_at, expires_in).
 fn fixture(mock: &MockProvider, n: usize, sinks: bool, lifetime: impl Fn(usize) -> (i64, i64)) -> Fixture {
+    fixture_sealed(mock, n, sinks, lifetime, false)
+}
+
+/// The key file of an encrypted fixture (`key_file` in its configuration).
+const KEY_FILE: &str = "tokend.key";
+
+/// The sealer a fixture's store is opened with: its key when it has one.
+fn fixture_sealer(dir: &Path) -> tokend::seal::Sealer {
+    match std::fs::read_to_string(dir.join(KEY_FILE)) {
+        Ok(text) => tokend::seal::Sealer::with(tokend::seal::Keyring::new(
+            tokend::seal::Key::from_text(&text, KEY_FILE).unwrap(),
+            vec![],
+        )),
+        Err(_) => tokend::seal::Sealer::plaintext(),
+    }
+}
+
+/// [`fixture`], with every token sealed under a key of its own when `encrypted` (README
+/// "Encryption at rest").
+fn fixture_sealed(
+    mock: &MockProvider,
+    n: usize,
+    sinks: bool,
+    lifetime: impl Fn(usize) -> (i64, i64),
+    encrypted: bool,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("sinks")).unwrap();
     let mut config = String::from(
         "[daemon]\ndatabase = \"tokend.db\"\nconcurrency = 512\n\n[provider.oauth2]\nconcurrency = 512\n\n",
     );
+    if encrypted {
+        tokend::at_rest::write_new_key(&dir.path().join(KEY_FILE)).unwrap();
+        config = config.replace("[daemon]\n", &format!("[daemon]\nkey_file = \"{KEY_FILE}\"\n"));
+    }
     for i in 0..n {
         config.push_str(&format!(
             "[[credential]]\nname = \"c{i}\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n",
@@ -169,7 +199,10 @@ fn fixture(mock: &MockProvider, n: usize, sinks: bool, lifetime: impl Fn(usize) 
         .collect();
     let rows: Vec<(&str, &str, &tokend::store::NewToken)> =
         names.iter().zip(&tokens).map(|(n, t)| (n.as_str(), "oauth2", t)).collect();
-    Store::open(&dir.path().join("tokend.db")).unwrap().import_many(&rows, now_secs()).unwrap();
+    Store::open_sealed(&dir.path().join("tokend.db"), fixture_sealer(dir.path()))
+        .unwrap()
+        .import_many(&rows, now_secs())
+        .unwrap();
     if sinks {
         // As a previous run left them: each sink holds the token that is now due.
         for (i, token) in tokens.iter().enumerate() {
@@ -268,7 +301,7 @@ fn count_refreshed(db: &Path) -> usize {
 }
 
 fn sinks_current(f: &Fixture) -> usize {
-    let store = Store::open(&f.db()).unwrap();
+    let store = Store::open_sealed(&f.db(), fixture_sealer(f.dir.path())).unwrap();
     store
         .list()
         .unwrap()
@@ -290,10 +323,14 @@ struct CatchUp {
 
 /// All N due at once: time from READY until every rotation is committed and every sink written.
 fn catch_up(rt: &tokio::runtime::Runtime, n: usize) -> CatchUp {
+    catch_up_sealed(rt, n, false)
+}
+
+fn catch_up_sealed(rt: &tokio::runtime::Runtime, n: usize, encrypted: bool) -> CatchUp {
     let mock = rt.block_on(MockProvider::start(MockSettings::default())).unwrap();
     let now = now_secs();
     // Lifetime 1 h, expiring in 2 min: the 15 min lead puts every credential in the past.
-    let f = fixture(&mock, n, true, |_| (now + 120 - 3600, 3600));
+    let f = fixture_sealed(&mock, n, true, |_| (now + 120 - 3600, 3600), encrypted);
     let cpu_before = children_cpu_secs();
     let running = start_tokend(&f);
     let ready = Instant::now();
@@ -407,6 +444,51 @@ fn steady(rt: &tokio::runtime::Runtime, n: usize, due: usize, window: Duration, 
         idle_switches_per_min: (cs1 - cs0) as f64 / minutes,
         idle_cpu_ticks_per_min: (t1 - t0) as f64 / minutes,
     }
+}
+
+/// Encryption at rest on vs off in one run, alternating so that the disk's and the shared cores'
+/// drift falls on both: catch-up at 10,000 (every token opened, sealed and committed) and
+/// start-up at 100,000 (key loaded, key ids of every stored value checked).
+fn encryption_on_off(rt: &tokio::runtime::Runtime, smoke: bool, line: &mut impl FnMut(String)) {
+    let (catch_n, start_n, rounds) = if smoke { (500, 2000, 1) } else { (10_000, 100_000, 3) };
+    line(format!("\n## encryption at rest: off vs on, alternating, {rounds} round(s) each\n"));
+    line("| measure | off | on | on ÷ off (medians) |".into());
+    line("| --- | --- | --- | --- |".into());
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        off.push(catch_up_sealed(rt, catch_n, false).per_sec);
+        on.push(catch_up_sealed(rt, catch_n, true).per_sec);
+    }
+    let show = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+    line(format!(
+        "| catch-up {catch_n}: rotations/s (every round) | {} | {} | {:.3} |",
+        show(&off),
+        show(&on),
+        median(on.clone()) / median(off.clone())
+    ));
+    let mock =
+        rt.block_on(MockProvider::start(MockSettings { expires_in: 86_400, ..MockSettings::default() })).unwrap();
+    let later = now_secs() + 80_000;
+    let fixtures = [false, true].map(|encrypted| fixture_sealed(&mock, start_n, false, |_| (later, 3600), encrypted));
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (f, into) in fixtures.iter().zip([&mut off, &mut on]) {
+            let running = start_tokend(f);
+            into.push(running.ready_after.as_secs_f64() * 1000.0);
+            stop(running);
+        }
+    }
+    line(format!(
+        "| start-up {start_n}: exec → READY=1, ms (every round) | {} | {} | {:.3} |",
+        show(&off),
+        show(&on),
+        median(on.clone()) / median(off.clone())
+    ));
+    assert_eq!(mock.refreshes(), 0, "nothing was due in the start-up fixtures");
 }
 
 struct Baseline {
@@ -627,9 +709,12 @@ fn socket_load(
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let smoke = args.iter().any(|a| a == "smoke");
-    // Optional part filter: catchup, baselines, steady (default: all).
-    let parts: Vec<&str> =
-        args.iter().map(String::as_str).filter(|a| ["catchup", "baselines", "steady", "socket"].contains(a)).collect();
+    // Optional part filter: catchup, baselines, steady, socket, encryption (default: all).
+    let parts: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| ["catchup", "baselines", "steady", "socket", "encryption"].contains(a))
+        .collect();
     let want = |part: &str| parts.is_empty() || parts.contains(&part);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let mut report = String::new();
@@ -733,6 +818,10 @@ fn main() {
         ));
         line(format!("| idle with the socket open: context switches per minute | {:.1} |", l.idle_switches_per_min));
     }
+    if want("encryption") {
+        encryption_on_off(&rt, smoke, &mut line);
+    }
+
     let (n, due, window, idle) = if smoke {
         (2000, 500, Duration::from_secs(5), Duration::from_secs(5))
     } else {

@@ -32,6 +32,9 @@ pub mod exit {
     pub const EXPIRED: u8 = 6;
     /// A temporary failure (provider down, rate limited, answer rejected, busy): try again later.
     pub const TEMPORARY: u8 = 7;
+    /// The encryption key is missing, unreadable or wrong, or a stored value does not decrypt
+    /// (README "Encryption at rest"). Nothing was sent and nothing overwritten.
+    pub const KEY: u8 = 8;
 }
 
 /// Longest stdin `tokend import` reads; a token answer is a few hundred bytes.
@@ -151,6 +154,36 @@ pub enum Command {
     /// Print the completion script for SHELL on stdout (the package installs those for bash, zsh
     /// and fish).
     Completions { shell: clap_complete::Shell },
+    /// Encryption at rest: create a key, or rotate the store to a new one.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Write a consistent copy of the database to FILE (safe beside the running daemon; the
+    /// copy stays encrypted and needs no key to make).
+    Backup { file: PathBuf },
+    /// Put a backup made by `tokend backup` in place as the database (tokend stopped, no store
+    /// there yet); the configured key must open every value in it.
+    Restore { file: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Write a new random key to FILE (mode 0600, never overwriting) and print how to give it to
+    /// the service as an encrypted systemd credential.
+    Init {
+        file: PathBuf,
+        /// Also encrypt the configuration's existing plaintext database with it now (tokend stopped).
+        #[arg(long)]
+        encrypt_existing: bool,
+    },
+    /// Re-encrypt every stored value with a new key (tokend stopped); killed at any point, the
+    /// same command finishes the job. NEW is a key file, `env:VAR` or `credential:NAME`.
+    Rotate {
+        #[arg(long)]
+        new: String,
+        /// Credentials re-encrypted per transaction.
+        #[arg(long, default_value_t = crate::at_rest::DEFAULT_BATCH)]
+        batch: usize,
+    },
 }
 
 /// An error for the user: one line and an exit code.
@@ -174,7 +207,8 @@ impl From<ConfigError> for CliError {
 
 impl From<StoreError> for CliError {
     fn from(e: StoreError) -> Self {
-        CliError::new(exit::FAILURE, e.to_string())
+        let code = if e.is_key_problem() { exit::KEY } else { exit::FAILURE };
+        CliError::new(code, e.to_string())
     }
 }
 
@@ -247,10 +281,86 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
         Command::Completions { shell } => crate::manual::print_completions(shell),
         Command::Token { name, min_valid, json } => token::run(&cli.config, &name, min_valid.as_deref(), json).await,
+        Command::Key(command) => key_command(&cli.config, command),
+        Command::Backup { file } => {
+            let config = config::load_without_secrets(&cli.config)?;
+            let (id, n) = crate::at_rest::backup(&config, &file)?;
+            println!(
+                "backed up {n} credential(s) from {} to {} ({})",
+                config.daemon.database.display(),
+                file.display(),
+                id.map_or("not encrypted".to_string(), |id| format!("encrypted, key id {id}"))
+            );
+            Ok(())
+        }
+        Command::Restore { file } => {
+            let config = config::load_without_secrets(&cli.config)?;
+            let n = crate::at_rest::restore(&config, &file)?;
+            println!("restored {n} credential(s) from {} to {}", file.display(), config.daemon.database.display());
+            Ok(())
+        }
     }
 }
 
-mod token;
+fn key_command(config_path: &std::path::Path, command: KeyCommand) -> Result<(), CliError> {
+    match command {
+        KeyCommand::Init { file, encrypt_existing } => {
+            // The configuration is read first: a store to encrypt must be known before a key is made.
+            let config = if encrypt_existing { Some(config::load_without_secrets(config_path)?) } else { None };
+            let key = crate::at_rest::write_new_key(&file).map_err(|e| CliError::new(exit::FAILURE, e))?;
+            let path = std::path::absolute(&file).unwrap_or(file);
+            let id = key.id();
+            println!("wrote a new key to {} (mode 0600, key id {id})", path.display());
+            if let Some(config) = config {
+                let n = crate::at_rest::encrypt_existing(&config, key)?;
+                println!(
+                    "encrypted {n} credential(s) in {} with key {id}; old pages removed (VACUUM, WAL truncated)",
+                    config.daemon.database.display()
+                );
+            }
+            print!("{}", key_setup_text(&path));
+            Ok(())
+        }
+        KeyCommand::Rotate { new, batch } => {
+            let config = config::load_without_secrets(config_path)?;
+            let source = match (new.strip_prefix("env:"), new.strip_prefix("credential:")) {
+                (Some(var), _) => crate::seal::KeySource::Env(var.to_string()),
+                (_, Some(name)) => crate::seal::KeySource::Credential(name.to_string()),
+                _ => crate::seal::KeySource::File(std::path::absolute(&new).unwrap_or_else(|_| new.clone().into())),
+            };
+            let (id, n) = crate::at_rest::rotate(&config, &source, batch)?;
+            println!(
+                "rotated {n} credential(s) in {} to key {id}; now set [daemon] {} in {} and start tokend",
+                config.daemon.database.display(),
+                match &source {
+                    crate::seal::KeySource::File(p) => format!("key_file = \"{}\"", p.display()),
+                    crate::seal::KeySource::Env(v) => format!("key_env = \"{v}\""),
+                    crate::seal::KeySource::Credential(c) => format!("key_credential = \"{c}\""),
+                },
+                config_path.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The steps after `tokend key init`: seal the key to this host as a systemd credential (with the
+/// TPM2 when there is one) and hand it to the service.
+fn key_setup_text(key_file: &std::path::Path) -> String {
+    format!(
+        "\nTo unlock at boot without a person present, seal it to this host (TPM2 where there is one):\n\n\
+         \x20 mkdir -p /etc/credstore.encrypted\n\
+         \x20 systemd-creds encrypt --name=tokend-key {key} /etc/credstore.encrypted/tokend-key\n\
+         \x20 shred -u {key}    # once the encrypted credential works; keep a copy offline for disaster recovery\n\n\
+         then give it to the service (systemctl edit tokend):\n\n\
+         \x20 [Service]\n\
+         \x20 LoadCredentialEncrypted=tokend-key:/etc/credstore.encrypted/tokend-key\n\n\
+         and in the configuration's [daemon] table:\n\n\
+         \x20 key_credential = \"tokend-key\"\n\n\
+         (or, without systemd credentials: key_file = \"{key}\")\n",
+        key = key_file.display()
+    )
+}
 
 async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -265,6 +375,10 @@ async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
             ),
         ),
         DaemonError::Config(e) => CliError::from(e),
+        DaemonError::Store(e) if e.is_key_problem() => CliError::new(
+            exit::KEY,
+            format!("{e}\nnot started: nothing was sent to any provider and nothing in the store was changed"),
+        ),
         other => CliError::new(exit::FAILURE, other.to_string()),
     })
 }
@@ -334,6 +448,9 @@ fn check(path: &std::path::Path) -> Result<(), CliError> {
         config.credentials.len(),
         config.daemon.database.display()
     );
+    for line in crate::at_rest::describe(&config)? {
+        println!("{line}");
+    }
     for c in &config.credentials {
         let sinks: Vec<String> =
             c.sinks.iter().map(|s| format!("{} ({})", s.path.display(), s.format.as_str())).collect();
@@ -355,7 +472,7 @@ fn credential<'a>(config: &'a Config, name: &str) -> Result<&'a Credential, CliE
 }
 
 fn open_store(config: &Config) -> Result<Store, CliError> {
-    Ok(Store::open(&config.daemon.database)?)
+    Ok(crate::at_rest::open(config)?)
 }
 
 fn import(config: &Config, name: &str, issued_at: Option<&str>) -> Result<(), CliError> {
@@ -371,6 +488,17 @@ fn import(config: &Config, name: &str, issued_at: Option<&str>) -> Result<(), Cl
             format!("stdin: more than {MAX_IMPORT_BYTES} bytes; expected one token answer"),
         ));
     }
+    // A rescue file written with a key configured holds the answer sealed (src/refresh.rs).
+    let text = String::from_utf8_lossy(&input);
+    let input = match crate::seal::classify(text.trim()) {
+        crate::seal::Stored::Plain => input,
+        crate::seal::Stored::Sealed(_) => crate::at_rest::sealer(config)?
+            .open(name, crate::seal::Column::Rescue, 0, text.trim())
+            .map_err(|e| CliError::new(exit::KEY, format!("stdin: {e}")))?
+            .expose()
+            .as_bytes()
+            .to_vec(),
+    };
     let answer = provider::parse_token_json(&input).map_err(|e| CliError::new(exit::FAILURE, format!("stdin: {e}")))?;
     let issued = match issued_at {
         None => schedule::imported_issue_time(answer.created_at, now_secs()),
@@ -447,7 +575,8 @@ fn display_status(state: &TokenState, now: i64) -> &'static str {
 }
 
 fn list(config: &Config, json: bool) -> Result<(), CliError> {
-    let store = open_store(config)?;
+    // Names, expiry and status only: no key needed (README "Encryption at rest").
+    let store = crate::at_rest::open_without_key(config)?;
     let states = store.list()?;
     let now = now_secs();
     let mut rows = Vec::new();
@@ -582,7 +711,7 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
     let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref())
         .map_err(|e| CliError::new(exit::FAILURE, e))?;
     let generation = open_store(config)?.get(name)?.map(|s| s.generation);
-    let store = crate::committer::Committer::open(&config.daemon.database)?;
+    let store = crate::at_rest::committer(config)?;
     // Wait as long as another holder may legitimately keep the lease, then a little more.
     let lease_wait = config.daemon.http.total_timeout + Duration::from_secs(35);
     let started = now_ms();
@@ -620,7 +749,7 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
 }
 
 fn remove(config: &Config, name: &str) -> Result<(), CliError> {
-    let existed = open_store(config)?.remove(name)?;
+    let existed = crate::at_rest::open_without_key(config)?.remove(name)?;
     daemon::notify_store_changed(&config.daemon.database);
     let mut removed_files = Vec::new();
     if let Some(cred) = config.credential(name) {
@@ -639,3 +768,5 @@ fn remove(config: &Config, name: &str) -> Result<(), CliError> {
     );
     Ok(())
 }
+
+mod token;

@@ -9,6 +9,7 @@
 //! decide anything in between, and the commit goes ahead whether or not anyone still waits for
 //! it — so no effect of an answer (sinks, hooks) can happen before its commit.
 
+use crate::seal::Sealer;
 use crate::store::{BatchJob, Begin, LeaseHolder, NewToken, RefreshStore, Store, StoreError, TokenState};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
@@ -52,15 +53,21 @@ fn no_value() -> StoreError {
 pub struct Committer {
     jobs: mpsc::Sender<Box<dyn BatchJob>>,
     path: PathBuf,
+    sealer: Sealer,
 }
 
 impl Committer {
     pub fn open(path: &Path) -> Result<Committer, StoreError> {
-        let mut store = Store::open(path)?;
+        Committer::open_sealed(path, Sealer::plaintext())
+    }
+
+    /// The committer of a store opened with `sealer`'s keys ([`Store::open_sealed`]).
+    pub fn open_sealed(path: &Path, sealer: Sealer) -> Result<Committer, StoreError> {
+        let mut store = Store::open_sealed(path, sealer.clone())?;
         let jobs = crate::batcher::spawn("tokend-commit", MAX_BATCH, move |batch| store.batch(batch)).map_err(|e| {
             StoreError::Other { path: path.to_path_buf(), message: format!("cannot start the commit thread: {e}") }
         })?;
-        Ok(Committer { jobs, path: path.to_path_buf() })
+        Ok(Committer { jobs, path: path.to_path_buf(), sealer })
     }
 
     /// Runs `op` in the next batch and returns its value once the batch committed.
@@ -80,6 +87,10 @@ impl RefreshStore for Committer {
         &self.path
     }
 
+    fn sealer(&self) -> Sealer {
+        self.sealer.clone()
+    }
+
     async fn begin_refresh(
         &self,
         name: &str,
@@ -87,8 +98,8 @@ impl RefreshStore for Committer {
         lease_ttl: Duration,
         now_ms: i64,
     ) -> Result<Begin, StoreError> {
-        let (name, holder) = (name.to_string(), holder.clone());
-        self.run(move |c| crate::store::ops::begin(c, &name, &holder, lease_ttl, now_ms)).await
+        let (name, holder, sealer) = (name.to_string(), holder.clone(), self.sealer.clone());
+        self.run(move |c| crate::store::ops::begin(c, &sealer, &name, &holder, lease_ttl, now_ms)).await
     }
 
     async fn commit_rotation(
@@ -101,10 +112,12 @@ impl RefreshStore for Committer {
         now_ms: i64,
     ) -> Result<TokenState, StoreError> {
         let (name, provider, token) = (name.to_string(), provider.to_string(), token.clone());
-        let path = self.path.clone();
-        self.run(move |c| crate::store::ops::commit(c, &name, &provider, attempt_id, from_generation, &token, now_ms))
-            .await?
-            .ok_or_else(|| StoreError::Other { path, message: "the credential vanished during its commit".into() })
+        let (path, sealer) = (self.path.clone(), self.sealer.clone());
+        self.run(move |c| {
+            crate::store::ops::commit(c, &sealer, &name, &provider, attempt_id, from_generation, &token, now_ms)
+        })
+        .await?
+        .ok_or_else(|| StoreError::Other { path, message: "the credential vanished during its commit".into() })
     }
 
     async fn record_failure(
@@ -130,7 +143,7 @@ impl RefreshStore for Committer {
     }
 
     async fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
-        let name = name.to_string();
-        self.run(move |c| crate::store::ops::get(c, &name)).await
+        let (name, sealer) = (name.to_string(), self.sealer.clone());
+        self.run(move |c| crate::store::ops::get(c, &sealer, &name)).await
     }
 }

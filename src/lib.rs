@@ -24,9 +24,12 @@
 //! | [`dev`] | `tokend dev`: the self-contained demo, and its loopback token endpoint ([`dev::mock`], also the tests') |
 //! | [`manual`] | man pages and shell completions, generated from the CLI and the reference config |
 //! | [`redact`] | secrets wrapped so they print only as fingerprints |
+//! | [`seal`] | encryption at rest, backend-neutral: keys, key ids, sealing and opening one value |
+//! | [`at_rest`] | encryption as commands and start-up use it: key loading, key init/rotate, backup/restore |
 //! | [`clock`] | wall-clock time as unix seconds/milliseconds |
 //! | [`untrusted`] | opening files where others can write: no links, no blocking, bounded reads |
 
+pub mod at_rest;
 pub mod authorize;
 pub mod batcher;
 pub mod cli;
@@ -44,6 +47,7 @@ pub mod provider;
 pub mod redact;
 pub mod refresh;
 pub mod schedule;
+pub mod seal;
 pub mod sink;
 pub mod socket;
 pub mod store;

@@ -158,7 +158,7 @@ pub async fn refresh(
             let new_state = match committed {
                 Ok(s) => s,
                 Err(source) => {
-                    let rescue = write_rescue(store.path(), name, &token);
+                    let rescue = write_rescue(store.path(), &store.sealer(), name, &token);
                     tracing::error!(
                         credential = name,
                         refresh_token = token.refresh_token.as_ref().map(|t| t.fingerprint()),
@@ -254,7 +254,9 @@ impl SkipReason {
 
 /// Last resort when the rotation commit fails: keep the answer as importable JSON beside the
 /// database (mode 0600), then in the system temp dir. Returns where it went.
-fn write_rescue(db: &std::path::Path, name: &str, token: &NewToken) -> String {
+/// With a key configured the file holds the JSON sealed like a stored value (bound to the
+/// credential's name), which `tokend import` opens with the same key.
+fn write_rescue(db: &std::path::Path, sealer: &crate::seal::Sealer, name: &str, token: &NewToken) -> String {
     // The kept extras go back in as the answer fields they came from, so an import restores them;
     // the token's own fields are written over them.
     let mut json: serde_json::Map<String, serde_json::Value> =
@@ -269,6 +271,14 @@ fn write_rescue(db: &std::path::Path, name: &str, token: &NewToken) -> String {
         ("refresh_token_expires_in".to_string(), token.refresh_token_expires_at.map(|t| t - token.created_at).into()),
     ]);
     let json = serde_json::Value::Object(json);
+    let text = match sealer.seal(name, crate::seal::Column::Rescue, 0, &json.to_string()) {
+        Ok(text) => text,
+        // Cannot happen with a working cipher; the token must not be lost either way.
+        Err(e) => {
+            tracing::error!(credential = name, "{e}; the rescue file is written in plaintext");
+            json.to_string()
+        }
+    };
     let file_name = format!("tokend-rescue-{name}-{}.json", now_ms());
     let beside = db.parent().map(|p| p.join(&file_name)).unwrap_or_else(|| PathBuf::from(&file_name));
     for path in [beside, std::env::temp_dir().join(&file_name)] {
@@ -278,7 +288,7 @@ fn write_rescue(db: &std::path::Path, name: &str, token: &NewToken) -> String {
             .mode(0o600)
             .custom_flags(crate::untrusted::HOSTILE_OPEN_FLAGS)
             .open(&path)
-            .and_then(|mut f| f.write_all(json.to_string().as_bytes()).and_then(|()| f.sync_all()));
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()));
         if written.is_ok() {
             return path.display().to_string();
         }

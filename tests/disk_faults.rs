@@ -104,6 +104,50 @@ async fn disk_full_after_the_provider_rotated_rescues_the_token() {
     assert_eq!(w.mock.reuses(), 0, "the chain was never broken");
 }
 
+/// With a key configured (README "Encryption at rest") the rescue file holds the answer sealed,
+/// bound to the credential (src/seal.rs tests the binding): no token in clear on disk, and
+/// `tokend import` opens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_store_writes_its_rescue_file_sealed() {
+    let w = World::new(MockSettings { delay: Duration::from_millis(1500), ..MockSettings::default() }).await;
+    let Some(disk) = Tmpfs::mount(&w.path("db"), "1m", "disk_full_sealed") else { return };
+    std::fs::create_dir(w.path("tmp")).unwrap();
+    assert_eq!(w.tokend(&["key", "init", "tokend.key"], None).await.code, 0);
+    w.write_config_with_daemon("key_file = \"tokend.key\"", ONE);
+    let text = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(w.config_path(), text.replace("database = \"tokend.db\"", "database = \"db/tokend.db\"")).unwrap();
+    w.authorize_and_import("c").await;
+    let tmp = w.path("tmp");
+    let env = [("TMPDIR", tmp.to_str().unwrap())];
+    let refresh = w.tokend_env(&["refresh", "c"], None, &env);
+    let fill_when_sent = async {
+        assert!(wait_for(Duration::from_secs(5), || !w.mock.requests().is_empty()).await);
+        fill(&disk.0);
+    };
+    let (run, ()) = tokio::join!(refresh, fill_when_sent);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let rescue = run
+        .stderr
+        .split("the answer was saved to ")
+        .nth(1)
+        .and_then(|r| r.split(" — ").next())
+        .expect("rescue path named")
+        .to_string();
+    let saved = std::fs::read_to_string(&rescue).unwrap();
+    let live = w.mock.live_refresh_token("c").unwrap();
+    assert!(saved.starts_with("s1 "), "not sealed: {saved}");
+    for token in w.mock.issued_tokens() {
+        assert!(!saved.contains(&token), "{token} in clear in the rescue file");
+    }
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    let import = w.tokend(&["import", "c"], Some(&saved)).await;
+    assert_eq!(import.code, 0, "{}", import.stderr);
+    let run = w.tokend(&["refresh", "c"], None).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(w.mock.is_revoked(&live), "the rescued (live) token was the one spent next");
+    assert_eq!(w.mock.reuses(), 0, "the chain was never broken");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_keeps_the_token_when_its_disk_fills_and_commits_it_later() {
     let w = World::new(MockSettings { delay: Duration::from_millis(1500), ..MockSettings::default() }).await;

@@ -366,6 +366,160 @@ fn load_credential_from_the_socket(c: &Container) -> Check {
 // ------------------------------------------------------------------------------------------------
 // The test.
 
+/// The commands of README's first code block in "Encryption at rest", comments and blank lines
+/// dropped, continuation lines joined.
+fn readme_encryption_commands() -> Vec<String> {
+    let readme = String::from_utf8(repo_file("README.md")).unwrap();
+    let section = readme.split("## Encryption at rest").nth(1).expect("README has the section");
+    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
+    shell_commands(block)
+}
+
+/// The database's files, and every token the mock ever issued that one of them holds in clear.
+fn tokens_in_clear(c: &Container, mock: &MockProvider) -> (String, Vec<String>) {
+    let files = c.must("ls /var/lib/tokend/tokend.db*");
+    let mut in_clear = Vec::new();
+    for file in files.split_whitespace() {
+        // The container's root is mounted in its own namespace: the bytes come out in base64.
+        let encoded = c.sh(&format!("base64 -w0 {file}")).stdout;
+        let bytes =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded.trim()).unwrap_or_default();
+        for token in mock.issued_tokens() {
+            if bytes.windows(token.len()).any(|w| w == token.as_bytes()) {
+                in_clear.push(format!("{file}: {token}"));
+            }
+        }
+    }
+    (files, in_clear)
+}
+
+fn readme_encryption_steps(c: &Container, mock: &MockProvider) -> Check {
+    // The scan below must be able to fail: before the steps the store is plaintext.
+    let (_, before_steps) = tokens_in_clear(c, mock);
+    let mut evidence = format!("before the steps, {} token(s) in clear in the database files\n", before_steps.len());
+    for command in readme_encryption_commands() {
+        let out = c.sh(&command);
+        let _ = writeln!(evidence, "$ {command}\n  exit {}", out.code);
+        if !out.ok() {
+            return ensure(false, format!("{evidence}{}", out.text()));
+        }
+    }
+    let active = wait_until(Duration::from_secs(10), || (c.prop("tokend", "ActiveState") == "active").then_some(()));
+    let encrypted = journal(c, "_SYSTEMD_UNIT=tokend.service").contains("store encrypted; old pages removed");
+    // Rotations go on under the key; then every token the provider ever issued is looked for.
+    // Rotations counted at the provider as well: a listing that failed would give no generations.
+    let refreshes = mock.refreshes();
+    let before = generations(c);
+    let went_on = wait_generations(c, &before, 1, Duration::from_secs(30))
+        .and_then(|e| ensure(before.len() == CREDENTIALS.len() && mock.refreshes() >= refreshes + 3, e));
+    let (files, in_clear) = tokens_in_clear(c, mock);
+    // `check` reads the client secrets too: the service's LoadCredential= lines as well.
+    let secrets: String =
+        CREDENTIALS.iter().map(|(name, ..)| format!(" -p LoadCredential={name}:/etc/tokend/secrets/{name}")).collect();
+    let check = c.sh(&format!(
+        "systemd-run --wait --pipe -q -p User=tokend{secrets} -p LoadCredentialEncrypted=tokend-key:/etc/credstore.encrypted/tokend-key {TOKEND} -c {CONFIG} check"
+    ));
+    let _ = writeln!(
+        evidence,
+        "active: {}; journal says encrypted: {encrypted}; rotations went on: {}; files: {}; tokens in clear: {in_clear:?}; check: {}",
+        active.is_some(),
+        went_on.is_ok(),
+        files.split_whitespace().collect::<Vec<_>>().join(" "),
+        check
+            .stdout
+            .lines()
+            .filter(|l| l.contains("encryption") || l.contains("stored values"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    ensure(
+        !before_steps.is_empty()
+            && active.is_some()
+            && encrypted
+            && went_on.is_ok()
+            && in_clear.is_empty()
+            && mock.issued_tokens().len() > 6
+            && check.stdout.contains("encryption: key_credential \"tokend-key\"")
+            && check.stdout.contains("sealed with key")
+            && !check.stdout.contains("in plaintext"),
+        evidence,
+    )
+}
+
+/// The commands of the `sh` block after "**Backups and disaster recovery.**", as in
+/// [`readme_encryption_commands`].
+fn readme_recovery_commands() -> Vec<String> {
+    let readme = String::from_utf8(repo_file("README.md")).unwrap();
+    let section = readme.split("**Backups and disaster recovery.**").nth(1).expect("README has the paragraph");
+    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
+    shell_commands(block)
+}
+
+/// A README `sh` block's commands: comments and blank lines dropped, continuation lines joined.
+fn shell_commands(block: &str) -> Vec<String> {
+    let mut commands = Vec::new();
+    let mut pending = String::new();
+    for line in block.lines() {
+        let line = line.split(" #").next().unwrap_or_default().trim();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(head) => pending.push_str(head),
+            None => {
+                pending.push_str(line);
+                commands.push(std::mem::take(&mut pending));
+            }
+        }
+    }
+    commands
+}
+
+/// The "new host" is this container with the database removed: the backup is made with tokend
+/// stopped, so that no refresh token in it was spent since (README says what happens otherwise).
+fn readme_disaster_recovery(c: &Container, mock: &MockProvider) -> Check {
+    let mut evidence = String::new();
+    for command in [
+        "systemctl stop tokend",
+        &format!("{TOKEND} -c {CONFIG} backup /var/backups/tokend.db"),
+        "rm -f /var/lib/tokend/tokend.db /var/lib/tokend/tokend.db-wal /var/lib/tokend/tokend.db-shm",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .chain(readme_recovery_commands())
+    {
+        let out = c.sh(&command);
+        let _ =
+            writeln!(evidence, "$ {command}\n  exit {}: {}", out.code, out.text().lines().next().unwrap_or_default());
+        if !out.ok() {
+            return ensure(false, format!("{evidence}{}", out.text()));
+        }
+    }
+    let active = wait_until(Duration::from_secs(10), || (c.prop("tokend", "ActiveState") == "active").then_some(()));
+    let refreshes = mock.refreshes();
+    let before = generations(c);
+    let went_on = wait_generations(c, &before, 1, Duration::from_secs(30))
+        .and_then(|e| ensure(before.len() == CREDENTIALS.len() && mock.refreshes() >= refreshes + 3, e));
+    let owner = c.sh("stat -c '%U %a' /var/lib/tokend/tokend.db").stdout;
+    let (_, in_clear) = tokens_in_clear(c, mock);
+    let _ = writeln!(
+        evidence,
+        "active: {}; generations {before:?}, went on: {}; database {}; tokens in clear: {in_clear:?}; reuses at the provider: {}",
+        active.is_some(),
+        went_on.is_ok(),
+        owner.trim(),
+        mock.reuses()
+    );
+    ensure(
+        active.is_some()
+            && went_on.is_ok()
+            && owner.trim() == "tokend 600"
+            && in_clear.is_empty()
+            && mock.reuses() == 0,
+        evidence,
+    )
+}
+
 #[test]
 fn tokend_service_under_a_real_systemd() {
     if let Some(why) = skip_reason() {
@@ -805,6 +959,17 @@ fn tokend_service_under_a_real_systemd() {
             level.is_some_and(|l| l <= 2.0),
             format!("exit {}; exposure {level:?}; {} ✗ lines:\n{}", security.code, crosses.len(), crosses.join("\n")),
         ),
+    );
+
+    // ---- Encryption at rest: README's steps, as written, on this running service.
+    report.record(
+        "README \"Encryption at rest\" steps: the service restarts with the key from LoadCredentialEncrypted=, the store has no token in clear",
+        readme_encryption_steps(&c, &mock.provider),
+    );
+
+    report.record(
+        "README disaster recovery: backup, the database gone, the section's restore steps, the service starts and rotations go on",
+        readme_disaster_recovery(&c, &mock.provider),
     );
 
     // ---- Teardown, checked.

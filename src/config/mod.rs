@@ -92,6 +92,8 @@ pub struct DaemonConfig {
     pub socket: Option<PathBuf>,
     /// The socket systemd's `LoadCredential=` reads tokens from; none means off.
     pub credential_socket: Option<PathBuf>,
+    /// Where the key that seals stored tokens comes from; `None`: tokens stored in plaintext.
+    pub key: Option<crate::seal::KeySource>,
 }
 
 /// One credential: who to ask, how, when, and where its token goes.

@@ -31,6 +31,10 @@ pub(super) struct RawDaemon {
     // The local socket API (src/socket/).
     pub(super) socket: Option<PathBuf>,
     pub(super) credential_socket: Option<PathBuf>,
+    // Encryption at rest (src/seal.rs): at most one of these.
+    pub(super) key_credential: Option<String>,
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) key_env: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -154,7 +154,47 @@ impl<'a> Validator<'a> {
             }
         });
         let (socket, credential_socket) = self.sockets(place, raw.socket, raw.credential_socket);
-        DaemonConfig { database, concurrency, http, metrics_file, trigger_dir, proxy, socket, credential_socket }
+        let key = self.key_source(place, raw.key_credential, raw.key_file, raw.key_env);
+        DaemonConfig { database, concurrency, http, metrics_file, trigger_dir, proxy, socket, credential_socket, key }
+    }
+
+    /// At most one of `key_credential`, `key_file`, `key_env`; the key itself is read when the
+    /// store is opened (src/at_rest.rs), by every command that opens it.
+    fn key_source(
+        &mut self,
+        place: &str,
+        credential: Option<String>,
+        file: Option<PathBuf>,
+        env: Option<String>,
+    ) -> Option<crate::seal::KeySource> {
+        use crate::seal::KeySource;
+        let given = [credential.is_some(), file.is_some(), env.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            self.report(place, Some("key_credential"), "give only one of key_credential, key_file, key_env");
+            return None;
+        }
+        match (credential, file, env) {
+            (Some(c), _, _) if c.is_empty() || c.contains('/') => {
+                self.report(
+                    place,
+                    Some("key_credential"),
+                    format!("\"{c}\" must be a bare credential name, without '/'"),
+                );
+                None
+            }
+            (Some(c), _, _) => Some(KeySource::Credential(c)),
+            (_, Some(f), _) if f.as_os_str().is_empty() => {
+                self.report(place, Some("key_file"), "is empty");
+                None
+            }
+            (_, Some(f), _) => Some(KeySource::File(self.resolve(&f))),
+            (_, _, Some(v)) if v.is_empty() => {
+                self.report(place, Some("key_env"), "is empty");
+                None
+            }
+            (_, _, Some(v)) => Some(KeySource::Env(v)),
+            _ => None,
+        }
     }
 
     fn positive(&mut self, place: &str, field: &str, n: i64, max: usize) -> Option<usize> {

@@ -221,12 +221,13 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     }
     raise_open_file_limit();
     let _lock = lock_database(&config.daemon.database)?;
-    let store = Store::open(&config.daemon.database)?;
+    // Encryption at rest: the key checked against the store before anything is sent.
+    let (store, sealer) = crate::at_rest::open_for_daemon(&config)?;
     let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(DaemonError::Http)?;
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         store_changed_path: store_changed_path(&config.daemon.database),
-        committer: Committer::open(&config.daemon.database)?,
+        committer: Committer::open_sealed(&config.daemon.database, sealer)?,
         sinks: sink::SinkWriter::start()
             .map_err(|source| DaemonError::Io { context: "cannot start the sink writer thread".into(), source })?,
         config,

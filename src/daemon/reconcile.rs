@@ -127,6 +127,13 @@ impl Daemon {
                 config.daemon.database.display()
             ));
         }
+        if config.daemon.key != self.config.daemon.key {
+            // The store's connections hold the key they were opened with (src/at_rest.rs).
+            return Err(
+                "the encryption key (key_credential, key_file, key_env) cannot change while running; restart tokend"
+                    .into(),
+            );
+        }
         self.apply_config(config).map(drop).map_err(|e| format!("reload failed: {e}"))
     }
 }

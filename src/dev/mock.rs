@@ -166,6 +166,9 @@ struct State {
     users: HashMap<String, String>,
     issued: u64,
     refreshes: u64,
+    /// Every access and refresh token issued, for tests that look for them where they must not
+    /// be (kept only when requests are kept: `tokend dev` runs for days).
+    issued_tokens: Vec<String>,
 }
 
 /// A running mock provider; stops when dropped.
@@ -285,6 +288,11 @@ impl MockProvider {
         self.state().reuses
     }
 
+    /// Every token issued so far (access and refresh), when requests are kept (`keep_requests: None`).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.state().issued_tokens.clone()
+    }
+
     /// Refresh tokens whose rotation answer was dropped on purpose.
     pub fn lost_in_transit(&self) -> Vec<String> {
         self.state().lost_in_transit.clone()
@@ -295,6 +303,9 @@ fn issue(state: &mut State, chain: &str, with_refresh: bool) -> Value {
     state.issued += 1;
     let n = state.issued;
     let access = format!("at{n}x{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+    if state.settings.keep_requests.is_none() {
+        state.issued_tokens.push(access.clone());
+    }
     let mut answer = json!({
         "access_token": access,
         "token_type": "Bearer",
@@ -312,6 +323,9 @@ fn issue(state: &mut State, chain: &str, with_refresh: bool) -> Value {
     }
     if with_refresh {
         let refresh = format!("rt{n}x{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+        if state.settings.keep_requests.is_none() {
+            state.issued_tokens.push(refresh.clone());
+        }
         state.live.insert(refresh.clone(), chain.to_string());
         answer["refresh_token"] = Value::String(refresh);
     }

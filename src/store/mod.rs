@@ -6,7 +6,7 @@
 mod sqlite;
 
 pub(crate) use sqlite::ops;
-pub use sqlite::{BatchJob, Store};
+pub use sqlite::{BatchJob, KeyUse, Store, backup, count_credentials, remove_with_side_files};
 
 use crate::redact::Secret;
 use std::future::Future;
@@ -21,6 +21,31 @@ pub enum StoreError {
     Io { path: PathBuf, context: String, source: std::io::Error },
     #[error("database {path}: {message}")]
     Other { path: PathBuf, message: String },
+    /// The encryption key is missing, wrong or unreadable, or a sealed value does not open.
+    #[error("database {path}: {source}")]
+    Key { path: PathBuf, source: crate::seal::SealError },
+}
+
+impl StoreError {
+    /// A statement's error, with a key problem met inside it (a sealed value that does not open)
+    /// brought out as [`StoreError::Key`].
+    pub fn from_sql(path: &Path, source: rusqlite::Error) -> StoreError {
+        match source {
+            rusqlite::Error::FromSqlConversionFailure(i, t, e) => match e.downcast::<crate::seal::SealError>() {
+                Ok(seal) => StoreError::Key { path: path.to_path_buf(), source: *seal },
+                Err(e) => StoreError::Sqlite {
+                    path: path.to_path_buf(),
+                    source: rusqlite::Error::FromSqlConversionFailure(i, t, e),
+                },
+            },
+            source => StoreError::Sqlite { path: path.to_path_buf(), source },
+        }
+    }
+
+    /// Whether this is about the encryption key (exit code 8 on the command line).
+    pub fn is_key_problem(&self) -> bool {
+        matches!(self, StoreError::Key { .. })
+    }
 }
 
 /// `active` credentials are refreshed; `needs_reauth` ones (grant rejected) and `revoked` ones
@@ -207,6 +232,11 @@ pub struct OpenAttempt {
 pub trait RefreshStore: Clone + Send + Sync + 'static {
     /// Where the store lives: rescue files go beside it.
     fn path(&self) -> &Path;
+
+    /// What seals the store's values; rescue files are sealed with it too (src/seal.rs).
+    fn sealer(&self) -> crate::seal::Sealer {
+        crate::seal::Sealer::plaintext()
+    }
 
     /// Steps 1 and 2 in one transaction: take `name`'s lease and record the attempt to spend its
     /// current refresh token.

@@ -15,15 +15,16 @@
 //! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] only ever grows.
 
 /// The parameters of a statement that stores a token: `?1` the credential's name, `?2`–`?10` the
-/// token's columns (access token, refresh token, type, scope, expires_in, created_at,
-/// expires_at, extra, refresh_token_expires_at), then each statement's own from `?11` on. One list for every statement that
-/// writes a token, so that none can put a column in the wrong place.
+/// token's columns (access token, refresh token — both as [`sealed`] returned them —, type,
+/// scope, expires_in, created_at, expires_at, extra, refresh_token_expires_at), then each
+/// statement's own from `?11` on. One list for every statement that writes a token, so that none
+/// can put a column in the wrong place.
 macro_rules! token_params {
-    ($name:expr, $token:expr $(, $rest:expr)* $(,)?) => {
+    ($name:expr, $token:expr, $sealed:expr $(, $rest:expr)* $(,)?) => {
         rusqlite::params![
             $name,
-            $token.access_token.expose(),
-            $token.refresh_token.as_ref().map(crate::redact::Secret::expose),
+            $sealed.0,
+            $sealed.1,
             $token.token_type,
             $token.scope,
             $token.expires_in,
@@ -37,10 +38,12 @@ macro_rules! token_params {
 }
 
 pub(crate) mod ops;
+mod sealing;
+pub use sealing::{KeyUse, backup, count_credentials, remove_with_side_files};
 
 use super::{Begin, LeaseHolder, Lifetime, NewToken, OpenAttempt, Status, StoreError, TokenState};
-use crate::redact::Secret;
-use rusqlite::{Connection, TransactionBehavior, params};
+use crate::seal::{Column, SealError, Sealer};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::fs::OpenOptions;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -133,6 +136,8 @@ pub trait BatchJob: Send {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Seals every token written and opens every token read (src/seal.rs); plaintext without a key.
+    sealer: Sealer,
 }
 
 /// The columns [`state_from_row`] reads, in its order; a macro so the queries below can be
@@ -161,19 +166,27 @@ fn status_from_text(text: &str) -> Status {
     }
 }
 
-pub(super) fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenState> {
+pub(super) fn state_from_row(row: &rusqlite::Row<'_>, sealer: &Sealer) -> rusqlite::Result<TokenState> {
     let status: String = row.get(10)?;
+    let name: String = row.get(0)?;
+    let generation: i64 = row.get(9)?;
+    let access_token =
+        sealer.open(&name, Column::AccessToken, generation, row.get_ref(2)?.as_str()?).map_err(seal_error)?;
+    let refresh_token = match row.get_ref(3)?.as_str_or_null()? {
+        Some(stored) => Some(sealer.open(&name, Column::RefreshToken, generation, stored).map_err(seal_error)?),
+        None => None,
+    };
     Ok(TokenState {
-        name: row.get(0)?,
+        name,
         provider: row.get(1)?,
-        access_token: Secret::new(row.get::<_, String>(2)?),
-        refresh_token: row.get::<_, Option<String>>(3)?.map(Secret::new),
+        access_token,
+        refresh_token,
         token_type: row.get(4)?,
         scope: row.get(5)?,
         expires_in: row.get(6)?,
         created_at: row.get(7)?,
         expires_at: row.get(8)?,
-        generation: row.get(9)?,
+        generation,
         status: status_from_text(&status),
         last_error: row.get(11)?,
         last_refresh_at: row.get(12)?,
@@ -185,9 +198,38 @@ pub(super) fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenS
     })
 }
 
+/// A key problem met inside a statement, carried through rusqlite to [`StoreError::from_sql`].
+pub(super) fn seal_error(e: SealError) -> rusqlite::Error {
+    // A conversion failure is the one variant that carries any error (without rusqlite's
+    // `functions` feature); StoreError::from_sql takes it out again.
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+}
+
+/// A token's two secrets as stored at `generation`: sealed when the store has a key.
+pub(super) fn sealed(
+    sealer: &Sealer,
+    name: &str,
+    generation: i64,
+    token: &NewToken,
+) -> rusqlite::Result<(String, Option<String>)> {
+    let access = sealer.seal(name, Column::AccessToken, generation, token.access_token.expose()).map_err(seal_error)?;
+    let refresh = match &token.refresh_token {
+        Some(t) => Some(sealer.seal(name, Column::RefreshToken, generation, t.expose()).map_err(seal_error)?),
+        None => None,
+    };
+    Ok((access, refresh))
+}
+
 impl Store {
-    /// Opens (creating with mode 0600 if needed) and migrates the database at `path`.
+    /// Opens (creating with mode 0600 if needed) and migrates the database at `path`, without a
+    /// key: tokens are stored in plaintext, and an encrypted store is refused.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_sealed(path, Sealer::plaintext())
+    }
+
+    /// [`Store::open`] with `sealer`'s keys: the store's key id must be one of them (see
+    /// `sealing.rs`), and every token is sealed on the way in and opened on the way out.
+    pub fn open_sealed(path: &Path, sealer: Sealer) -> Result<Store, StoreError> {
         let other = |message: String| StoreError::Other { path: path.to_path_buf(), message };
         let io = |context: String, source| StoreError::Io { path: path.to_path_buf(), context, source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
@@ -239,8 +281,9 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(sql)?;
         // The refresh path's dozen statements, parsed once.
         conn.set_prepared_statement_cache_capacity(32);
-        let mut store = Store { conn, path: path.to_path_buf() };
+        let mut store = Store { conn, path: path.to_path_buf(), sealer };
         store.migrate()?;
+        store.check_key()?;
         Ok(store)
     }
 
@@ -249,7 +292,11 @@ impl Store {
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite { path: self.path.clone(), source }
+        StoreError::from_sql(&self.path, source)
+    }
+
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -280,7 +327,7 @@ impl Store {
     }
 
     pub fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
-        ops::get(&self.conn, name).map_err(|e| self.err(e))
+        ops::get(&self.conn, &self.sealer, name).map_err(|e| self.err(e))
     }
 
     /// Every credential's [`Lifetime`], by name, without reading the tokens.
@@ -309,7 +356,7 @@ impl Store {
 
     pub fn list(&self) -> Result<Vec<TokenState>, StoreError> {
         let mut stmt = self.conn.prepare(STATE_ALL).map_err(|e| self.err(e))?;
-        let rows = stmt.query_map([], state_from_row).map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], |r| state_from_row(r, &self.sealer)).map_err(|e| self.err(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
@@ -332,9 +379,10 @@ impl Store {
     /// [`Store::import`] for many credentials in one durable transaction (bulk loads).
     pub fn import_many(&mut self, tokens: &[(&str, &str, &NewToken)], now_secs: i64) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let sql = |source| StoreError::from_sql(&path, source);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
         {
+            let mut generation_of = tx.prepare("SELECT generation FROM credential WHERE name = ?1").map_err(sql)?;
             let mut upsert = tx
                 .prepare(
                     "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
@@ -357,7 +405,14 @@ impl Store {
                 )
                 .map_err(sql)?;
             for (name, provider, token) in tokens {
-                upsert.execute(token_params!(name, token, provider, now_secs)).map_err(sql)?;
+                // The generation the upsert below gives the row, which the sealed values are bound to.
+                let generation = generation_of
+                    .query_row([name], |r| r.get::<_, i64>(0))
+                    .optional()
+                    .map_err(sql)?
+                    .map_or(1, |g| g + 1);
+                let sealed = sealed(&self.sealer, name, generation, token).map_err(sql)?;
+                upsert.execute(token_params!(name, token, sealed, provider, now_secs)).map_err(sql)?;
                 close.execute(params![name, now_secs * 1000]).map_err(sql)?;
             }
         }
@@ -367,7 +422,7 @@ impl Store {
     /// Runs `f` inside one `BEGIN IMMEDIATE` transaction and commits it (durably).
     fn in_transaction<T>(&mut self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let sql = |source| StoreError::from_sql(&path, source);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
         let value = f(&tx).map_err(sql)?;
         tx.commit().map_err(sql)?;
@@ -383,7 +438,8 @@ impl Store {
         lease_ttl: Duration,
         now_ms: i64,
     ) -> Result<Begin, StoreError> {
-        self.in_transaction(|c| ops::begin(c, name, holder, lease_ttl, now_ms))
+        let sealer = self.sealer.clone();
+        self.in_transaction(|c| ops::begin(c, &sealer, name, holder, lease_ttl, now_ms))
     }
 
     /// Step 4: the rotation commit. One transaction: new tokens, lifetime, generation + 1, status
@@ -398,7 +454,8 @@ impl Store {
         now_ms: i64,
     ) -> Result<TokenState, StoreError> {
         let path = self.path.clone();
-        self.in_transaction(|c| ops::commit(c, name, provider, attempt_id, from_generation, token, now_ms))?
+        let sealer = self.sealer.clone();
+        self.in_transaction(|c| ops::commit(c, &sealer, name, provider, attempt_id, from_generation, token, now_ms))?
             .ok_or_else(|| StoreError::Other { path, message: format!("credential {name} vanished after commit") })
     }
 
@@ -430,7 +487,7 @@ impl Store {
     /// commit fails, every operation is told that failure, since none of them took effect.
     pub fn batch(&mut self, jobs: Vec<Box<dyn BatchJob>>) {
         let path = self.path.clone();
-        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let sql = |source| StoreError::from_sql(&path, source);
         let other = |message: String| StoreError::Other { path: path.clone(), message };
         let mut tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
@@ -523,6 +580,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redact::Secret;
 
     fn token(access: &str, refresh: Option<&str>, created_at: i64) -> NewToken {
         NewToken {

@@ -3,24 +3,28 @@
 //! (`begin`: lease and attempt), 4 (`commit`: the rotation), the failure record, the
 //! cancellation of an attempt that sent nothing, the lease release, and the read.
 
-use super::{STATE_BY_NAME, state_from_row};
+use super::{STATE_BY_NAME, seal_error, sealed, state_from_row};
 use crate::redact::fingerprint;
+use crate::seal::{Column, Sealer};
 use crate::store::{Begin, LeaseHolder, NewToken, TokenState};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::time::Duration;
 
-pub(crate) fn get(c: &Connection, name: &str) -> rusqlite::Result<Option<TokenState>> {
-    c.prepare_cached(STATE_BY_NAME)?.query_row([name], state_from_row).optional()
+pub(crate) fn get(c: &Connection, sealer: &Sealer, name: &str) -> rusqlite::Result<Option<TokenState>> {
+    c.prepare_cached(STATE_BY_NAME)?.query_row([name], |r| state_from_row(r, sealer)).optional()
 }
 
 pub(crate) fn begin(
     c: &Connection,
+    sealer: &Sealer,
     name: &str,
     holder: &LeaseHolder,
     lease_ttl: Duration,
     now_ms: i64,
 ) -> rusqlite::Result<Begin> {
-    let state = get(c, name)?;
+    // Opening the stored tokens comes first: a wrong key fails here, before a lease, an attempt
+    // or a request exists.
+    let state = get(c, sealer, name)?;
     let current: Option<(String, u32, i64)> = c
         .prepare_cached("SELECT holder, pid, deadline_ms FROM lease WHERE credential = ?1")?
         .query_row([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -55,8 +59,10 @@ pub(crate) fn begin(
     Ok(Begin::Leased { state, attempt_id: c.last_insert_rowid() })
 }
 
+#[allow(clippy::too_many_arguments, reason = "the trait method's six, plus the connection and its sealer")]
 pub(crate) fn commit(
     c: &Connection,
+    sealer: &Sealer,
     name: &str,
     provider: &str,
     attempt_id: i64,
@@ -66,10 +72,21 @@ pub(crate) fn commit(
 ) -> rusqlite::Result<Option<TokenState>> {
     // No generation predicate: the provider has already rotated, so this answer is the only valid
     // token there is and must be stored whatever happened meanwhile.
-    let previous: Option<i64> = c
-        .prepare_cached("SELECT generation FROM credential WHERE name = ?1")?
-        .query_row([name], |r| r.get(0))
+    let stored: Option<(i64, Option<String>)> = c
+        .prepare_cached("SELECT generation, refresh_token FROM credential WHERE name = ?1")?
+        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
+    let previous = stored.as_ref().map(|(g, _)| *g);
+    let generation = previous.unwrap_or(from_generation) + 1;
+    let mut values = sealed(sealer, name, generation, token)?;
+    if token.refresh_token.is_none()
+        && let Some((g, Some(kept))) = &stored
+    {
+        // The refresh token kept (the answer had none) is bound to the old generation: sealed
+        // again for the new one, in this same transaction.
+        let kept = sealer.open(name, Column::RefreshToken, *g, kept).map_err(seal_error)?;
+        values.1 = Some(sealer.seal(name, Column::RefreshToken, generation, kept.expose()).map_err(seal_error)?);
+    }
     let now_secs = now_ms.div_euclid(1000);
     let changed = c
         .prepare_cached(
@@ -77,12 +94,14 @@ pub(crate) fn commit(
              scope = COALESCE(?5, scope), expires_in = ?6, created_at = ?7, expires_at = ?8,
              generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = ?11, updated_at = ?11,
              extra = COALESCE(?9, extra),
-             refresh_token_expires_at = CASE WHEN ?3 IS NULL THEN COALESCE(?10, refresh_token_expires_at) ELSE ?10 END,
-             refresh_token_issued_at = CASE WHEN ?3 IS NULL THEN refresh_token_issued_at ELSE ?7 END,
+             refresh_token_expires_at = CASE WHEN ?12 THEN ?10 ELSE COALESCE(?10, refresh_token_expires_at) END,
+             refresh_token_issued_at = CASE WHEN ?12 THEN ?7 ELSE refresh_token_issued_at END,
              dead_since = NULL
          WHERE name = ?1",
         )?
-        .execute(token_params!(name, token, now_secs))?;
+        // ?12: the answer carried a refresh token of its own (`?3` may hold the kept one, sealed
+        // again for the new generation).
+        .execute(token_params!(name, token, values, now_secs, token.refresh_token.is_some()))?;
     if changed == 0 {
         // First token of an API-key credential, or removed while we were refreshing: create the
         // row, the new token must not be lost.
@@ -93,14 +112,14 @@ pub(crate) fn commit(
              VALUES (?1, ?13, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?11, 'active', ?12, ?12,
                  ?9, ?10, CASE WHEN ?3 IS NULL THEN NULL ELSE ?7 END)",
         )?
-        .execute(token_params!(name, token, from_generation + 1, now_secs, provider))?;
+        .execute(token_params!(name, token, values, generation, now_secs, provider))?;
     }
     c.prepare_cached("UPDATE attempt SET finished_at_ms = ?2, result = 'refreshed' WHERE id = ?1")?
         .execute(params![attempt_id, now_ms])?;
     if previous.is_some_and(|g| g != from_generation) {
         tracing::warn!(credential = name, expected = from_generation, found = ?previous, "credential changed during a leased refresh");
     }
-    get(c, name)
+    get(c, sealer, name)
 }
 
 pub(crate) fn failure(
