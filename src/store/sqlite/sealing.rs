@@ -279,9 +279,12 @@ mod tests {
                 panic!()
             };
             assert_eq!(state.unwrap().refresh_token.unwrap().expose(), "refresh-one");
-            // No refresh token in the answer: the kept one is sealed again for generation 2.
-            let s = store.commit_rotation("nb", "nationbuilder", attempt_id, 1, &token("access-two", None), 2).unwrap();
+            // No refresh token in the answer: the kept one is sealed again for generation 2, and
+            // it is still the one issued at the import (its lifetime counts from then).
+            let two = NewToken { created_at: 2000, ..token("access-two", None) };
+            let s = store.commit_rotation("nb", "nationbuilder", attempt_id, 1, &two, 2).unwrap();
             assert_eq!((s.generation, s.refresh_token.unwrap().expose()), (2, "refresh-one"));
+            assert_eq!(s.refresh_token_issued_at, Some(1000));
             let using = store.key_use().unwrap();
             assert_eq!((using.plaintext, using.sealed.values().sum::<u64>()), (0, 2));
         }
