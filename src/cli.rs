@@ -283,6 +283,10 @@ fn key_command(config_path: &std::path::Path, command: KeyCommand) -> Result<(),
         KeyCommand::Init { file, encrypt_existing } => {
             // The configuration is read first: a store to encrypt must be known before a key is made.
             let config = if encrypt_existing { Some(config::load_without_secrets(config_path)?) } else { None };
+            if let Some(config) = &config {
+                // Before the key is written: a refusal must not leave a key file that was never used.
+                crate::at_rest::refuse_if_running(&config.daemon.database)?;
+            }
             let key = crate::at_rest::write_new_key(&file).map_err(|e| CliError::new(exit::FAILURE, e))?;
             let path = std::path::absolute(&file).unwrap_or(file);
             let id = key.id();
@@ -415,6 +419,8 @@ async fn reload(path: &std::path::Path, pid: Option<u32>) -> Result<(), CliError
 
 fn check(path: &std::path::Path) -> Result<(), CliError> {
     let config = config::load(path)?;
+    // Before the "ok" line: a key that does not fit the store fails the check.
+    let encryption = crate::at_rest::describe(&config)?;
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
@@ -424,7 +430,7 @@ fn check(path: &std::path::Path) -> Result<(), CliError> {
         config.credentials.len(),
         config.daemon.database.display()
     );
-    for line in crate::at_rest::describe(&config)? {
+    for line in encryption {
         println!("{line}");
     }
     for c in &config.credentials {
