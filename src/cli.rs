@@ -357,7 +357,15 @@ async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
         DaemonError::Config(e) => CliError::from(e),
         DaemonError::Store(e) if e.is_key_problem() => CliError::new(
             exit::KEY,
-            format!("{e}\nnot started: nothing was sent to any provider and nothing in the store was changed"),
+            format!(
+                "{e}\nnot started: nothing was sent to any provider and nothing in the store was changed{}",
+                // systemd does not restart on this exit code either (RestartPreventExitStatus=3 8).
+                if std::env::var_os("INVOCATION_ID").is_some() {
+                    "; not restarting until the key is fixed (then `systemctl restart tokend`)"
+                } else {
+                    ""
+                }
+            ),
         ),
         other => CliError::new(exit::FAILURE, other.to_string()),
     })

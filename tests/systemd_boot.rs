@@ -385,6 +385,43 @@ fn readme_encryption_steps(c: &Container, mock: &MockProvider) -> Check {
     )
 }
 
+/// Another key given to the service: `tokend run` exits 8, `RestartPreventExitStatus=3 8` keeps
+/// it down, and no request reaches the provider; the right key back, it runs again.
+fn wrong_key_does_not_restart(c: &Container, mock: &MockProvider) -> Check {
+    c.must(&format!(
+        "systemctl stop tokend && {TOKEND} key init /root/wrong.key >/dev/null && \
+         systemd-creds encrypt --name=tokend-key /root/wrong.key /etc/credstore.encrypted/wrong-key && \
+         sed -i 's|tokend-key:/etc/credstore.encrypted/tokend-key|tokend-key:/etc/credstore.encrypted/wrong-key|' /etc/systemd/system/tokend.service.d/key.conf && \
+         systemctl daemon-reload"
+    ));
+    let requests = mock.requests().len();
+    let start = c.sh("systemctl start tokend");
+    std::thread::sleep(Duration::from_secs(7));
+    let state = c.systemctl_show("tokend", &["ActiveState", "ExecMainStatus", "NRestarts"]);
+    let said =
+        journal(c, "_SYSTEMD_UNIT=tokend.service").lines().rev().find(|l| l.contains("wrong key")).map(str::to_string);
+    let sent = mock.requests().len() - requests;
+    c.must(
+        "sed -i 's|/etc/credstore.encrypted/wrong-key|/etc/credstore.encrypted/tokend-key|' /etc/systemd/system/tokend.service.d/key.conf && \
+         systemctl daemon-reload && systemctl reset-failed tokend && systemctl start tokend",
+    );
+    let back = wait_until(Duration::from_secs(10), || (c.prop("tokend", "ActiveState") == "active").then_some(()));
+    ensure(
+        !start.ok()
+            && state.get("ActiveState").map(String::as_str) == Some("failed")
+            && state.get("ExecMainStatus").map(String::as_str) == Some("8")
+            && state.get("NRestarts").map(String::as_str) == Some("0")
+            && said.is_some()
+            && sent == 0
+            && back.is_some(),
+        format!(
+            "start exit {}; 7 s later {state:?}; journal: {said:?}; requests sent meanwhile: {sent}; with the right key active again: {}",
+            start.code,
+            back.is_some()
+        ),
+    )
+}
+
 /// The commands of the `sh` block after "**Backups and disaster recovery.**", as in
 /// [`readme_encryption_commands`].
 fn readme_recovery_commands() -> Vec<String> {
@@ -900,6 +937,11 @@ fn tokend_service_under_a_real_systemd() {
     report.record(
         "README disaster recovery: backup, the database gone, the section's restore steps, the service starts and rotations go on",
         readme_disaster_recovery(&c, &mock.provider),
+    );
+
+    report.record(
+        "a wrong key at start (exit 8) leaves the unit failed, not restarting, and sends nothing",
+        wrong_key_does_not_restart(&c, &mock.provider),
     );
 
     // ---- Teardown, checked.
