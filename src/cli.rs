@@ -309,16 +309,25 @@ fn key_command(config_path: &std::path::Path, command: KeyCommand) -> Result<(),
                 _ => crate::seal::KeySource::File(std::path::absolute(&new).unwrap_or_else(|_| new.clone().into())),
             };
             let (id, n) = crate::at_rest::rotate(&config, &source, batch)?;
-            println!(
-                "rotated {n} credential(s) in {} to key {id}; now set [daemon] {} in {} and start tokend",
-                config.daemon.database.display(),
-                match &source {
-                    crate::seal::KeySource::File(p) => format!("key_file = \"{}\"", p.display()),
-                    crate::seal::KeySource::Env(v) => format!("key_env = \"{v}\""),
-                    crate::seal::KeySource::Credential(c) => format!("key_credential = \"{c}\""),
-                },
-                config_path.display()
-            );
+            println!("rotated {n} credential(s) in {} to key {id}", config.daemon.database.display());
+            use crate::seal::KeySource;
+            match (&config.daemon.key, &source) {
+                // The service keeps its credential's name: only the sealed file changes.
+                (Some(KeySource::Credential(name)), KeySource::File(new)) => println!(
+                    "now seal the new key for the service under the same name, then start tokend:\n\n\
+                     \x20 systemd-creds encrypt --name={name} {} /etc/credstore.encrypted/{name}\n",
+                    new.display()
+                ),
+                (_, new) => println!(
+                    "now set [daemon] {} in {} and start tokend",
+                    match new {
+                        KeySource::File(p) => format!("key_file = \"{}\"", p.display()),
+                        KeySource::Env(v) => format!("key_env = \"{v}\""),
+                        KeySource::Credential(c) => format!("key_credential = \"{c}\""),
+                    },
+                    config_path.display()
+                ),
+            }
             Ok(())
         }
     }

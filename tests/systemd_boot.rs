@@ -385,6 +385,50 @@ fn readme_encryption_steps(c: &Container, mock: &MockProvider) -> Check {
     )
 }
 
+/// The `sh` block after "**Rotating the key.**", run as written.
+fn readme_key_rotation(c: &Container, mock: &MockProvider) -> Check {
+    let readme = String::from_utf8(repo_file("README.md")).unwrap();
+    let section = readme.split("**Rotating the key.**").nth(1).expect("README has the paragraph");
+    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
+    let mut evidence = String::new();
+    for command in shell_commands(block) {
+        let out = c.sh(&command);
+        let _ =
+            writeln!(evidence, "$ {command}\n  exit {}: {}", out.code, out.text().lines().next().unwrap_or_default());
+        if !out.ok() {
+            return ensure(false, format!("{evidence}{}", out.text()));
+        }
+    }
+    let active = wait_until(Duration::from_secs(10), || (c.prop("tokend", "ActiveState") == "active").then_some(()));
+    let refreshes = mock.refreshes();
+    let before = generations(c);
+    let went_on = wait_generations(c, &before, 1, Duration::from_secs(30))
+        .and_then(|e| ensure(before.len() == CREDENTIALS.len() && mock.refreshes() >= refreshes + 3, e));
+    let secrets: String =
+        CREDENTIALS.iter().map(|(name, ..)| format!(" -p LoadCredential={name}:/etc/tokend/secrets/{name}")).collect();
+    let check = c.sh(&format!(
+        "systemd-run --wait --pipe -q -p User=tokend{secrets} -p LoadCredentialEncrypted=tokend-key:/etc/credstore.encrypted/tokend-key {TOKEND} -c {CONFIG} check"
+    ));
+    let key_line = check.stdout.lines().find(|l| l.starts_with("encryption:")).unwrap_or_default().to_string();
+    let values_line = check.stdout.lines().find(|l| l.contains("stored values")).unwrap_or_default().to_string();
+    let new_id = key_line.split("key id ").nth(1).map(|t| t.trim_end_matches(')').to_string()).unwrap_or_default();
+    let (_, in_clear) = tokens_in_clear(c, mock);
+    let _ = writeln!(
+        evidence,
+        "active: {}; rotations went on: {}; check: {key_line} / {values_line}; tokens in clear: {in_clear:?}",
+        active.is_some(),
+        went_on.is_ok()
+    );
+    ensure(
+        active.is_some()
+            && went_on.is_ok()
+            && !new_id.is_empty()
+            && values_line.trim() == format!("stored values: 6 sealed with key {new_id}")
+            && in_clear.is_empty(),
+        evidence,
+    )
+}
+
 /// Another key given to the service: `tokend run` exits 8, `RestartPreventExitStatus=3 8` keeps
 /// it down, and no request reaches the provider; the right key back, it runs again.
 fn wrong_key_does_not_restart(c: &Container, mock: &MockProvider) -> Check {
@@ -939,6 +983,10 @@ fn tokend_service_under_a_real_systemd() {
         readme_disaster_recovery(&c, &mock.provider),
     );
 
+    report.record(
+        "README key rotation steps: every value re-sealed with the new key, the service starts with it and rotations go on",
+        readme_key_rotation(&c, &mock.provider),
+    );
     report.record(
         "a wrong key at start (exit 8) leaves the unit failed, not restarting, and sends nothing",
         wrong_key_does_not_restart(&c, &mock.provider),
