@@ -3,7 +3,9 @@
 //! the freshly built binary, the unit and a config the way README "Install" says for other
 //! distributions ("the same files by hand"), and
 //! checks the unit at runtime: notify/STATUS, rotations, sinks, reload, watchdog, stop and restart,
-//! journal priorities, the online `systemd-analyze security` exposure, and the reader examples.
+//! journal priorities, the online `systemd-analyze security` exposure, the reader examples, and
+//! README's "Encryption at rest" steps run verbatim (key as `LoadCredentialEncrypted=`, disaster
+//! recovery, key rotation, a wrong key at start).
 //!
 //! The token endpoint is the crate's own mock provider (`tokend::dev::mock`), run by this test
 //! process but listening inside the container: one thread enters the container's network
