@@ -99,7 +99,7 @@ fn reseal_all(store: &mut Store, batch: usize) -> Result<u64, StoreError> {
 }
 
 /// What `tokend check` says about encryption: the key and, if the database exists, the key ids
-/// its values use.
+/// its values use. Reads only: the store is opened without its key and nothing is marked.
 pub fn describe(config: &Config) -> Result<Vec<String>, StoreError> {
     let database = &config.daemon.database;
     let sealer = sealer(config)?;
@@ -107,33 +107,45 @@ pub fn describe(config: &Config) -> Result<Vec<String>, StoreError> {
         None => "encryption: none — tokens are stored in plaintext (README, \"Encryption at rest\")".to_string(),
         Some(ring) => format!("encryption: {} (key id {})", ring.current().source(), ring.current().id()),
     }];
-    if database.exists() {
-        let store = Store::open_sealed(database, sealer.clone())?;
-        let using = store.key_use()?;
-        lines.push(format!("  stored values: {}", using.describe()));
-        if let Some(ring) = sealer.keyring() {
-            let foreign: Vec<KeyId> = using.sealed.keys().copied().filter(|id| !ring.ids().any(|k| k == *id)).collect();
-            if !foreign.is_empty() {
-                let ids: Vec<String> = foreign.iter().map(ToString::to_string).collect();
-                return Err(key_error(
-                    database,
-                    SealError::Key {
-                        source_name: ring.current().source().to_string(),
-                        message: format!(
-                            "values sealed with key id(s) {} that this key ({}) cannot open: a wrong key, or an unfinished `tokend key rotate`",
-                            ids.join(", "),
-                            ring.current().id()
-                        ),
-                    },
-                ));
-            }
-        }
+    if !database.exists() {
+        return Ok(lines);
     }
-    Ok(lines)
+    let store = Store::open_sealed(database, Sealer::locked())?;
+    let recorded = store.store_key_id()?;
+    let using = store.key_use()?;
+    lines.push(format!("  stored values: {}", using.describe()));
+    let problem = match (sealer.keyring(), recorded) {
+        (None, Some(id)) => Some(format!(
+            "the database is encrypted (key id {id}) but no key is configured: set key_credential, key_file or key_env in [daemon]"
+        )),
+        (Some(ring), _) => {
+            let foreign: Vec<String> = recorded
+                .into_iter()
+                .chain(using.sealed.keys().copied())
+                .filter(|id| !ring.ids().any(|k| k == *id))
+                .collect::<std::collections::BTreeSet<_>>()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            (!foreign.is_empty()).then(|| {
+                format!(
+                    "the database uses key id(s) {} that this key ({}, id {}) cannot open: a wrong key, or an unfinished `tokend key rotate`",
+                    foreign.join(", "),
+                    ring.current().source(),
+                    ring.current().id()
+                )
+            })
+        }
+        (None, None) => None,
+    };
+    match problem {
+        Some(message) => Err(key_error(database, SealError::Store(message))),
+        None => Ok(lines),
+    }
 }
 
 /// Refuses to change the store under a running daemon, which holds its own key.
-fn refuse_if_running(database: &Path) -> Result<(), StoreError> {
+pub fn refuse_if_running(database: &Path) -> Result<(), StoreError> {
     match crate::daemon::running_daemon(database) {
         Some(pid) => Err(StoreError::Other {
             path: database.to_path_buf(),

@@ -307,6 +307,10 @@ fn key_command(config_path: &std::path::Path, command: KeyCommand) -> Result<(),
         KeyCommand::Init { file, encrypt_existing } => {
             // The configuration is read first: a store to encrypt must be known before a key is made.
             let config = if encrypt_existing { Some(config::load_without_secrets(config_path)?) } else { None };
+            if let Some(config) = &config {
+                // Before the key is written: a refusal must not leave a key file that was never used.
+                crate::at_rest::refuse_if_running(&config.daemon.database)?;
+            }
             let key = crate::at_rest::write_new_key(&file).map_err(|e| CliError::new(exit::FAILURE, e))?;
             let path = std::path::absolute(&file).unwrap_or(file);
             let id = key.id();
@@ -329,16 +333,25 @@ fn key_command(config_path: &std::path::Path, command: KeyCommand) -> Result<(),
                 _ => crate::seal::KeySource::File(std::path::absolute(&new).unwrap_or_else(|_| new.clone().into())),
             };
             let (id, n) = crate::at_rest::rotate(&config, &source, batch)?;
-            println!(
-                "rotated {n} credential(s) in {} to key {id}; now set [daemon] {} in {} and start tokend",
-                config.daemon.database.display(),
-                match &source {
-                    crate::seal::KeySource::File(p) => format!("key_file = \"{}\"", p.display()),
-                    crate::seal::KeySource::Env(v) => format!("key_env = \"{v}\""),
-                    crate::seal::KeySource::Credential(c) => format!("key_credential = \"{c}\""),
-                },
-                config_path.display()
-            );
+            println!("rotated {n} credential(s) in {} to key {id}", config.daemon.database.display());
+            use crate::seal::KeySource;
+            match (&config.daemon.key, &source) {
+                // The service keeps its credential's name: only the sealed file changes.
+                (Some(KeySource::Credential(name)), KeySource::File(new)) => println!(
+                    "now seal the new key for the service under the same name, then start tokend:\n\n\
+                     \x20 systemd-creds encrypt --name={name} {} /etc/credstore.encrypted/{name}\n",
+                    new.display()
+                ),
+                (_, new) => println!(
+                    "now set [daemon] {} in {} and start tokend",
+                    match new {
+                        KeySource::File(p) => format!("key_file = \"{}\"", p.display()),
+                        KeySource::Env(v) => format!("key_env = \"{v}\""),
+                        KeySource::Credential(c) => format!("key_credential = \"{c}\""),
+                    },
+                    config_path.display()
+                ),
+            }
             Ok(())
         }
     }
@@ -377,7 +390,15 @@ async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
         DaemonError::Config(e) => CliError::from(e),
         DaemonError::Store(e) if e.is_key_problem() => CliError::new(
             exit::KEY,
-            format!("{e}\nnot started: nothing was sent to any provider and nothing in the store was changed"),
+            format!(
+                "{e}\nnot started: nothing was sent to any provider and nothing in the store was changed{}",
+                // systemd does not restart on this exit code either (RestartPreventExitStatus=3 8).
+                if std::env::var_os("INVOCATION_ID").is_some() {
+                    "; not restarting until the key is fixed (then `systemctl restart tokend`)"
+                } else {
+                    ""
+                }
+            ),
         ),
         other => CliError::new(exit::FAILURE, other.to_string()),
     })
@@ -439,6 +460,8 @@ async fn reload(path: &std::path::Path, pid: Option<u32>) -> Result<(), CliError
 
 fn check(path: &std::path::Path) -> Result<(), CliError> {
     let config = config::load(path)?;
+    // Before the "ok" line: a key that does not fit the store fails the check.
+    let encryption = crate::at_rest::describe(&config)?;
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
@@ -448,7 +471,7 @@ fn check(path: &std::path::Path) -> Result<(), CliError> {
         config.credentials.len(),
         config.daemon.database.display()
     );
-    for line in crate::at_rest::describe(&config)? {
+    for line in encryption {
         println!("{line}");
     }
     for c in &config.credentials {

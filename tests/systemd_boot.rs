@@ -3,7 +3,9 @@
 //! the freshly built binary, the unit and a config the way README "Install" says for other
 //! distributions ("the same files by hand"), and
 //! checks the unit at runtime: notify/STATUS, rotations, sinks, reload, watchdog, stop and restart,
-//! journal priorities, the online `systemd-analyze security` exposure, and the reader examples.
+//! journal priorities, the online `systemd-analyze security` exposure, the reader examples, and
+//! README's "Encryption at rest" steps run verbatim (key as `LoadCredentialEncrypted=`, disaster
+//! recovery, key rotation, a wrong key at start).
 //!
 //! The token endpoint is the crate's own mock provider (`tokend::dev::mock`), run by this test
 //! process but listening inside the container: one thread enters the container's network
@@ -443,6 +445,87 @@ fn readme_encryption_steps(c: &Container, mock: &MockProvider) -> Check {
             && check.stdout.contains("sealed with key")
             && !check.stdout.contains("in plaintext"),
         evidence,
+    )
+}
+
+/// The `sh` block after "**Rotating the key.**", run as written.
+fn readme_key_rotation(c: &Container, mock: &MockProvider) -> Check {
+    let readme = String::from_utf8(repo_file("README.md")).unwrap();
+    let section = readme.split("**Rotating the key.**").nth(1).expect("README has the paragraph");
+    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
+    let mut evidence = String::new();
+    for command in shell_commands(block) {
+        let out = c.sh(&command);
+        let _ =
+            writeln!(evidence, "$ {command}\n  exit {}: {}", out.code, out.text().lines().next().unwrap_or_default());
+        if !out.ok() {
+            return ensure(false, format!("{evidence}{}", out.text()));
+        }
+    }
+    let active = wait_until(Duration::from_secs(10), || (c.prop("tokend", "ActiveState") == "active").then_some(()));
+    let refreshes = mock.refreshes();
+    let before = generations(c);
+    let went_on = wait_generations(c, &before, 1, Duration::from_secs(30))
+        .and_then(|e| ensure(before.len() == CREDENTIALS.len() && mock.refreshes() >= refreshes + 3, e));
+    let secrets: String =
+        CREDENTIALS.iter().map(|(name, ..)| format!(" -p LoadCredential={name}:/etc/tokend/secrets/{name}")).collect();
+    let check = c.sh(&format!(
+        "systemd-run --wait --pipe -q -p User=tokend{secrets} -p LoadCredentialEncrypted=tokend-key:/etc/credstore.encrypted/tokend-key {TOKEND} -c {CONFIG} check"
+    ));
+    let key_line = check.stdout.lines().find(|l| l.starts_with("encryption:")).unwrap_or_default().to_string();
+    let values_line = check.stdout.lines().find(|l| l.contains("stored values")).unwrap_or_default().to_string();
+    let new_id = key_line.split("key id ").nth(1).map(|t| t.trim_end_matches(')').to_string()).unwrap_or_default();
+    let (_, in_clear) = tokens_in_clear(c, mock);
+    let _ = writeln!(
+        evidence,
+        "active: {}; rotations went on: {}; check: {key_line} / {values_line}; tokens in clear: {in_clear:?}",
+        active.is_some(),
+        went_on.is_ok()
+    );
+    ensure(
+        active.is_some()
+            && went_on.is_ok()
+            && !new_id.is_empty()
+            && values_line.trim() == format!("stored values: 6 sealed with key {new_id}")
+            && in_clear.is_empty(),
+        evidence,
+    )
+}
+
+/// Another key given to the service: `tokend run` exits 8, `RestartPreventExitStatus=3 8` keeps
+/// it down, and no request reaches the provider; the right key back, it runs again.
+fn wrong_key_does_not_restart(c: &Container, mock: &MockProvider) -> Check {
+    c.must(&format!(
+        "systemctl stop tokend && {TOKEND} key init /root/wrong.key >/dev/null && \
+         systemd-creds encrypt --name=tokend-key /root/wrong.key /etc/credstore.encrypted/wrong-key && \
+         sed -i 's|tokend-key:/etc/credstore.encrypted/tokend-key|tokend-key:/etc/credstore.encrypted/wrong-key|' /etc/systemd/system/tokend.service.d/key.conf && \
+         systemctl daemon-reload"
+    ));
+    let requests = mock.requests().len();
+    let start = c.sh("systemctl start tokend");
+    std::thread::sleep(Duration::from_secs(7));
+    let state = c.systemctl_show("tokend", &["ActiveState", "ExecMainStatus", "NRestarts"]);
+    let said =
+        journal(c, "_SYSTEMD_UNIT=tokend.service").lines().rev().find(|l| l.contains("wrong key")).map(str::to_string);
+    let sent = mock.requests().len() - requests;
+    c.must(
+        "sed -i 's|/etc/credstore.encrypted/wrong-key|/etc/credstore.encrypted/tokend-key|' /etc/systemd/system/tokend.service.d/key.conf && \
+         systemctl daemon-reload && systemctl reset-failed tokend && systemctl start tokend",
+    );
+    let back = wait_until(Duration::from_secs(10), || (c.prop("tokend", "ActiveState") == "active").then_some(()));
+    ensure(
+        !start.ok()
+            && state.get("ActiveState").map(String::as_str) == Some("failed")
+            && state.get("ExecMainStatus").map(String::as_str) == Some("8")
+            && state.get("NRestarts").map(String::as_str) == Some("0")
+            && said.is_some()
+            && sent == 0
+            && back.is_some(),
+        format!(
+            "start exit {}; 7 s later {state:?}; journal: {said:?}; requests sent meanwhile: {sent}; with the right key active again: {}",
+            start.code,
+            back.is_some()
+        ),
     )
 }
 
@@ -970,6 +1053,15 @@ fn tokend_service_under_a_real_systemd() {
     report.record(
         "README disaster recovery: backup, the database gone, the section's restore steps, the service starts and rotations go on",
         readme_disaster_recovery(&c, &mock.provider),
+    );
+
+    report.record(
+        "README key rotation steps: every value re-sealed with the new key, the service starts with it and rotations go on",
+        readme_key_rotation(&c, &mock.provider),
+    );
+    report.record(
+        "a wrong key at start (exit 8) leaves the unit failed, not restarting, and sends nothing",
+        wrong_key_does_not_restart(&c, &mock.provider),
     );
 
     // ---- Teardown, checked.
