@@ -564,7 +564,9 @@ async fn hostile_callers_get_clear_refusals_bounded_memory_and_the_schedule_goes
     let refreshed = w.generation("tick") - generation_before;
     let worst_gap = ticks.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(i64::MAX);
     assert!(ticks.len() >= 3, "{} refreshes of tick in {elapsed:?}", ticks.len());
-    assert!(worst_gap < 3_000, "tick's refreshes were up to {worst_gap} ms apart (due every ~2,000 ms)");
+    // 4 s tokens refreshed at half their life: a gap of 3.5 s would still leave the token valid,
+    // one of 4 s would not.
+    assert!(worst_gap < 3_500, "tick's refreshes were up to {worst_gap} ms apart (due every ~2,000 ms)");
     assert!(
         rss_loaded < rss_before + 64 * 1024,
         "RSS grew from {rss_before} KiB to {rss_loaded} KiB with {} connections",
