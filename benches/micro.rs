@@ -21,6 +21,8 @@ fn token(i: u64) -> NewToken {
         scope: Some("default".into()),
         expires_in: Some(3600),
         created_at: 1_700_000_000,
+        extra: None,
+        refresh_token_expires_at: None,
     }
 }
 

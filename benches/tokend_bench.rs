@@ -162,7 +162,7 @@ fn fixture(mock: &MockProvider, n: usize, sinks: bool, lifetime: impl Fn(usize) 
         .map(|(i, name)| {
             let answer = parse_token_json(mock.authorize(name).to_string().as_bytes()).unwrap();
             let (created_at, expires_in) = lifetime(i);
-            let mut token = new_token(&answer, IssueTime { created_at, distrusted_skew: None }, name);
+            let mut token = new_token(&answer, IssueTime { created_at, distrusted_skew: None }, name, &[]);
             token.expires_in = Some(expires_in);
             token
         })

@@ -118,7 +118,12 @@ fn store_answer(
     answer: &TokenAnswer,
     sent_at: i64,
 ) -> Result<TokenState, AuthorizeError> {
-    let token = refresh::new_token(answer, issue_time(answer.created_at, sent_at), &credential.name);
+    let token = refresh::new_token(
+        answer,
+        issue_time(answer.created_at, sent_at),
+        &credential.name,
+        &credential.endpoint.extra_fields,
+    );
     let state = Store::open(&config.daemon.database)?.import(
         &credential.name,
         credential.provider().as_str(),
@@ -146,17 +151,21 @@ async fn api_key(config: &Config, credential: &Credential, http: &HttpClient) ->
 }
 
 /// What `tokend revoke` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoked {
     /// The provider revoked the token; the local state is marked revoked and the sinks removed.
     AtProvider,
     /// No revocation endpoint: only the local token and the sinks were removed (`--forget`).
     ForgottenLocally,
+    /// The provider's revocation failed (the reason is given); with `--forget` the local token
+    /// and the sinks were removed anyway.
+    ForgottenAfterFailure(String),
 }
 
 /// Revokes the credential's refresh token (or its access token when it has none) at the
 /// provider, then marks it revoked locally and removes its sinks. A provider without a
-/// revocation endpoint is refused unless `forget` is set, which only forgets locally.
+/// revocation endpoint, or whose revocation fails, is refused unless `forget` is set, which then
+/// forgets locally (and says the provider was not told).
 pub async fn revoke(config: &Config, credential: &Credential, forget: bool) -> Result<Revoked, AuthorizeError> {
     let mut store = Store::open(&config.daemon.database)?;
     let name = &credential.name;
@@ -179,12 +188,26 @@ pub async fn revoke(config: &Config, credential: &Credential, forget: bool) -> R
         return Ok(Revoked::ForgottenLocally);
     };
     let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(AuthorizeError::Http)?;
-    let raw = http.send(&request).await.map_err(|f| AuthorizeError::Provider(f.reason().to_string()))?;
-    // RFC 7009 §2.2: 200 for success, including for a token that was already invalid.
-    if !(200..300).contains(&raw.status) {
-        // Scrubbed whole (token and client secret, every encoding) before it is cut.
-        let body = request.scrubber().clean(&String::from_utf8_lossy(&raw.body), 200);
-        return Err(AuthorizeError::Provider(format!("revocation refused (HTTP {}): {body}", raw.status)));
+    let refused = match http.send(&request).await {
+        // RFC 7009 §2.2: 200 for success, including for a token that was already invalid.
+        Ok(raw) if (200..300).contains(&raw.status) => None,
+        Ok(raw) => {
+            // Scrubbed whole (token and client secret, every encoding) before it is cut.
+            let body = request.scrubber().clean(&String::from_utf8_lossy(&raw.body), 200);
+            Some(format!("revocation refused (HTTP {}): {body}", raw.status))
+        }
+        Err(f) => Some(format!("revocation failed: {}", f.reason())),
+    };
+    if let Some(reason) = refused {
+        if !forget {
+            return Err(AuthorizeError::Provider(format!(
+                "{reason}; run with --forget to remove the local token and sinks anyway"
+            )));
+        }
+        store.remove(name)?;
+        crate::sink::remove_all(credential, "forgotten (tokend revoke --forget) after a failed revocation");
+        crate::daemon::notify_store_changed(&config.daemon.database);
+        return Ok(Revoked::ForgottenAfterFailure(reason));
     }
     store.mark_revoked(name, now_secs())?;
     crate::sink::remove_all(credential, "revoked");

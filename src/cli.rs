@@ -86,7 +86,12 @@ pub enum Command {
         json: bool,
     },
     /// Print the current access token; exit non-zero (and say why) if it is expired or needs re-authorization.
-    Show { name: String },
+    Show {
+        name: String,
+        /// The token with its type, expiry, scope, generation and the provider's extras, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Refresh a credential now, under its lease, and update its sinks.
     Refresh { name: String },
     /// Forget a credential's stored token and remove its sink files.
@@ -108,7 +113,7 @@ pub enum Command {
     /// Revoke the token at the provider (RFC 7009), mark it revoked and remove its sinks.
     Revoke {
         name: String,
-        /// For providers without a revocation endpoint: only forget the token locally.
+        /// Forget the token locally when the provider has no revocation endpoint or its revocation fails.
         #[arg(long)]
         forget: bool,
     },
@@ -190,7 +195,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             import(&config::load_without_secrets(&cli.config)?, &name, issued_at.as_deref())
         }
         Command::List { json } => list(&config::load_without_secrets(&cli.config)?, json),
-        Command::Show { name } => show(&config::load_without_secrets(&cli.config)?, &name),
+        Command::Show { name, json } => show(&config::load_without_secrets(&cli.config)?, &name, json),
         Command::Refresh { name } => refresh_now(&config::load(&cli.config)?, &name).await,
         Command::Remove { name } => remove(&config::load_without_secrets(&cli.config)?, &name),
         Command::Authorize { name, paste, password, timeout } => {
@@ -223,6 +228,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 Ok(crate::authorize::Revoked::ForgottenLocally) => {
                     println!("forgot {name} locally (the provider was not told); sinks removed");
+                    Ok(())
+                }
+                Ok(crate::authorize::Revoked::ForgottenAfterFailure(reason)) => {
+                    eprintln!("tokend: {name}: {reason}");
+                    println!(
+                        "forgot {name} locally; the provider did NOT revoke the grant (revoke it in the provider's settings); sinks removed"
+                    );
                     Ok(())
                 }
                 Err(e) => Err(CliError::new(exit::FAILURE, format!("{name}: {e}"))),
@@ -375,7 +387,7 @@ fn import(config: &Config, name: &str, issued_at: Option<&str>) -> Result<(), Cl
             "answer has no created_at; taking now as its issue time (use --issued-at if it is older)"
         );
     }
-    let token = refresh::new_token(&answer, issued, name);
+    let token = refresh::new_token(&answer, issued, name, &cred.endpoint.extra_fields);
     let state = open_store(config)?.import(name, cred.provider().as_str(), &token, now_secs())?;
     daemon::publish_imported(&config.daemon.database, cred, &state);
     println!(
@@ -411,12 +423,19 @@ struct Row {
     generation: Option<i64>,
     attempts_in_flight: i64,
     last_error: Option<String>,
+    /// By when a human must authorize again, where known.
+    reauth_deadline: Option<String>,
+    /// Since when the credential has needed re-authorization (or was revoked).
+    dead_since: Option<String>,
+    /// The provider's extras kept from its answers (e.g. Wild Apricot's `permissions`).
+    extra: Option<serde_json::Value>,
 }
 
 /// When `state` is next due under `cred`'s policy, in unix ms; `None` when it is never refreshed.
 pub fn next_refresh_ms(cred: Option<&Credential>, state: &TokenState) -> Option<i64> {
     let policy = cred.map_or(schedule::RefreshAt::Default, |c| c.refresh_at);
-    schedule::next_refresh_ms(&state.name, policy, &state.lifetime())
+    let at_least = cred.and_then(|c| c.lifecycle.refresh_at_least);
+    schedule::next_refresh_ms(&state.name, policy, at_least, &state.lifetime())
 }
 
 fn display_status(state: &TokenState, now: i64) -> &'static str {
@@ -445,6 +464,9 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
                 generation: None,
                 attempts_in_flight: 0,
                 last_error: None,
+                reauth_deadline: None,
+                dead_since: None,
+                extra: None,
             },
         };
         rows.push(row);
@@ -459,21 +481,27 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
         println!("{text}");
         return Ok(());
     }
-    let table: Vec<[String; 7]> = rows
+    let ago = |at: &Option<String>| at.as_deref().and_then(parse_time).map(|t| short_duration(now - t));
+    let table: Vec<[String; 8]> = rows
         .iter()
         .map(|r| {
             [
                 r.name.clone(),
                 r.provider.clone(),
-                r.status.clone(),
+                match ago(&r.dead_since) {
+                    Some(for_how_long) => format!("{} for {for_how_long}", r.status),
+                    None => r.status.clone(),
+                },
                 r.expires_in_secs.map_or("-".into(), short_duration),
                 r.next_refresh_at.clone().unwrap_or_else(|| "-".into()),
+                r.reauth_deadline.as_deref().and_then(parse_time).map_or("-".into(), |t| short_duration(t - now)),
                 r.generation.map_or("-".into(), |g| g.to_string()),
                 r.last_error.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    let header = ["NAME", "PROVIDER", "STATUS", "EXPIRES IN", "NEXT REFRESH", "GEN", "LAST ERROR"].map(String::from);
+    let header = ["NAME", "PROVIDER", "STATUS", "EXPIRES IN", "NEXT REFRESH", "RE-AUTH IN", "GEN", "LAST ERROR"]
+        .map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for r in &table {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -502,10 +530,17 @@ fn row_for(cred: Option<&Credential>, state: &TokenState, now: i64) -> Row {
         generation: Some(state.generation),
         attempts_in_flight: state.attempts_in_flight,
         last_error: state.last_error.clone(),
+        reauth_deadline: schedule::reauth_deadline(
+            &state.lifetime(),
+            cred.and_then(|c| c.lifecycle.refresh_token_lifetime),
+        )
+        .map(rfc3339),
+        dead_since: state.dead_since.filter(|_| state.status.is_dead()).map(rfc3339),
+        extra: sink::extra_value(state),
     }
 }
 
-fn show(config: &Config, name: &str) -> Result<(), CliError> {
+fn show(config: &Config, name: &str, json: bool) -> Result<(), CliError> {
     credential(config, name)?;
     let state = open_store(config)?.get(name)?.ok_or_else(|| {
         CliError::new(exit::UNKNOWN, format!("no token stored for {name}; run `tokend import {name}` first"))
@@ -522,7 +557,23 @@ fn show(config: &Config, name: &str) -> Result<(), CliError> {
     if let Some(t) = state.expires_at.filter(|t| *t <= now_secs()) {
         return Err(CliError::new(exit::EXPIRED, format!("{name}: access token expired at {}", rfc3339(t))));
     }
-    println!("{}", state.access_token.expose());
+    if json {
+        let mut value = serde_json::json!({
+            "name": state.name,
+            "provider": state.provider,
+            "access_token": state.access_token.expose(),
+            "token_type": state.token_type,
+            "expires_at": state.expires_at.map(rfc3339),
+            "scope": state.scope,
+            "generation": state.generation,
+        });
+        if let Some(extra) = sink::extra_value(&state) {
+            value["extra"] = extra;
+        }
+        println!("{value:#}");
+    } else {
+        println!("{}", state.access_token.expose());
+    }
     Ok(())
 }
 

@@ -2,9 +2,15 @@
 //! (`on_failure`). argv, never a shell string, so no quoting surprises. They run in their own
 //! task with a timeout and are killed past it; refreshing never waits for them.
 //!
-//! Environment given to a hook: `TOKEND_EVENT` (refreshed | failed | needs_reauth | expired),
-//! `TOKEND_CREDENTIAL`, `TOKEND_PROVIDER`, `TOKEND_SINKS` (sink paths joined by ':'),
-//! `TOKEND_EXPIRES_AT` (RFC 3339, when known), `TOKEND_GENERATION`, `TOKEND_ERROR` (failures), and
+//! `on_refresh` gets `refreshed`; `on_failure` — the alerting hook — gets everything a human may
+//! act on: `failed`, `needs_reauth` (repeated until someone re-authorizes), `expired`,
+//! `reauth_soon`, and `recovered` (healthy again after failures or a rate-limit pause).
+//!
+//! Environment given to a hook: `TOKEND_EVENT`, `TOKEND_CREDENTIAL`, `TOKEND_PROVIDER`,
+//! `TOKEND_SINKS` (sink paths joined by ':'), `TOKEND_EXPIRES_AT` (RFC 3339, when known),
+//! `TOKEND_GENERATION`, `TOKEND_ERROR` (failures), `TOKEND_REAUTH_DEADLINE` (RFC 3339, when
+//! known), `TOKEND_EXTRA` (the kept answer extras as JSON) and the variables the provider derives
+//! from them (Wild Apricot: `TOKEND_ACCOUNT_IDS`, `TOKEND_ACCOUNT_ID`), and
 //! `TOKEND_ACCESS_TOKEN` only when the credential sets `hook_token = true`. Nothing else of
 //! tokend's environment reaches a hook — a client secret given through `client_secret_env`,
 //! `CREDENTIALS_DIRECTORY`, systemd's sockets — except a `PATH` ([`DEFAULT_HOOK_PATH`] unless
@@ -22,12 +28,30 @@ use std::process::Stdio;
 /// The search path hooks get unless `hook_env` passes tokend's own `PATH`.
 pub const DEFAULT_HOOK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
+/// tokend's own hook variables, without the `TOKEND_` prefix.
+const OWN_VARIABLES: &[&str] = &[
+    "EVENT",
+    "CREDENTIAL",
+    "PROVIDER",
+    "SINKS",
+    "EXPIRES_AT",
+    "GENERATION",
+    "ERROR",
+    "EXTRA",
+    "ACCESS_TOKEN",
+    "REAUTH_DEADLINE",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     Refreshed,
     Failed,
     NeedsReauth,
     Expired,
+    /// The re-authorization deadline is within the credential's `reauth_warn`.
+    ReauthSoon,
+    /// Healthy again after failures or a rate-limit pause.
+    Recovered,
 }
 
 impl Event {
@@ -37,12 +61,25 @@ impl Event {
             Event::Failed => "failed",
             Event::NeedsReauth => "needs_reauth",
             Event::Expired => "expired",
+            Event::ReauthSoon => "reauth_soon",
+            Event::Recovered => "recovered",
         }
     }
 }
 
 /// Starts the hook for `event`, if the credential has one, and returns at once.
 pub fn spawn(credential: &Credential, event: Event, state: Option<&TokenState>, error: Option<&str>) {
+    spawn_with(credential, event, state, error, None);
+}
+
+/// [`spawn`], telling the hook the re-authorization deadline (unix seconds).
+pub fn spawn_with(
+    credential: &Credential,
+    event: Event,
+    state: Option<&TokenState>,
+    error: Option<&str>,
+    reauth_deadline: Option<i64>,
+) {
     let argv = match event {
         Event::Refreshed => credential.hooks.on_refresh.as_ref(),
         _ => credential.hooks.on_failure.as_ref(),
@@ -72,6 +109,18 @@ pub fn spawn(credential: &Credential, event: Event, state: Option<&TokenState>, 
         if credential.hooks.pass_token {
             cmd.env("TOKEND_ACCESS_TOKEN", state.access_token.expose());
         }
+        if let Some(extra) = &state.extra {
+            cmd.env("TOKEND_EXTRA", extra);
+            for (name, value) in crate::sink::extra_env(state) {
+                // An answer field named like one of tokend's own variables does not replace it.
+                if !OWN_VARIABLES.contains(&name.as_str()) {
+                    cmd.env(format!("TOKEND_{name}"), value);
+                }
+            }
+        }
+    }
+    if let Some(deadline) = reauth_deadline {
+        cmd.env("TOKEND_REAUTH_DEADLINE", rfc3339(deadline));
     }
     if let Some(e) = error {
         // Provider text is cleaned where it enters; this keeps a NUL from ever stopping the

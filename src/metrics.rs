@@ -38,6 +38,26 @@ impl RefreshResult {
     }
 }
 
+/// The events for humans counted in `tokend_credential_events_total{event}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    NeedsReauth,
+    ReauthSoon,
+    Recovered,
+}
+
+pub const NOTICES: [Notice; 3] = [Notice::NeedsReauth, Notice::ReauthSoon, Notice::Recovered];
+
+impl Notice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Notice::NeedsReauth => "needs_reauth",
+            Notice::ReauthSoon => "reauth_soon",
+            Notice::Recovered => "recovered",
+        }
+    }
+}
+
 /// What the metrics file says about one credential.
 #[derive(Debug, Clone, Default)]
 pub struct CredentialMetrics {
@@ -47,6 +67,10 @@ pub struct CredentialMetrics {
     pub last_refresh_at: Option<i64>,
     /// Counts by [`RefreshResult::ALL`] (same order) since the daemon started.
     pub refreshes: [u64; RefreshResult::ALL.len()],
+    /// When a human must authorize again at the latest, where known (unix seconds).
+    pub reauth_deadline: Option<i64>,
+    /// Events for humans by [`NOTICES`] (same order) since the daemon started.
+    pub notices: [u64; NOTICES.len()],
 }
 
 /// The textfile for `credentials`; `sinks_replaced` counts entries others planted at sink paths
@@ -75,6 +99,28 @@ pub fn render(credentials: &BTreeMap<String, CredentialMetrics>, sinks_replaced:
         "gauge",
         "1 when the provider rejected the grant and a human must authorize again.",
         credentials.iter().map(|(n, m)| (label(n, m), u8::from(m.needs_reauth).to_string())).collect(),
+    );
+    family(
+        "tokend_credential_reauth_deadline_seconds",
+        "gauge",
+        "Unix time by which a human must authorize again (refresh token or consent lifetime; absent when unknown).",
+        credentials.iter().filter_map(|(n, m)| m.reauth_deadline.map(|t| (label(n, m), t.to_string()))).collect(),
+    );
+    family(
+        "tokend_credential_events_total",
+        "counter",
+        "Events for humans since the daemon started: needs_reauth (and its reminders), reauth_soon, recovered (credentials that had none are left out).",
+        credentials
+            .iter()
+            // Most credentials never need a human: 100,000 × 3 rows of zeros say nothing.
+            .filter(|(_, m)| m.notices.iter().any(|c| *c > 0))
+            .flat_map(|(n, m)| {
+                NOTICES
+                    .iter()
+                    .zip(m.notices)
+                    .map(move |(e, count)| (format!("{},event=\"{}\"", label(n, m), e.as_str()), count.to_string()))
+            })
+            .collect(),
     );
     family(
         "tokend_last_refresh_timestamp_seconds",
@@ -107,6 +153,8 @@ mod tests {
     fn renders_every_family() {
         let mut m = CredentialMetrics { provider: "nudge".into(), expires_at: Some(1700000000), ..Default::default() };
         m.refreshes[0] = 3;
+        m.reauth_deadline = Some(1_800_000_000);
+        m.notices[2] = 1;
         let text = render(&BTreeMap::from([("n1".to_string(), m)]), 2);
         assert!(text.contains("\ntokend_sink_replaced_total 2\n"));
         assert!(text.contains("# TYPE tokend_refresh_total counter\n"));
@@ -115,5 +163,15 @@ mod tests {
         assert!(text.contains("tokend_refresh_total{credential=\"n1\",provider=\"nudge\",result=\"permanent\"} 0\n"));
         assert!(text.contains("tokend_credential_needs_reauth{credential=\"n1\",provider=\"nudge\"} 0\n"));
         assert!(!text.contains("tokend_last_refresh_timestamp_seconds{"), "no sample without a refresh");
+        assert!(
+            text.contains(
+                "tokend_credential_reauth_deadline_seconds{credential=\"n1\",provider=\"nudge\"} 1800000000\n"
+            )
+        );
+        assert!(
+            text.contains(
+                "tokend_credential_events_total{credential=\"n1\",provider=\"nudge\",event=\"recovered\"} 1\n"
+            )
+        );
     }
 }

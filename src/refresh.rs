@@ -142,9 +142,16 @@ pub async fn refresh(
 
     let outcome = match interpreted {
         Ok((answer, rate_limited_for)) => {
+            // Debug builds only: the tests' way to die exactly in the crash window, after the
+            // provider answered and before the commit.
+            #[cfg(debug_assertions)]
+            if std::env::var_os("TOKEND_TEST_ABORT_BEFORE_COMMIT").is_some_and(|n| n == name) {
+                std::process::abort();
+            }
             // Step 4: commit before anything else happens. The only await here is for the
             // committer's report; the commit itself proceeds whatever this task does.
-            let token = new_token(&answer, issue_time(answer.created_at, sent_at), name);
+            let token =
+                new_token(&answer, issue_time(answer.created_at, sent_at), name, &credential.endpoint.extra_fields);
             let committed = store
                 .commit_rotation(name, credential.provider().as_str(), attempt_id, generation, &token, now_ms())
                 .await;
@@ -208,8 +215,9 @@ pub async fn refresh(
     Ok(outcome)
 }
 
-/// The token to store from an answer issued at `issued` (see [`crate::schedule::issue_time`]).
-pub fn new_token(answer: &TokenAnswer, issued: IssueTime, name: &str) -> NewToken {
+/// The token to store from an answer issued at `issued` (see [`crate::schedule::issue_time`]),
+/// with the answer fields named in `keep` (the credential's `Endpoint::extra_fields`).
+pub fn new_token(answer: &TokenAnswer, issued: IssueTime, name: &str, keep: &[String]) -> NewToken {
     if let Some(skew) = issued.distrusted_skew {
         tracing::warn!(
             credential = name,
@@ -224,6 +232,13 @@ pub fn new_token(answer: &TokenAnswer, issued: IssueTime, name: &str) -> NewToke
         scope: answer.scope.clone(),
         expires_in: answer.expires_in,
         created_at: issued.created_at,
+        // Extras never stand between a rotated token and the store: too large, they are dropped
+        // (the stored ones kept) with a warning.
+        extra: provider::select_extras(answer, keep).unwrap_or_else(|e| {
+            tracing::warn!(credential = name, "answer extras not kept: {e}");
+            None
+        }),
+        refresh_token_expires_at: answer.refresh_token_expires_in.map(|s| issued.created_at.saturating_add(s)),
     }
 }
 
@@ -240,14 +255,20 @@ impl SkipReason {
 /// Last resort when the rotation commit fails: keep the answer as importable JSON beside the
 /// database (mode 0600), then in the system temp dir. Returns where it went.
 fn write_rescue(db: &std::path::Path, name: &str, token: &NewToken) -> String {
-    let json = serde_json::json!({
-        "access_token": token.access_token.expose(),
-        "refresh_token": token.refresh_token.as_ref().map(|t| t.expose()),
-        "token_type": token.token_type,
-        "scope": token.scope,
-        "expires_in": token.expires_in,
-        "created_at": token.created_at,
-    });
+    // The kept extras go back in as the answer fields they came from, so an import restores them;
+    // the token's own fields are written over them.
+    let mut json: serde_json::Map<String, serde_json::Value> =
+        token.extra.as_deref().and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
+    json.extend([
+        ("access_token".to_string(), token.access_token.expose().into()),
+        ("refresh_token".to_string(), token.refresh_token.as_ref().map(|t| t.expose()).into()),
+        ("token_type".to_string(), token.token_type.clone().into()),
+        ("scope".to_string(), token.scope.clone().into()),
+        ("expires_in".to_string(), token.expires_in.into()),
+        ("created_at".to_string(), token.created_at.into()),
+        ("refresh_token_expires_in".to_string(), token.refresh_token_expires_at.map(|t| t - token.created_at).into()),
+    ]);
+    let json = serde_json::Value::Object(json);
     let file_name = format!("tokend-rescue-{name}-{}.json", now_ms());
     let beside = db.parent().map(|p| p.join(&file_name)).unwrap_or_else(|| PathBuf::from(&file_name));
     for path in [beside, std::env::temp_dir().join(&file_name)] {

@@ -87,13 +87,54 @@ pub fn jitter_unit(name: &str, generation: i64) -> f64 {
 }
 
 /// When the daemon refreshes the stored token of credential `name`: `None` for a dead credential
-/// or a token that never expires. `tokend list` shows the same time.
-pub fn next_refresh_ms(name: &str, policy: RefreshAt, lifetime: &crate::store::Lifetime) -> Option<i64> {
+/// or a token that never expires (unless `at_least` asks for a refresh that often, counted from
+/// the last refresh or the token's issue). `tokend list` shows the same time.
+pub fn next_refresh_ms(
+    name: &str,
+    policy: RefreshAt,
+    at_least: Option<Duration>,
+    lifetime: &crate::store::Lifetime,
+) -> Option<i64> {
     if lifetime.status.is_dead() {
         return None;
     }
-    let expires_at = lifetime.expires_at?;
-    Some(due_at_ms(lifetime.created_at, expires_at, policy, jitter_unit(name, lifetime.generation)))
+    let by_expiry = lifetime
+        .expires_at()
+        .map(|expires_at| due_at_ms(lifetime.created_at, expires_at, policy, jitter_unit(name, lifetime.generation)));
+    let by_exercise = at_least.map(|period| {
+        let last = lifetime.last_refresh_at.get().unwrap_or(lifetime.created_at).max(lifetime.created_at);
+        last.saturating_mul(1000).saturating_add(i64::try_from(period.as_millis()).unwrap_or(i64::MAX / 2))
+    });
+    match (by_expiry, by_exercise) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// When a human must authorize again at the latest (unix seconds): when the refresh token dies,
+/// as the provider said or as `refresh_token_lifetime` (counted from its issue) says.
+pub fn reauth_deadline(lifetime: &crate::store::Lifetime, refresh_token_lifetime: Option<Duration>) -> Option<i64> {
+    lifetime.refresh_token_expires_at.get().or_else(|| {
+        let issued = lifetime.refresh_token_issued_at.get()?;
+        Some(issued.saturating_add(i64::try_from(refresh_token_lifetime?.as_secs()).unwrap_or(i64::MAX / 2)))
+    })
+}
+
+/// When the `reauth_soon` warning for `deadline` (s) is due, in unix ms: `warn` before it.
+pub fn reauth_warning_ms(deadline: i64, warn: Duration) -> i64 {
+    deadline.saturating_mul(1000).saturating_sub(i64::try_from(warn.as_millis()).unwrap_or(i64::MAX / 2))
+}
+
+/// The next `needs_reauth` reminder strictly after `now_ms` for a credential dead since
+/// `dead_since` (s), repeated every `every`: on the same rhythm whenever the daemon starts.
+pub fn next_reminder_ms(dead_since: i64, every: Duration, now_ms: i64) -> i64 {
+    let every_ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX / 2).max(1000);
+    let start = dead_since.saturating_mul(1000);
+    if now_ms < start {
+        return start.saturating_add(every_ms);
+    }
+    let periods = (now_ms - start) / every_ms + 1;
+    start.saturating_add(periods.saturating_mul(every_ms))
 }
 
 /// When a token issued at `created_at` (s) and expiring at `expires_at` (s) should be refreshed,
@@ -180,6 +221,61 @@ pub const LAST_CHANCE_BEFORE_EXPIRY_MS: i64 = 30_000;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Lifetime, Status};
+
+    const DAY: i64 = 86_400;
+
+    fn lifetime(created_at: i64, expires_at: Option<i64>) -> Lifetime {
+        Lifetime {
+            generation: 1,
+            created_at,
+            expires: expires_at.into(),
+            status: Status::Active,
+            last_refresh_at: None.into(),
+            refresh_token_expires_at: None.into(),
+            refresh_token_issued_at: Some(created_at).into(),
+            dead_since: None.into(),
+        }
+    }
+
+    #[test]
+    fn refresh_at_least_exercises_tokens_without_expiry() {
+        let never = lifetime(1_000_000, None);
+        let week = Some(Duration::from_secs(7 * DAY as u64));
+        assert_eq!(next_refresh_ms("c", RefreshAt::Default, None, &never), None);
+        assert_eq!(next_refresh_ms("c", RefreshAt::Default, week, &never), Some((1_000_000 + 7 * DAY) * 1000));
+        // Counted from the last refresh when there was one.
+        let refreshed = Lifetime { last_refresh_at: Some(1_000_500).into(), ..never };
+        assert_eq!(next_refresh_ms("c", RefreshAt::Default, week, &refreshed), Some((1_000_500 + 7 * DAY) * 1000));
+        // A token that expires sooner is refreshed by its expiry, as before.
+        let hourly = lifetime(1_000_000, Some(1_003_600));
+        let by_expiry = next_refresh_ms("c", RefreshAt::Default, None, &hourly).unwrap();
+        assert_eq!(next_refresh_ms("c", RefreshAt::Default, week, &hourly), Some(by_expiry));
+        let dead = Lifetime { status: Status::NeedsReauth, ..never };
+        assert_eq!(next_refresh_ms("c", RefreshAt::Default, week, &dead), None);
+    }
+
+    #[test]
+    fn reauth_deadline_from_the_answer_or_the_configured_lifetime() {
+        let l = lifetime(1_000_000, Some(1_003_600));
+        let ninety = Some(Duration::from_secs(90 * DAY as u64));
+        assert_eq!(reauth_deadline(&l, None), None);
+        assert_eq!(reauth_deadline(&l, ninety), Some(1_000_000 + 90 * DAY));
+        let told = Lifetime { refresh_token_expires_at: Some(1_500_000).into(), ..l };
+        assert_eq!(reauth_deadline(&told, ninety), Some(1_500_000), "the provider's word wins");
+        assert_eq!(reauth_warning_ms(1_500_000, Duration::from_secs(7 * DAY as u64)), (1_500_000 - 7 * DAY) * 1000);
+    }
+
+    #[test]
+    fn needs_reauth_reminders_keep_their_rhythm() {
+        let day = Duration::from_secs(DAY as u64);
+        let since = 1_000_000;
+        assert_eq!(next_reminder_ms(since, day, since * 1000), (since + DAY) * 1000);
+        assert_eq!(next_reminder_ms(since, day, (since + DAY) * 1000), (since + 2 * DAY) * 1000);
+        assert_eq!(next_reminder_ms(since, day, (since + DAY) * 1000 + 1), (since + 2 * DAY) * 1000);
+        // A restart three and a half days later resumes on the same rhythm.
+        assert_eq!(next_reminder_ms(since, day, (since + 3 * DAY + DAY / 2) * 1000), (since + 4 * DAY) * 1000);
+    }
 
     fn due_in_secs(lifetime: i64, policy: RefreshAt) -> f64 {
         let created = 1_000_000;

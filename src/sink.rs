@@ -50,13 +50,16 @@ pub fn render(format: SinkFormat, state: &TokenState) -> Result<Vec<u8>, String>
         // and a reader comparing bytes gets exactly the token.
         SinkFormat::Raw => token.as_bytes().to_vec(),
         SinkFormat::Json => {
-            let value = serde_json::json!({
+            let mut value = serde_json::json!({
                 "access_token": token,
                 "token_type": state.token_type,
                 "expires_at": state.expires_at.map(rfc3339),
                 "scope": state.scope,
                 "generation": state.generation,
             });
+            if let Some(extra) = extra_value(state) {
+                value["extra"] = extra;
+            }
             let mut bytes = serde_json::to_vec_pretty(&value).map_err(|e| e.to_string())?;
             bytes.push(b'\n');
             bytes
@@ -69,9 +72,36 @@ pub fn render(format: SinkFormat, state: &TokenState) -> Result<Vec<u8>, String>
             }
             let prefix = env_prefix(&state.name);
             let expires = state.expires_at.map(rfc3339).unwrap_or_default();
-            format!("{prefix}ACCESS_TOKEN='{token}'\n{prefix}EXPIRES_AT='{expires}'\n").into_bytes()
+            let mut text = format!("{prefix}ACCESS_TOKEN='{token}'\n{prefix}EXPIRES_AT='{expires}'\n");
+            for (name, value) in extra_env(state) {
+                text.push_str(&format!("{prefix}{name}='{value}'\n"));
+            }
+            text.into_bytes()
         }
     })
+}
+
+/// The kept answer extras as JSON, if any.
+pub fn extra_value(state: &TokenState) -> Option<serde_json::Value> {
+    serde_json::from_str(state.extra.as_deref()?).ok()
+}
+
+/// The variables (without prefix) the extras become by the provider's rules. A value that an env
+/// file cannot carry inside single quotes is left out (the json sink has it); the names come
+/// from tokend, the values from the provider, already cleaned of control characters.
+pub fn extra_env(state: &TokenState) -> Vec<(String, String)> {
+    let Some(extra) = state.extra.as_deref() else { return Vec::new() };
+    let Ok(map) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(extra) else { return Vec::new() };
+    let Ok(kind) = state.provider.parse::<crate::provider::ProviderKind>() else { return Vec::new() };
+    (kind.preset().extra_env)(&map)
+        .into_iter()
+        .filter(|(name, value)| {
+            !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !matches!(name.as_str(), "ACCESS_TOKEN" | "EXPIRES_AT")
+                && !value.contains(['\'', '\n', '\r', '\0'])
+        })
+        .collect()
 }
 
 /// Writes `state` into the sink atomically. Called only after the store commit.
@@ -475,7 +505,31 @@ mod tests {
             last_error: None,
             last_refresh_at: None,
             attempts_in_flight: 0,
+            extra: None,
+            refresh_token_expires_at: None,
+            refresh_token_issued_at: None,
+            dead_since: None,
         }
+    }
+
+    #[test]
+    fn extras_reach_json_and_env_sinks() {
+        let wild = TokenState {
+            provider: "wildapricot".into(),
+            extra: Some(r#"{"permissions":[{"accountId":123,"availableScopes":["contacts_view"]}]}"#.into()),
+            ..state()
+        };
+        let env = String::from_utf8(render(SinkFormat::Env, &wild).unwrap()).unwrap();
+        assert!(env.ends_with("TOKEND_MY_NATION_ACCOUNT_IDS='123'\nTOKEND_MY_NATION_ACCOUNT_ID='123'\n"), "{env}");
+        let json: serde_json::Value = serde_json::from_slice(&render(SinkFormat::Json, &wild).unwrap()).unwrap();
+        assert_eq!(json["extra"]["permissions"][0]["accountId"], 123);
+        let generic = TokenState {
+            provider: "oauth2".into(),
+            extra: Some(r#"{"org-id":"o1","quote":"it's","list":[1]}"#.into()),
+            ..state()
+        };
+        let env = String::from_utf8(render(SinkFormat::Env, &generic).unwrap()).unwrap();
+        assert!(env.ends_with("EXPIRES_AT='2021-09-28T20:19:56Z'\nTOKEND_MY_NATION_ORG_ID='o1'\n"), "{env}");
     }
 
     #[test]
@@ -488,6 +542,7 @@ mod tests {
         assert_eq!(json["expires_at"], "2021-09-28T20:19:56Z");
         assert_eq!(json["generation"], 7);
         assert_eq!(json["token_type"], "Bearer");
+        assert!(json.get("extra").is_none());
         assert_eq!(json["scope"], "default");
     }
 

@@ -332,3 +332,34 @@ async fn revoke_at_nudge_then_forget_elsewhere() {
     assert_eq!(forget.code, 0, "{}", forget.stderr);
     assert_eq!(w.row("nb").await["status"], "no_token");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_revocation_is_refused_and_forget_then_forgets_anyway() {
+    let w = World::new(MockSettings::default()).await;
+    w.write_config(
+        "[[credential]]\nname = \"n\"\nprovider = \"nudge\"\nbase_url = \"{mock}\"\nclient_id = \"nid\"\nclient_secret = \"ns\"\n[[credential.sink]]\npath = \"n.token\"\n",
+    );
+    let answer = w.authorize_and_import("n").await;
+    let refresh_token = answer["refresh_token"].as_str().unwrap();
+    let down = || tokend::dev::mock::Fault::Answer { status: 503, body: "maintenance".into(), headers: vec![] };
+
+    w.mock.push_fault(down());
+    let refused = w.tokend(&["revoke", "n"], None).await;
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("revocation refused (HTTP 503): maintenance; run with --forget"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(w.row("n").await["status"], "active", "nothing changed locally");
+    assert!(w.path("n.token").exists());
+
+    w.mock.push_fault(down());
+    let forget = w.tokend(&["revoke", "n", "--forget"], None).await;
+    assert_eq!(forget.code, 0, "{}", forget.stderr);
+    assert!(forget.stdout.contains("the provider did NOT revoke the grant"), "{}", forget.stdout);
+    assert!(!forget.stderr.contains(refresh_token) && !forget.stdout.contains(refresh_token));
+    assert_eq!(w.row("n").await["status"], "no_token");
+    assert!(!w.path("n.token").exists(), "sinks removed");
+    assert!(!w.mock.is_revoked(refresh_token), "the provider was not told");
+}

@@ -3,6 +3,10 @@
 //! token, or the credential is flagged `needs_reauth` *and* the provider shows that the token the
 //! store holds was rotated while a killed daemon was waiting for the answer (the crash window no
 //! client can close: the answer died with the process). Those are counted; anything else fails.
+//!
+//! The same churn against a provider with a reuse grace period (django-oauth-toolkit's
+//! `REFRESH_TOKEN_GRACE_PERIOD_SECONDS`) must lose nothing at all: the interrupted attempt is
+//! retried first thing at the next start, within the grace.
 
 mod support;
 
@@ -15,15 +19,44 @@ use tokend::dev::mock::MockSettings;
 
 const CREDENTIALS: usize = 8;
 const MAX_KILLS: usize = 200;
-const MAX_CHURN: Duration = Duration::from_secs(120);
+const MAX_CHURN: Duration = Duration::from_secs(150);
 /// A request sent just before a kill may be processed by the provider just after it.
 const IN_FLIGHT_SLACK_MS: i64 = 200;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_never_loses_a_chain_silently() {
+    let run = churn("crash", Duration::ZERO).await;
+    assert!(run.kills >= 150, "only {} kills in {MAX_CHURN:?}", run.kills);
+    assert!(run.silently_lost.is_empty(), "chains lost silently: {:?}\n{}", run.silently_lost, run.figures);
+    assert_eq!(run.intact + run.lost_in_crash_window, CREDENTIALS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_reuse_grace_period_sigkills_lose_no_chain() {
+    let run = churn("crash-grace", Duration::from_secs(10)).await;
+    assert!(run.kills >= MAX_KILLS, "only {} kills in {MAX_CHURN:?}", run.kills);
+    assert!(run.silently_lost.is_empty(), "chains lost silently: {:?}\n{}", run.silently_lost, run.figures);
+    assert_eq!(
+        run.intact, CREDENTIALS,
+        "a chain died although the provider honours a spent token for 10 s\n{}",
+        run.figures
+    );
+}
+
+struct Churn {
+    kills: usize,
+    intact: usize,
+    lost_in_crash_window: usize,
+    silently_lost: Vec<String>,
+    figures: String,
+}
+
+/// Starts and SIGKILLs `tokend run` up to [`MAX_KILLS`] times against the mock with `reuse_grace`,
+/// then runs it once cleanly and judges every chain; `label` names the figures.
+async fn churn(label: &str, reuse_grace: Duration) -> Churn {
     let seed: u64 = std::env::var("TOKEND_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_123);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let w = World::new(MockSettings { expires_in: 2, ..MockSettings::default() }).await;
+    let w = World::new(MockSettings { expires_in: 2, reuse_grace, ..MockSettings::default() }).await;
     std::fs::create_dir(w.path("out")).unwrap();
     let mut config = String::new();
     for i in 0..CREDENTIALS {
@@ -97,19 +130,19 @@ async fn sigkill_at_random_moments_never_loses_a_chain_silently() {
     }
     let log = std::fs::read_to_string(w.path("crash.log")).unwrap_or_default() + &daemon.log_text();
     let figures = format!(
-        "crash: seed {seed}, {} SIGKILLs, {refreshes_during_churn} refreshes during the churn, {} in total; \
+        "{label}: reuse grace {reuse_grace:?}, seed {seed}, {} SIGKILLs, {refreshes_during_churn} refreshes during the churn, {} in total; \
          {CREDENTIALS} chains: {intact} intact, {lost_in_crash_window} lost in the crash window (flagged needs_reauth, confirmed by the provider), \
-         {} lost silently; provider saw {} reuse(s) of a spent token (the retries that revealed those losses){}",
+         {} lost silently; provider saw {} reuse(s) of a spent token refused (the retries that revealed those losses) \
+         and honoured {} within the grace (interrupted attempts retried at start-up){}",
         lives.len(),
         w.mock.refreshes(),
         silently_lost.len(),
         w.mock.reuses(),
+        w.mock.grace_reuses(),
         if window_evidence.is_empty() { String::new() } else { format!(" [{}]", window_evidence.join("; ")) }
     );
     println!("{figures}");
-    support::record_figures("crash", &figures);
+    support::record_figures(label, &figures);
     assert!(!log.contains("panicked"), "a daemon panicked:\n{log}");
-    assert!(lives.len() >= 150, "only {} kills in {MAX_CHURN:?}", lives.len());
-    assert!(silently_lost.is_empty(), "chains lost silently: {silently_lost:?}\n{figures}");
-    assert_eq!(intact + lost_in_crash_window, CREDENTIALS);
+    Churn { kills: lives.len(), intact, lost_in_crash_window, silently_lost, figures }
 }

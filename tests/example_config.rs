@@ -18,6 +18,6 @@ fn example_config_validates() {
     let names: Vec<&str> = config.credentials.iter().map(|c| &*c.name).collect();
     assert_eq!(names, ["my-nation", "nudge", "wa-members", "wa-admin", "generic"]);
     assert_eq!(config.credentials[0].endpoint.client_secret.as_ref().unwrap().expose(), "my-nation-secret");
-    assert_eq!(config.credentials[1].provider_concurrency, 4);
+    assert_eq!(config.credentials[1].endpoint.provider_concurrency, 4);
     assert_eq!(config.credentials[4].endpoint.scope.as_deref(), Some("read write"));
 }

@@ -4,6 +4,10 @@
 //! authorize → redirect delivered to `tokend authorize`), then `tokend run` refreshes several
 //! times, and afterwards every refresh token tokend spent must be refused by the server.
 //!
+//! Once more with a grace period (REFRESH_TOKEN_GRACE_PERIOD_SECONDS = 10): the daemon aborts
+//! between the server's answer and the commit, and the chain survives because the next start
+//! retries the interrupted attempt first.
+//!
 //! Needs Python 3: `tests/peers/dot/setup-venv.sh` (run by `.ci/run`, or by this test) installs
 //! the server in `target/dot-venv`. Without python3 the test says SKIPPED and why.
 
@@ -46,9 +50,17 @@ fn peer(python: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn authorize_and_rotate_against_django_oauth_toolkit() {
-    let Some(python) = peer_python() else { return };
+/// django-oauth-toolkit serving on loopback with `grace_secs`, and the credential `dot`
+/// authorized by `tokend authorize` (the test plays the browser).
+struct Peer {
+    python: PathBuf,
+    base: String,
+    w: World,
+    server: tokio::process::Child,
+}
+
+async fn authorized_peer(grace_secs: u32) -> Option<Peer> {
+    let python = peer_python()?;
     // The World's mock is unused here; it only provides the temp dir and helpers.
     let w = World::new(MockSettings::default()).await;
     let (server_port, redirect_port) = (free_port(), free_port());
@@ -56,9 +68,10 @@ async fn authorize_and_rotate_against_django_oauth_toolkit() {
     let redirect = format!("http://127.0.0.1:{redirect_port}/callback");
     let db = w.path("dot.sqlite3");
     assert_eq!(peer(&python, &["setup", db.to_str().unwrap(), CLIENT_ID, CLIENT_SECRET, &redirect]), "ready");
-    let mut server = tokio::process::Command::new(&python)
+    let server = tokio::process::Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/dot/peer.py"))
         .args(["serve", db.to_str().unwrap(), &server_port.to_string()])
+        .env("TOKEND_PEER_GRACE_SECONDS", grace_secs.to_string())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(w.path("dot.log")).unwrap())
         .kill_on_drop(true)
@@ -67,7 +80,6 @@ async fn authorize_and_rotate_against_django_oauth_toolkit() {
     let up =
         wait_for(Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", server_port)).is_ok()).await;
     assert!(up, "django did not start: {}", std::fs::read_to_string(w.path("dot.log")).unwrap_or_default());
-
     w.write_config(&format!(
         "[[credential]]\nname = \"dot\"\nprovider = \"oauth2\"\nauthorize_url = \"{base}/o/authorize/\"\ntoken_url = \"{base}/o/token/\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\nscope = \"read\"\nredirect_uri = \"{redirect}\"\n[[credential.sink]]\npath = \"dot.token\"\n"
     ));
@@ -94,6 +106,12 @@ async fn authorize_and_rotate_against_django_oauth_toolkit() {
     assert!(browsed.starts_with("200"), "{browsed}");
     let status = tokio::time::timeout(Duration::from_secs(20), authorize.wait()).await.unwrap().unwrap();
     assert!(status.success(), "tokend authorize failed");
+    Some(Peer { python, base, w, server })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_and_rotate_against_django_oauth_toolkit() {
+    let Some(Peer { python, base, w, mut server }) = authorized_peer(0).await else { return };
     let first = w.store().get("dot").unwrap().unwrap();
 
     // Let the daemon rotate through several 6 s tokens (refresh at 3 s), recording every
@@ -137,5 +155,41 @@ async fn authorize_and_rotate_against_django_oauth_toolkit() {
     );
     println!("{figures}");
     support::record_figures("interop", &figures);
+    let _ = server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_answer_and_commit_survives_a_grace_period() {
+    let Some(Peer { w, mut server, .. }) = authorized_peer(10).await else { return };
+    let first = w.store().get("dot").unwrap().unwrap();
+
+    // The first refresh (at 3 s) gets the server's answer and the process aborts before the
+    // commit: the server has rotated, the store still holds the spent refresh token.
+    let mut dying = w.start_daemon_env(&[("TOKEND_TEST_ABORT_BEFORE_COMMIT", "dot")]).await;
+    let code = dying.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, -1, "aborted by a signal: {}", dying.log_text());
+    let held = w.store().get("dot").unwrap().unwrap();
+    assert_eq!((held.generation, held.attempts_in_flight), (first.generation, 1));
+    assert_eq!(held.refresh_token, first.refresh_token);
+    let answered = |log: &str| log.matches("\"POST /o/token/ HTTP/1.1\" 200").count();
+    let dot_log = || std::fs::read_to_string(w.path("dot.log")).unwrap_or_default();
+    assert_eq!(answered(&dot_log()), 2, "code exchange + the refresh whose answer died: {}", dot_log());
+
+    // The next start retries that attempt first, within the grace: the chain lives on.
+    let daemon = w.start_daemon().await;
+    let log = daemon.log_text();
+    assert!(log.contains("the interrupted refresh was retried: the chain is intact"), "{log}");
+    let state = w.store().get("dot").unwrap().unwrap();
+    assert_eq!(state.status, tokend::store::Status::Active);
+    assert!(state.generation > first.generation);
+    assert_eq!(answered(&dot_log()), 3, "the spent refresh token was honoured once more: {}", dot_log());
+    daemon.signal(Signal::SIGTERM);
+    let mut daemon = daemon;
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
+    let next = w.tokend(&["refresh", "dot"], None).await;
+    assert_eq!(next.code, 0, "the chain is alive: {}", next.stderr);
+    let figures = "interop django-oauth-toolkit 3.4.1 with REFRESH_TOKEN_GRACE_PERIOD_SECONDS = 10: aborted between the answer and the commit, the next start retried the attempt and the server honoured the spent token; chain intact";
+    println!("{figures}");
+    support::record_figures("interop-grace", figures);
     let _ = server.kill().await;
 }

@@ -634,3 +634,24 @@ async fn readers_follow_a_configuration_reload() {
     let dropped = token_as(&w, 61005, &gid, "a").await;
     assert!(dropped.stderr.contains("403 forbidden"), "{}", dropped.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_answer_carries_the_provider_extras() {
+    let settings =
+        MockSettings { answer_extras: Some(serde_json::json!({"org_id": "o-77"})), ..MockSettings::default() };
+    let w = world(settings, &credential("a", "extra_fields = [\"org_id\"]")).await;
+    w.authorize_and_import("a").await;
+    let _daemon = w.start_daemon().await;
+    let socket = w.path("tokend.sock");
+    let got = call(&socket, "GET", &token_path("a"), None).await;
+    assert_eq!((got.status, &got.body["extra"]), (200, &serde_json::json!({"org_id": "o-77"})), "{}", got.raw);
+    let replaced =
+        call(&socket, "POST", "/v1/credentials/a/refresh", Some(&refresh_body(&stored_token(&w, "a")))).await;
+    assert_eq!(
+        (replaced.body["generation"].as_i64(), &replaced.body["extra"]["org_id"]),
+        (Some(2), &serde_json::json!("o-77"))
+    );
+    let run = w.tokend(&["token", "a", "--json"], None).await;
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(json["extra"]["org_id"], "o-77", "{}", run.stderr);
+}

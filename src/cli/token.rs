@@ -37,7 +37,7 @@ pub async fn run(path: &Path, name: &str, min_valid: Option<&str>, json: bool) -
     }
     let state = from_store(path, name, need.unwrap_or(0)).await?;
     if json {
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "name": state.name,
             "access_token": state.access_token.expose(),
             "token_type": state.token_type,
@@ -46,6 +46,9 @@ pub async fn run(path: &Path, name: &str, min_valid: Option<&str>, json: bool) -
             "scope": state.scope,
             "generation": state.generation,
         });
+        if let Some(extra) = sink::extra_value(&state) {
+            value["extra"] = extra;
+        }
         println!("{value}");
     } else {
         println!("{}", state.access_token.expose());

@@ -67,9 +67,20 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// Secrets written into the file itself.
     pub inline_secrets: usize,
+    /// The socket rules of the credentials that have any; the others have the defaults.
+    pub socket_access: HashMap<std::sync::Arc<str>, std::sync::Arc<SocketAccess>>,
 }
 
+/// The socket rules of a credential that has none of its own.
+static DEFAULT_ACCESS: SocketAccess =
+    SocketAccess { readers: None, units: Vec::new(), credential_format: SinkFormat::Raw };
+
 impl Config {
+    /// `name`'s rules on the local sockets.
+    pub fn access_of(&self, name: &str) -> &SocketAccess {
+        self.socket_access.get(name).map_or(&DEFAULT_ACCESS, |a| a)
+    }
+
     pub fn credential(&self, name: &str) -> Option<&Credential> {
         self.credentials.iter().find(|c| &*c.name == name).map(|c| &**c)
     }
@@ -103,21 +114,49 @@ pub struct Credential {
     /// nations usually share one client), so it is held once.
     pub endpoint: std::sync::Arc<Endpoint>,
     pub refresh_at: RefreshAt,
-    /// Refreshes in flight at once for this credential's provider.
-    pub provider_concurrency: usize,
     pub sinks: Vec<SinkConfig>,
     /// Extra refreshes on a cron schedule (tokens without expiry that should still be re-issued).
     /// Boxed: most credentials have none, and a parsed cron expression is 300+ bytes.
     pub refresh_cron: Option<Box<CronSchedule>>,
     /// Interned like `endpoint`: nearly every credential has the same (usually empty) hooks.
     pub hooks: std::sync::Arc<Hooks>,
-    /// Who may read it over the local socket, and which systemd units get it. Interned like
-    /// `hooks`: nearly every credential has the defaults.
-    pub access: std::sync::Arc<SocketAccess>,
+    /// Interned like `hooks`.
+    pub lifecycle: std::sync::Arc<Lifecycle>,
 }
 
-/// A credential's rules on the local sockets (README "Tokens on demand").
+/// What keeps a chain alive beyond its access token: when its refresh token or consent dies,
+/// how early a human hears of it, and how often a dead credential reminds them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Lifecycle {
+    /// The refresh token's life, counted from when it was issued (the authorization, for
+    /// providers that do not rotate), when the answers carry no `refresh_token_expires_in`.
+    pub refresh_token_lifetime: Option<Duration>,
+    /// The `reauth_soon` event fires this long before the re-authorization deadline.
+    pub reauth_warn: Option<Duration>,
+    /// A refresh at least this often after the last one, whatever the access token's expiry:
+    /// keeps refresh tokens that die unused, and tokens that never expire, exercised.
+    pub refresh_at_least: Option<Duration>,
+    /// `needs_reauth` is repeated this often until a human re-authorizes; `None`: once.
+    pub reauth_repeat: Option<Duration>,
+}
+
+/// `needs_reauth` reminders, unless a credential says otherwise: daily.
+pub const DEFAULT_REAUTH_REPEAT: Duration = Duration::from_secs(86_400);
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            refresh_token_lifetime: None,
+            reauth_warn: None,
+            refresh_at_least: None,
+            reauth_repeat: Some(DEFAULT_REAUTH_REPEAT),
+        }
+    }
+}
+
+/// A credential's rules on the local sockets (README "Tokens on demand"), in
+/// [`Config::socket_access`] (not in each [`Credential`]: nearly every one has the defaults).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct SocketAccess {
     /// Who may read the token over `[daemon] socket`; `None`: members of the socket's group.
     pub readers: Option<Vec<Reader>>,
@@ -185,8 +224,9 @@ impl Credential {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SinkFormat {
+    #[default]
     Raw,
     Json,
     Env,
@@ -432,7 +472,7 @@ mod tests {
             "https://staging.justanudge.co/api/oauth/zapier/token"
         );
         assert_eq!(c.credentials[0].refresh_at, RefreshAt::Elapsed(0.8));
-        assert_eq!(c.credentials[0].provider_concurrency, 2);
+        assert_eq!(c.credentials[0].endpoint.provider_concurrency, 2);
         assert_eq!(c.credentials[1].endpoint.token_url.as_str(), "https://oauth.wildapricot.org/auth/token");
         assert!(matches!(c.credentials[1].endpoint.grant, GrantKind::ApiKey(_)));
     }

@@ -75,6 +75,18 @@ pub(super) struct RawCredential {
     pub(super) readers: Option<Vec<String>>,
     pub(super) units: Option<Vec<String>>,
     pub(super) credential_format: Option<String>,
+    /// Answer fields to keep and hand to scripts (besides the provider's own).
+    pub(super) extra_fields: Option<Vec<String>>,
+    /// "credential" | "client" | "provider": what one rate-limit answer pauses.
+    pub(super) rate_limit: Option<String>,
+    /// How long a refresh token lives when the answers do not say.
+    pub(super) refresh_token_lifetime: Option<String>,
+    /// Warn this long before re-authorization will be needed.
+    pub(super) reauth_warn: Option<String>,
+    /// Refresh at least this often, even when the access token has no expiry.
+    pub(super) refresh_at_least: Option<String>,
+    /// Repeat the `needs_reauth` event this often until a human re-authorizes ("off" to not).
+    pub(super) reauth_repeat: Option<String>,
     #[serde(default)]
     pub(super) sink: Vec<RawSink>,
 }

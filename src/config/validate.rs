@@ -17,7 +17,10 @@ pub(super) struct Validator<'a> {
     /// Endpoints and hooks, interned: an agency's 100,000 credentials share a handful.
     endpoints: HashSet<std::sync::Arc<Endpoint>>,
     hooks: HashSet<std::sync::Arc<Hooks>>,
+    /// Socket rules of the credentials that have any, interned.
     access: HashSet<std::sync::Arc<SocketAccess>>,
+    socket_access: HashMap<std::sync::Arc<str>, std::sync::Arc<SocketAccess>>,
+    lifecycles: HashSet<std::sync::Arc<Lifecycle>>,
     /// URLs already parsed and found acceptable, by their text: token URLs (held to the
     /// stricter check) and the others.
     secure_urls: HashMap<String, Url>,
@@ -38,6 +41,8 @@ impl<'a> Validator<'a> {
             endpoints: HashSet::new(),
             hooks: HashSet::new(),
             access: HashSet::new(),
+            socket_access: HashMap::new(),
+            lifecycles: HashSet::new(),
             secure_urls: HashMap::new(),
             plain_urls: HashMap::new(),
             warnings: Vec::new(),
@@ -109,6 +114,7 @@ impl<'a> Validator<'a> {
                 credentials,
                 warnings: self.warnings,
                 inline_secrets: self.inline_secrets,
+                socket_access: self.socket_access,
             })
         } else {
             Err(ConfigError(self.problems))
@@ -177,6 +183,63 @@ impl<'a> Validator<'a> {
                 None
             }
         }
+    }
+
+    /// A lifecycle period: a second to ten years ("off" where `allow_off`, as `Some(None)`).
+    fn period(&mut self, place: &str, field: &str, text: Option<&str>, allow_off: bool) -> Option<Option<Duration>> {
+        let text = text?;
+        if allow_off && text == "off" {
+            return Some(None);
+        }
+        match humantime::parse_duration(text) {
+            Ok(d) if d >= Duration::from_secs(1) && d.as_secs() <= 10 * 365 * 86_400 => Some(Some(d)),
+            Ok(_) => {
+                self.report(place, Some(field), format!("\"{text}\" is out of range; expected 1s to 10 years"));
+                None
+            }
+            Err(_) => {
+                let off = if allow_off { " or \"off\"" } else { "" };
+                self.report(place, Some(field), format!("\"{text}\" is not a duration like \"7d\"{off}"));
+                None
+            }
+        }
+    }
+
+    fn lifecycle(&mut self, place: &str, raw: [Option<&str>; 4]) -> Lifecycle {
+        let [refresh_token_lifetime, reauth_warn, refresh_at_least, reauth_repeat] = raw;
+        let defaults = Lifecycle::default();
+        Lifecycle {
+            refresh_token_lifetime: self
+                .period(place, "refresh_token_lifetime", refresh_token_lifetime, false)
+                .flatten(),
+            reauth_warn: self.period(place, "reauth_warn", reauth_warn, false).flatten(),
+            refresh_at_least: self.period(place, "refresh_at_least", refresh_at_least, false).flatten(),
+            reauth_repeat: self.period(place, "reauth_repeat", reauth_repeat, true).unwrap_or(defaults.reauth_repeat),
+        }
+    }
+
+    /// The answer fields a credential keeps: the preset's, then the configuration's. Tokens and
+    /// secrets are refused by name.
+    fn extra_fields(&mut self, place: &str, preset: &provider::Preset, raw: Option<&[String]>) -> Vec<String> {
+        let mut fields: Vec<String> = preset.answer_extras.iter().map(|f| f.to_string()).collect();
+        for field in raw.unwrap_or_default() {
+            if field.is_empty() || field.len() > 64 || field.chars().any(|c| c.is_control()) {
+                self.report(
+                    place,
+                    Some("extra_fields"),
+                    format!("\"{}\" is not an answer field name", field.escape_debug()),
+                );
+            } else if provider::is_forbidden_extra(field) {
+                self.report(
+                    place,
+                    Some("extra_fields"),
+                    format!("\"{field}\" is a token, a secret or a field tokend already stores; it is never kept as an extra"),
+                );
+            } else if !fields.contains(field) {
+                fields.push(field.clone());
+            }
+        }
+        fields
     }
 
     fn refresh_at(&mut self, place: &str, text: &str) -> Option<RefreshAt> {
@@ -326,6 +389,27 @@ impl<'a> Validator<'a> {
             Some(t) => self.refresh_at(&place, t).unwrap_or(RefreshAt::Default),
             None => default_refresh_at.unwrap_or(RefreshAt::Default),
         };
+        let extra_fields = self.extra_fields(&place, preset, raw.extra_fields.as_deref());
+        let rate_limit = match raw.rate_limit.as_deref() {
+            None => preset.rate_limit,
+            Some(text) => text.parse().unwrap_or_else(|()| {
+                self.report(
+                    &place,
+                    Some("rate_limit"),
+                    format!("\"{text}\" is not a rate-limit scope; expected credential, client or provider"),
+                );
+                preset.rate_limit
+            }),
+        };
+        let lifecycle = self.lifecycle(
+            &place,
+            [
+                raw.refresh_token_lifetime.as_deref(),
+                raw.reauth_warn.as_deref(),
+                raw.refresh_at_least.as_deref(),
+                raw.reauth_repeat.as_deref(),
+            ],
+        );
         let sinks = raw.sink.into_iter().enumerate().filter_map(|(i, s)| self.sink(&place, i, s)).collect();
         let refresh_cron = raw
             .refresh_cron
@@ -344,7 +428,7 @@ impl<'a> Validator<'a> {
             Some(t) => self.duration(&place, "hook_timeout", &t).unwrap_or(DEFAULT_HOOK_TIMEOUT),
             None => DEFAULT_HOOK_TIMEOUT,
         };
-        let pass_env = raw.hook_env.unwrap_or_default();
+        let pass_env = raw.hook_env.clone().unwrap_or_default();
         if let Some(bad) = pass_env.iter().find(|v| v.is_empty() || v.contains(['=', '\0'])) {
             self.report(
                 &place,
@@ -374,16 +458,23 @@ impl<'a> Validator<'a> {
             grant,
             authorization: authorization?,
             revocation_url,
+            extra_fields,
+            rate_limit,
+            provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
         };
+        let name: std::sync::Arc<str> = name.into();
+        if let Some(access) = access.filter(|a| *a != SocketAccess::default()) {
+            let shared = intern(&mut self.access, access);
+            self.socket_access.insert(name.clone(), shared);
+        }
         Some(Credential {
-            name: name.into(),
+            name,
             endpoint: intern(&mut self.endpoints, endpoint),
             refresh_at,
-            provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
             sinks,
             refresh_cron: refresh_cron.map(Box::new),
             hooks: intern(&mut self.hooks, hooks),
-            access: intern(&mut self.access, access?),
+            lifecycle: intern(&mut self.lifecycles, lifecycle),
         })
     }
 

@@ -15,6 +15,7 @@ impl Daemon {
                     self.plan_cron(&name);
                 }
                 Job::Expire => self.expire(&name),
+                Job::Notice => self.notice(&name),
                 Job::Maintenance => {
                     match self.store().maintenance(now_ms(), ATTEMPT_RETENTION) {
                         Ok(pruned) => tracing::info!(pruned_attempts = pruned, "maintenance done"),
@@ -47,10 +48,14 @@ impl Daemon {
         let paused = if self.admission.paused_until.is_empty() {
             None
         } else {
-            self.admission.paused_until.get(&entry.credential.endpoint.rate_limit_scope()).copied().filter(|u| *u > now)
+            self.admission
+                .paused_until
+                .get(&entry.credential.endpoint.rate_limit_key(name))
+                .copied()
+                .filter(|u| *u > now)
         };
         if let Some(until) = paused {
-            let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
+            let expires_at_ms = entry.lifetime.and_then(|l| l.expires_at()).map(|t| t * 1000);
             let last_chance = expires_at_ms.map(|t| t - schedule::LAST_CHANCE_BEFORE_EXPIRY_MS).filter(|t| *t < until);
             match last_chance {
                 Some(at) if now >= at => {
@@ -75,7 +80,7 @@ impl Daemon {
         self.queue.cancel(name, Job::Refresh);
         let busy = self.admission.in_flight_by_provider.get(&provider).copied().unwrap_or(0);
         if self.admission.running.len() >= self.config.daemon.concurrency
-            || busy >= entry.credential.provider_concurrency
+            || busy >= entry.credential.endpoint.provider_concurrency
         {
             if !entry.waiting {
                 entry.waiting = true;
@@ -118,9 +123,9 @@ impl Daemon {
     }
 }
 
-/// Records that `credential`'s endpoint and client asked for no requests until `until`; pauses
-/// that ended are forgotten.
+/// Records that `credential`'s rate-limit budget (itself, its client, or its provider: the
+/// credential's `rate_limit`) is spent until `until`; pauses that ended are forgotten.
 pub(super) fn pause(paused_until: &mut HashMap<String, i64>, credential: &Credential, now: i64, until: i64) {
     paused_until.retain(|_, end| *end > now);
-    paused_until.insert(credential.endpoint.rate_limit_scope(), until);
+    paused_until.insert(credential.endpoint.rate_limit_key(&credential.name), until);
 }

@@ -158,9 +158,16 @@ impl Daemon {
             let changed = new.map(|l| (l.generation, l.status)) != entry.lifetime.map(|l| (l.generation, l.status));
             if changed && !entry.in_flight {
                 tracing::info!(credential = %name, generation = new.map(|l| l.generation), "store changed by another process; picked up");
+                let revived =
+                    entry.lifetime.is_some_and(|l| l.status.is_dead()) && new.is_some_and(|l| !l.status.is_dead());
+                let was_failing = entry.failures > 0;
                 entry.lifetime = new;
                 entry.failures = 0;
-                entry.retry_at = None;
+                entry.retry_at = None.into();
+                if revived || was_failing {
+                    // A human re-authorized (or another process refreshed a failing credential).
+                    self.recovered(&name);
+                }
                 self.sync_sinks(&name);
                 self.plan(&name);
                 // STATUS= and the metrics file speak for the state just picked up, not for the

@@ -109,7 +109,8 @@ struct Entry {
     /// `None` while no token is stored.
     lifetime: Option<Lifetime>,
     failures: u32,
-    retry_at: Option<i64>,
+    /// When to try again after a failure (unix ms); unknown: at the planned refresh point.
+    retry_at: crate::store::MaybeTime,
     in_flight: bool,
     /// In the `waiting` queue for a concurrency slot.
     waiting: bool,
@@ -146,6 +147,23 @@ struct Daemon {
     reloads: u64,
     /// The socket API's servers and the callers waiting on refreshes they asked for.
     on_demand: on_demand::OnDemand,
+    notices: Notices,
+}
+
+/// What humans were told, for the few credentials that had something to tell: kept beside the
+/// entries rather than in each of them (100,000 entries × 28 bytes for a handful of values).
+#[derive(Default)]
+struct Notices {
+    /// The re-authorization deadline `reauth_soon` was announced for, by credential.
+    warned: FxHashMap<Arc<str>, i64>,
+    /// Events since start by [`metrics::NOTICES`], for metrics.
+    counts: FxHashMap<Arc<str>, [u32; metrics::NOTICES.len()]>,
+}
+
+impl Notices {
+    fn count(&mut self, name: &Arc<str>, notice: metrics::Notice) {
+        self.counts.entry(name.clone()).or_default()[notice as usize] += 1;
+    }
 }
 
 /// Which refreshes run, which wait, and which endpoints asked us to wait (`admission.rs`).
@@ -159,8 +177,8 @@ struct Admission {
     in_flight_by_provider: HashMap<ProviderKind, usize>,
     /// Set on shutdown: no new refresh starts.
     stopping: bool,
-    /// Rate-limit pauses by [`crate::provider::Endpoint::rate_limit_scope`]: until when that
-    /// endpoint and client asked us to wait.
+    /// Rate-limit pauses by [`crate::provider::Endpoint::rate_limit_key`]: until when that
+    /// budget (a credential, a client or a whole endpoint) asked us to wait.
     paused_until: HashMap<String, i64>,
 }
 
@@ -229,9 +247,11 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         due: Due::default(),
         reloads: 0,
         on_demand: on_demand::OnDemand::default(),
+        notices: Notices::default(),
     };
     daemon.config.path = config_path;
-    daemon.recover_abandoned_attempts()?;
+    let abandoned = daemon.recover_abandoned_attempts()?;
+    daemon.retry_abandoned(abandoned).await;
     tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "store opened");
     let sinks_checked = daemon.apply_config(daemon.config.clone())?;
     // READY=1 means every sink holds its token (the check runs on the sink thread).
@@ -331,20 +351,75 @@ impl Daemon {
     }
 
     /// A crash between "request sent" and "answer committed" leaves an attempt without a result.
-    /// The stored refresh token is unchanged, so the next refresh simply retries it; if the
-    /// provider did rotate in that window, the retry gets `invalid_grant` and the credential is
-    /// marked `needs_reauth` — loudly, never silently.
-    fn recover_abandoned_attempts(&mut self) -> Result<(), DaemonError> {
+    /// The stored refresh token is unchanged, so the attempt is retried with it — first thing at
+    /// start-up ([`Daemon::retry_abandoned`]): a provider with a reuse grace period
+    /// (django-oauth-toolkit's `REFRESH_TOKEN_GRACE_PERIOD_SECONDS`, "leeway", "reuse interval")
+    /// still honours the spent token for a short while and answers with the same or a new chain.
+    /// A strict provider that did rotate answers `invalid_grant`, and the credential is marked
+    /// `needs_reauth` — loudly, never silently. Returns the credentials to retry, with the
+    /// generation each attempt started from.
+    fn recover_abandoned_attempts(&mut self) -> Result<Vec<(Arc<Credential>, i64)>, DaemonError> {
+        let mut retry: Vec<(Arc<Credential>, i64)> = Vec::new();
         let mut store = self.store();
         for a in store.abandoned_attempts()? {
             tracing::warn!(
                 credential = %a.credential,
                 spent_refresh_token = a.spent_fp.as_deref().unwrap_or("none"),
                 started = %rfc3339(a.started_at_ms.div_euclid(1000)),
-                "a previous run died during this refresh; retrying with the stored refresh token (if the provider rotated it in that window, the credential will need re-authorization)"
+                "a previous run died during this refresh; retrying it now with the stored refresh token (if the provider rotated it in that window and has no reuse grace, the credential will need re-authorization)"
             );
             store.cancel_attempt(a.id, "abandoned: process died mid-refresh", now_ms())?;
+            if let Some(credential) = self.config.credential(&a.credential)
+                && !retry.iter().any(|(c, _)| c.name == credential.name)
+            {
+                retry.push((Arc::new(credential.clone()), a.from_generation));
+            }
         }
-        Ok(())
+        Ok(retry)
+    }
+
+    /// Retries the abandoned attempts before anything else happens (sinks, schedules, READY=1):
+    /// a reuse grace period is often only seconds long.
+    async fn retry_abandoned(&mut self, abandoned: Vec<(Arc<Credential>, i64)>) {
+        if abandoned.is_empty() {
+            return;
+        }
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.config.daemon.concurrency.max(1)));
+        let mut retries = JoinSet::new();
+        for (credential, from_generation) in abandoned {
+            let (store, http, sinks, limit) =
+                (self.committer.clone(), self.http.clone(), self.sinks.clone(), limit.clone());
+            retries.spawn(async move {
+                let _slot = limit.acquire_owned().await;
+                let result =
+                    refresh::refresh(&store, &http, &sinks, &credential, Some(from_generation), Duration::ZERO).await;
+                (credential, result)
+            });
+        }
+        while let Some(done) = retries.join_next().await {
+            let Ok((credential, result)) = done else { continue };
+            let name = &*credential.name;
+            match result {
+                Ok(Outcome::Refreshed { state, .. }) => {
+                    tracing::warn!(
+                        credential = name,
+                        generation = state.generation,
+                        "the interrupted refresh was retried: the chain is intact"
+                    );
+                    hooks::spawn(&credential, Event::Refreshed, Some(&state), None);
+                }
+                Ok(Outcome::AlreadyRefreshed(_)) => {}
+                Ok(Outcome::Failed { failure, needs_reauth: true }) => {
+                    tracing::error!(
+                        credential = name,
+                        reason = failure.reason(),
+                        "the interrupted refresh cannot be retried: the provider rotated the refresh token in the crash window; re-authorize"
+                    );
+                    hooks::spawn(&credential, Event::NeedsReauth, None, Some(failure.reason()));
+                }
+                Ok(other) => tracing::info!(credential = name, "retry of the interrupted refresh: {other:?}"),
+                Err(e) => tracing::warn!(credential = name, "retry of the interrupted refresh failed: {e}"),
+            }
+        }
     }
 }

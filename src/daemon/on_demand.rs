@@ -43,7 +43,7 @@ impl Daemon {
             return;
         }
         let now = now_ms();
-        let paused = self.admission.paused_until.get(&entry.credential.endpoint.rate_limit_scope()).copied();
+        let paused = self.admission.paused_until.get(&entry.credential.endpoint.rate_limit_key(&name)).copied();
         if let Some(until) = paused.filter(|until| *until > now) {
             let seconds = u64::try_from((until - now + 999) / 1000).unwrap_or(1);
             let _ = reply.send(Err(Refusal::new(

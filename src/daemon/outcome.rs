@@ -35,6 +35,8 @@ pub(super) struct Decision {
     pub counted_as: Option<metrics::RefreshResult>,
     /// The hook event, if any.
     pub event: Option<Event>,
+    /// A credential that was failing is healthy again.
+    pub recovered: bool,
 }
 
 /// The decision for `result`, given what was held before (`held`), the stored state re-read
@@ -50,7 +52,7 @@ pub(super) fn decide(
     let lifetime = fresh.or(held.lifetime);
     let token_life =
         lifetime.and_then(|l| l.expires_in()).map_or(ASSUMED_LIFETIME, |s| Duration::from_secs(s.unsigned_abs()));
-    let expires_at_ms = lifetime.and_then(|l| l.expires_at).map(|t| t * 1000);
+    let expires_at_ms = lifetime.and_then(|l| l.expires_at()).map(|t| t * 1000);
     let backoff = |failures: u32, provider_wait: Option<Duration>| {
         schedule::retry_at_ms(now, failures, token_life, expires_at_ms, provider_wait, random)
     };
@@ -62,6 +64,7 @@ pub(super) fn decide(
         pause_until,
         counted_as: Some(metrics::RefreshResult::Success),
         event,
+        recovered: held.failures > 0,
     };
     match result {
         Ok(Outcome::Refreshed { state, rate_limited_for }) => {
@@ -75,6 +78,7 @@ pub(super) fn decide(
             pause_until: None,
             counted_as: Some(counted_as(failure)),
             event: Some(Event::NeedsReauth),
+            recovered: false,
         },
         Ok(Outcome::Failed { failure, needs_reauth: false }) => {
             let provider_wait = match failure {
@@ -89,6 +93,7 @@ pub(super) fn decide(
                 pause_until: provider_wait.map(until),
                 counted_as: Some(counted_as(failure)),
                 event: Some(Event::Failed),
+                recovered: false,
             }
         }
         Ok(Outcome::Skipped { state, .. }) => Decision {
@@ -98,6 +103,7 @@ pub(super) fn decide(
             pause_until: None,
             counted_as: None,
             event: None,
+            recovered: false,
         },
         // Another process holds the lease: nothing was attempted; look again soon.
         Err(RefreshError::Busy { .. }) => Decision {
@@ -107,6 +113,7 @@ pub(super) fn decide(
             pause_until: None,
             counted_as: None,
             event: None,
+            recovered: false,
         },
         // The token is kept in memory and its commit retried — never another refresh with the
         // revoked refresh token.
@@ -119,6 +126,7 @@ pub(super) fn decide(
                 pause_until: None,
                 counted_as: Some(metrics::RefreshResult::Error),
                 event: None,
+                recovered: false,
             }
         }
         Err(RefreshError::Store(_) | RefreshError::TaskDied { .. }) => {
@@ -130,6 +138,7 @@ pub(super) fn decide(
                 pause_until: None,
                 counted_as: Some(metrics::RefreshResult::Error),
                 event: None,
+                recovered: false,
             }
         }
     }
@@ -189,17 +198,32 @@ impl Daemon {
         let decision =
             decide(held, &result, fresh_state.as_ref().map(TokenState::lifetime), now, rand::random::<f64>());
         entry.failures = decision.failures;
-        entry.retry_at = decision.retry_at;
+        entry.retry_at = decision.retry_at.into();
         entry.lifetime = decision.lifetime;
         if let Some(kind) = decision.counted_as {
             entry.results[kind.index()] += 1;
         }
         let credential = entry.credential.clone();
         if let Some(until) = decision.pause_until {
-            tracing::warn!(credential = %name, until = %rfc3339(until / 1000), "the endpoint asked for no requests until then; pausing it for this client");
+            let scope = credential.endpoint.rate_limit.as_str();
+            match decision.lifetime.and_then(|l| l.expires_at()).filter(|t| *t * 1000 < until) {
+                Some(expires_at) => {
+                    tracing::error!(credential = %name, until = %rfc3339(until / 1000), expires_at = %rfc3339(expires_at), rate_limit = scope, "rate limited past the access token's expiry: it will expire then unless the last attempt before it succeeds")
+                }
+                None => {
+                    tracing::warn!(credential = %name, until = %rfc3339(until / 1000), rate_limit = scope, "rate limited: no requests until then for this {scope}")
+                }
+            }
             pause(&mut self.admission.paused_until, &credential, now, until);
         }
         self.answer_waiters(&name, &result);
+        let result_was_skipped = matches!(result, Ok(Outcome::Skipped { .. }));
+        if decision.recovered {
+            self.recovered(&name);
+        }
+        if decision.event == Some(Event::NeedsReauth) {
+            self.notices.count(&name, metrics::Notice::NeedsReauth);
+        }
         match result {
             Ok(Outcome::Refreshed { state, .. }) => hooks::spawn(&credential, Event::Refreshed, Some(&state), None),
             Ok(Outcome::AlreadyRefreshed(state)) => {
@@ -215,7 +239,7 @@ impl Daemon {
                 }
             }
             Ok(Outcome::Skipped { reason, .. }) => {
-                tracing::info!(credential = %name, "not refreshed: {}", reason.text())
+                tracing::info!(credential = %name, "not refreshed: {}", reason.text());
             }
             Err(RefreshError::CommitFailed { token, rescue, .. }) => {
                 // Already logged loudly by `refresh`.
@@ -239,10 +263,28 @@ impl Daemon {
             // `refresh_at`, or a `created_at` floored to the second. Refreshing at once would loop.
             self.queue.schedule(&entry.credential.name, Job::Refresh, now + MIN_GAP_AFTER_REFRESH_MS);
         }
-        if self.entries.get(&name).is_some_and(|e| e.retry_at.is_some_and(|r| r <= now)) {
+        if result_was_skipped
+            && self.queue.get(&name, Job::Refresh).is_some_and(|at| at < now + MIN_GAP_AFTER_REFRESH_MS)
+        {
+            // Nothing could be sent (no token, dead, nothing to renew with) and nothing changes
+            // that by waiting: an import or a reload plans it again.
+            self.queue.cancel(&name, Job::Refresh);
+        }
+        if self.entries.get(&name).is_some_and(|e| e.retry_at.get().is_some_and(|r| r <= now)) {
             self.start_refresh(&name, inflight);
         }
         self.start_waiting(inflight);
+    }
+
+    /// A credential that was failing, rate-limited or dead is healthy again: said once, to the
+    /// log, the alerting hook and the metrics.
+    pub(super) fn recovered(&mut self, name: &str) {
+        let Some(entry) = self.entries.get(name) else { return };
+        let credential = entry.credential.clone();
+        self.notices.count(&credential.name, metrics::Notice::Recovered);
+        let state = self.store().get(name).ok().flatten();
+        tracing::info!(credential = name, "recovered: healthy again");
+        hooks::spawn(&credential, Event::Recovered, state.as_ref(), None);
     }
 
     /// Retries storing a token whose rotation commit failed.
@@ -271,7 +313,7 @@ impl Daemon {
                 sink::write_all(&entry.credential, &state);
                 entry.lifetime = Some(state.lifetime());
                 entry.failures = 0;
-                entry.retry_at = None;
+                entry.retry_at = None.into();
             }
             Err(e) => {
                 entry.failures += 1;
@@ -279,7 +321,7 @@ impl Daemon {
                     schedule::retry_at_ms(now, entry.failures, COMMIT_RETRY_BASE, None, None, rand::random::<f64>());
                 tracing::error!(credential = name, rescue = %rescue, retry_in_ms = at - now, "rescued token still cannot be stored: {e}");
                 entry.pending = Some(Box::new((token, rescue)));
-                entry.retry_at = Some(at);
+                entry.retry_at = Some(at).into();
             }
         }
         self.plan(name);
@@ -313,6 +355,10 @@ mod tests {
             last_error: None,
             last_refresh_at: Some(created_at),
             attempts_in_flight: 0,
+            extra: None,
+            refresh_token_expires_at: None,
+            refresh_token_issued_at: None,
+            dead_since: None,
         }
     }
 
@@ -336,10 +382,15 @@ mod tests {
         assert_eq!(d.pause_until, Some(NOW + 60_000));
         assert_eq!(d.counted_as, Some(metrics::RefreshResult::Success));
         assert_eq!(d.event, Some(Event::Refreshed));
+        assert!(d.recovered, "healthy after 3 failures");
 
         let d = decide(held(2), &Ok(Outcome::AlreadyRefreshed(fresh.clone())), None, NOW, 0.5);
         assert_eq!((d.failures, d.retry_at, d.event), (0, None, None));
         assert_eq!(d.counted_as, Some(metrics::RefreshResult::Success));
+        assert!(d.recovered);
+
+        let done = Ok(Outcome::Refreshed { state: fresh, rate_limited_for: None });
+        assert!(!decide(held(0), &done, None, NOW, 0.5).recovered, "nothing to recover from");
     }
 
     #[test]
@@ -409,6 +460,8 @@ mod tests {
             scope: None,
             expires_in: Some(60),
             created_at: NOW / 1000,
+            extra: None,
+            refresh_token_expires_at: None,
         };
         let source = StoreError::Other { path: "db".into(), message: "disk full".into() };
         let lost =

@@ -61,10 +61,14 @@ impl Daemon {
             .map(|(name, e)| {
                 let m = CredentialMetrics {
                     provider: e.credential.provider().to_string(),
-                    expires_at: e.lifetime.and_then(|l| l.expires_at),
+                    expires_at: e.lifetime.and_then(|l| l.expires_at()),
                     needs_reauth: e.lifetime.is_some_and(|l| l.status.is_dead()),
-                    last_refresh_at: e.lifetime.and_then(|l| l.last_refresh_at),
+                    last_refresh_at: e.lifetime.and_then(|l| l.last_refresh_at.get()),
                     refreshes: e.results.map(u64::from),
+                    reauth_deadline: e
+                        .lifetime
+                        .and_then(|l| schedule::reauth_deadline(&l, e.credential.lifecycle.refresh_token_lifetime)),
+                    notices: self.notices.counts.get(name).copied().unwrap_or_default().map(u64::from),
                 };
                 (name.to_string(), m)
             })

@@ -17,9 +17,26 @@ pub enum Job {
     Cron,
     /// Daemon housekeeping (`PRAGMA optimize`, pruning old attempt records).
     Maintenance,
+    /// Tell a human: `reauth_soon` before the re-authorization deadline, or a `needs_reauth`
+    /// reminder while the credential is dead.
+    Notice,
 }
 
+/// Deadline columns per name: `Maintenance` (the daemon's own key only) and `Notice`
+/// (credentials only) never meet under one name, so they share a column — a fifth would cost
+/// 100,000 × 8 bytes.
 const JOBS: usize = 4;
+
+impl Job {
+    fn column(self) -> usize {
+        match self {
+            Job::Refresh => 0,
+            Job::Expire => 1,
+            Job::Cron => 2,
+            Job::Maintenance | Job::Notice => 3,
+        }
+    }
+}
 /// A job with no deadline (a slot's deadlines are plain integers: an `Option` would double them).
 const UNSET: i64 = i64::MIN;
 
@@ -58,7 +75,7 @@ impl DeadlineQueue {
                 self.by_time.insert((at_ms, slot, job));
             }
         }
-        self.slots[slot as usize].at[job as usize] = at_ms;
+        self.slots[slot as usize].at[job.column()] = at_ms;
     }
 
     /// Collects deadlines until [`Self::settle`] instead of inserting them one by one: a time
@@ -71,7 +88,7 @@ impl DeadlineQueue {
     pub fn settle(&mut self) {
         let Some(mut deferred) = self.deferred.take() else { return };
         // A deadline moved or cancelled meanwhile left its old key behind; the slot has the truth.
-        deferred.retain(|(at, slot, job)| self.slots[*slot as usize].at[*job as usize] == *at);
+        deferred.retain(|(at, slot, job)| self.slots[*slot as usize].at[job.column()] == *at);
         if deferred.len() >= self.by_time.len() {
             // Rebuilt whole (a reload re-plans everything): sorted keys again give full nodes.
             deferred.extend(std::mem::take(&mut self.by_time));
@@ -106,7 +123,7 @@ impl DeadlineQueue {
 
     pub fn cancel(&mut self, name: &str, job: Job) {
         let Some(&slot) = self.slot_of.get(name) else { return };
-        let at = std::mem::replace(&mut self.slots[slot as usize].at[job as usize], UNSET);
+        let at = std::mem::replace(&mut self.slots[slot as usize].at[job.column()], UNSET);
         if at != UNSET {
             self.by_time.remove(&(at, slot, job));
         }
@@ -121,7 +138,7 @@ impl DeadlineQueue {
 
     pub fn get(&self, name: &str, job: Job) -> Option<i64> {
         let slot = *self.slot_of.get(name)?;
-        Some(self.slots[slot as usize].at[job as usize]).filter(|at| *at != UNSET)
+        Some(self.slots[slot as usize].at[job.column()]).filter(|at| *at != UNSET)
     }
 
     /// The earliest deadline of `job`, whoever it belongs to.
@@ -144,7 +161,7 @@ impl DeadlineQueue {
             }
             let (_, slot, job) = self.by_time.pop_first().expect("checked non-empty");
             let entry = &mut self.slots[slot as usize];
-            entry.at[job as usize] = UNSET;
+            entry.at[job.column()] = UNSET;
             due.push((entry.name.clone(), job));
             self.release_if_idle(slot);
         }

@@ -25,6 +25,8 @@ impl Daemon {
             if let Some(entry) = self.entries.remove(&name) {
                 self.queue.cancel_all(&name);
                 self.watches.trigger_floor.remove(&name);
+                self.notices.warned.remove(&name);
+                self.notices.counts.remove(&name);
                 sink::remove_all(&entry.credential, "credential removed from the configuration");
                 tracing::info!(credential = %name, "dropped (no longer configured); its stored token is kept");
             }
@@ -61,7 +63,7 @@ impl Daemon {
                             credential,
                             lifetime: lifetimes.get(&*name).copied(),
                             failures: 0,
-                            retry_at: None,
+                            retry_at: None.into(),
                             in_flight: false,
                             waiting: false,
                             results: [0; metrics::RefreshResult::ALL.len()],

@@ -8,7 +8,7 @@ impl Daemon {
     /// the sinks are removed.
     pub(super) fn expire(&mut self, name: &str) {
         let Some(entry) = self.entries.get(name) else { return };
-        let Some(expires_at) = entry.lifetime.and_then(|l| l.expires_at) else { return };
+        let Some(expires_at) = entry.lifetime.and_then(|l| l.expires_at()) else { return };
         if expires_at * 1000 <= now_ms() {
             tracing::error!(credential = name, expired_at = %rfc3339(expires_at), "access token expired without a successful refresh; its sink files are removed");
             sink::remove_all(&entry.credential, "token expired");
@@ -42,7 +42,7 @@ impl Daemon {
                 continue;
             }
             let Some(lifetime) = entry.lifetime else { continue };
-            if lifetime.expires_at.is_some_and(|t| t * 1000 <= now) {
+            if lifetime.expires_at().is_some_and(|t| t * 1000 <= now) {
                 sink::remove_all(&entry.credential, "token expired");
                 continue;
             }

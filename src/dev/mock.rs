@@ -119,11 +119,26 @@ pub struct MockSettings {
     /// Keep only the latest this many requests for [`MockProvider::requests`] (`tokend dev` runs
     /// for days); `None` keeps all, for tests that count them.
     pub keep_requests: Option<usize>,
+    /// Fields added to every token answer (Wild Apricot's `permissions`,
+    /// `refresh_token_expires_in`, …).
+    pub answer_extras: Option<Value>,
+    /// How long a spent refresh token is still honoured (django-oauth-toolkit's
+    /// `REFRESH_TOKEN_GRACE_PERIOD_SECONDS`): a reuse within it gets a new pair on the same
+    /// chain, and the pair its first use produced is revoked. Zero: strict, every reuse refused.
+    pub reuse_grace: Duration,
 }
 
 impl Default for MockSettings {
     fn default() -> Self {
-        Self { expires_in: 3600, send_created_at: true, rotate: true, delay: Duration::ZERO, keep_requests: None }
+        Self {
+            expires_in: 3600,
+            send_created_at: true,
+            rotate: true,
+            delay: Duration::ZERO,
+            keep_requests: None,
+            answer_extras: None,
+            reuse_grace: Duration::ZERO,
+        }
     }
 }
 
@@ -141,6 +156,10 @@ struct State {
     rotated_at: HashMap<String, i64>,
     /// `invalid_grant` answers to refresh tokens that were already spent.
     reuses: u64,
+    /// Spent refresh token → the refresh token its rotation issued.
+    successor: HashMap<String, String>,
+    /// Spent refresh tokens honoured again within `reuse_grace`.
+    grace_reuses: u64,
     /// Authorization code → (chain, redirect_uri, PKCE S256 challenge); single use.
     codes: HashMap<String, (String, String, Option<String>)>,
     /// username → password, for the password grant.
@@ -257,6 +276,11 @@ impl MockProvider {
     }
 
     /// How many times an already-spent refresh token was presented again.
+    /// Spent refresh tokens honoured again within the reuse grace.
+    pub fn grace_reuses(&self) -> u64 {
+        self.state().grace_reuses
+    }
+
     pub fn reuses(&self) -> u64 {
         self.state().reuses
     }
@@ -277,6 +301,15 @@ fn issue(state: &mut State, chain: &str, with_refresh: bool) -> Value {
         "expires_in": state.settings.expires_in,
         "scope": "default",
     });
+    if state.settings.expires_in <= 0 {
+        // A token that never expires (NationBuilder V1, some API keys).
+        answer.as_object_mut().map(|a| a.remove("expires_in"));
+    }
+    if let Some(Value::Object(extras)) = &state.settings.answer_extras {
+        for (k, v) in extras {
+            answer[k] = v.clone();
+        }
+    }
     if with_refresh {
         let refresh = format!("rt{n}x{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         state.live.insert(refresh.clone(), chain.to_string());
@@ -326,6 +359,22 @@ fn answer(state: &mut State, request: &RecordedRequest, fault: Option<Fault>) ->
                     json!({"error": "invalid_request", "error_description": "refresh_token missing"}),
                 );
             };
+            let grace_ms = i64::try_from(state.settings.reuse_grace.as_millis()).unwrap_or(i64::MAX);
+            let in_grace = state.rotated_at.get(&spent).is_some_and(|at| crate::clock::now_ms() - at <= grace_ms);
+            if in_grace && !state.live.contains_key(&spent) {
+                let successor = state.successor.get(&spent).cloned();
+                let chain = successor.as_ref().and_then(|t| state.live.remove(t));
+                if let (Some(chain), Some(successor)) = (chain, successor) {
+                    state.revoked.insert(successor);
+                    state.grace_reuses += 1;
+                    state.refreshes += 1;
+                    let answer = issue(state, &chain, true);
+                    if let Some(next) = answer.get("refresh_token").and_then(Value::as_str) {
+                        state.successor.insert(spent.clone(), next.to_string());
+                    }
+                    return Reply::Json(200, answer);
+                }
+            }
             let Some(chain) = state.live.get(&spent).cloned() else {
                 let reused = state.revoked.contains(&spent);
                 state.reuses += u64::from(reused);
@@ -337,7 +386,11 @@ fn answer(state: &mut State, request: &RecordedRequest, fault: Option<Fault>) ->
                 state.live.remove(&spent);
                 state.revoked.insert(spent.clone());
                 state.rotated_at.insert(spent.clone(), crate::clock::now_ms());
-                issue(state, &chain, true)
+                let answer = issue(state, &chain, true);
+                if let Some(next) = answer.get("refresh_token").and_then(Value::as_str) {
+                    state.successor.insert(spent.clone(), next.to_string());
+                }
+                answer
             } else {
                 let mut a = issue(state, &chain, false);
                 a["refresh_token"] = Value::String(spent.clone());

@@ -81,7 +81,11 @@ pub async fn run(lifetime: Duration, keep: bool) -> Result<(), DevError> {
     for (name, provider, mock) in &providers {
         let answer =
             parse_token_json(mock.authorize(name).to_string().as_bytes()).map_err(|e| fail("demo answer", e))?;
-        let token = new_token(&answer, imported_issue_time(answer.created_at, now_secs()), name);
+        let keep: Vec<String> = provider
+            .parse::<crate::provider::ProviderKind>()
+            .map(|p| p.preset().answer_extras.iter().map(|f| f.to_string()).collect())
+            .unwrap_or_default();
+        let token = new_token(&answer, imported_issue_time(answer.created_at, now_secs()), name, &keep);
         store.import(name, provider, &token, now_secs()).map_err(|e| fail("cannot import the demo token", e))?;
     }
     drop(store);

@@ -33,6 +33,69 @@ pub struct TokenAnswer {
     pub scope: Option<String>,
     /// The provider's issue time (NationBuilder sends it), unix seconds, not yet trusted.
     pub created_at: Option<i64>,
+    /// How long the refresh token lives, where the provider says (`refresh_token_expires_in`).
+    pub refresh_token_expires_in: Option<i64>,
+    /// Every other field of the answer, as sent; which of them are kept is the credential's
+    /// choice ([`select_extras`]).
+    pub extra: serde_json::Map<String, Value>,
+}
+
+/// The fields [`parse_token_json`] reads itself; everything else is an extra.
+const KNOWN_FIELDS: &[&str] = &[
+    "access_token",
+    "token_type",
+    "refresh_token",
+    "expires_in",
+    "scope",
+    "created_at",
+    "refresh_token_expires_in",
+    "error",
+    "error_description",
+];
+/// Extras kept for one credential, as JSON: enough for account lists, small enough for a sink.
+pub const MAX_EXTRA_BYTES: usize = 16 * 1024;
+/// A string inside kept extras is cut at this many characters.
+const MAX_EXTRA_STRING_CHARS: usize = 1024;
+
+/// Whether an answer field may never be kept as an extra: tokens and secrets stay where tokend
+/// guards them, and the fields tokend stores itself are not duplicated.
+pub fn is_forbidden_extra(field: &str) -> bool {
+    let lower = field.to_ascii_lowercase();
+    KNOWN_FIELDS.contains(&lower.as_str())
+        || lower.ends_with("token")
+        || lower.contains("secret")
+        || lower.contains("password")
+        || lower == "code"
+}
+
+/// The extras of `answer` named in `keep`, cleaned (control characters out, strings bounded) and
+/// serialized; `Ok(None)` when the answer carries none of them, `Err` when they are too large.
+pub fn select_extras(answer: &TokenAnswer, keep: &[String]) -> Result<Option<String>, String> {
+    let mut kept = serde_json::Map::new();
+    for field in keep {
+        if let Some(value) = answer.extra.get(field) {
+            kept.insert(field.clone(), cleaned(value));
+        }
+    }
+    if kept.is_empty() {
+        return Ok(None);
+    }
+    let text = Value::Object(kept).to_string();
+    if text.len() > MAX_EXTRA_BYTES {
+        return Err(format!("the answer's extras are {} bytes, more than {MAX_EXTRA_BYTES}", text.len()));
+    }
+    Ok(Some(text))
+}
+
+fn cleaned(value: &Value) -> Value {
+    match value {
+        Value::String(s) => Value::String(crate::redact::clean_text(s, MAX_EXTRA_STRING_CHARS)),
+        Value::Array(items) => Value::Array(items.iter().map(cleaned).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter().map(|(k, v)| (crate::redact::clean_text(k, MAX_EXTRA_STRING_CHARS), cleaned(v))).collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 /// Why a refresh did not produce a token, in the classes that decide what happens next.
@@ -74,6 +137,7 @@ struct WireAnswer {
     expires_in: Option<Value>,
     scope: Option<Value>,
     created_at: Option<Value>,
+    refresh_token_expires_in: Option<Value>,
     error: Option<Value>,
     error_description: Option<Value>,
 }
@@ -117,7 +181,25 @@ pub fn parse_token_json(body: &[u8]) -> Result<TokenAnswer, String> {
     if scope.as_ref().is_some_and(|s| s.chars().any(char::is_control)) {
         return Err("\"scope\" contains control characters".into());
     }
-    Ok(TokenAnswer { access_token, token_type, refresh_token, expires_in, scope, created_at })
+    // A bad refresh-token lifetime only loses a warning, never the token: it is ignored.
+    let refresh_token_expires_in = integer_field(wire.refresh_token_expires_in.as_ref(), "refresh_token_expires_in")
+        .ok()
+        .flatten()
+        .filter(|n| (1..=MAX_EXPIRES_IN_SECS).contains(n));
+    // The same text again, as a map, for the fields tokend does not read itself (bounded by the
+    // answer size limit; a few microseconds).
+    let mut extra: serde_json::Map<String, Value> = serde_json::from_str(text).unwrap_or_default();
+    extra.retain(|k, _| !KNOWN_FIELDS.contains(&k.as_str()));
+    Ok(TokenAnswer {
+        access_token,
+        token_type,
+        refresh_token,
+        expires_in,
+        scope,
+        created_at,
+        refresh_token_expires_in,
+        extra,
+    })
 }
 
 fn json_error(e: &serde_json::Error) -> String {
@@ -298,6 +380,27 @@ mod tests {
         let a = parse_token_json(br#"{"access_token":"2YotnFZFEjr1zCsicMWpAA","token_type":"Bearer","expires_in":1800,"refresh_token":"tGzv3JOkF0XG5Qx2TlKWIA","permissions":[{"accountId":123}]}"#).unwrap();
         assert_eq!(a.created_at, None);
         assert_eq!(a.expires_in, Some(1800));
+        let kept = select_extras(&a, &["permissions".into()]).unwrap().unwrap();
+        assert_eq!(kept, r#"{"permissions":[{"accountId":123}]}"#);
+        assert_eq!(select_extras(&a, &["other".into()]).unwrap(), None);
+    }
+
+    #[test]
+    fn extras_are_cleaned_bounded_and_never_tokens() {
+        let a = parse_token_json(
+            br#"{"access_token":"a1","refresh_token_expires_in":7200,"org":"x\u001b[2Jy","big":"BIG"}"#,
+        )
+        .unwrap();
+        assert_eq!(a.refresh_token_expires_in, Some(7200));
+        assert_eq!(select_extras(&a, &["org".into()]).unwrap().unwrap(), r#"{"org":"x [2Jy"}"#);
+        assert!(!a.extra.contains_key("access_token"));
+        let huge = format!(r#"{{"access_token":"a1","list":[{}]}}"#, vec!["\"0123456789\""; 2000].join(","));
+        let a = parse_token_json(huge.as_bytes()).unwrap();
+        assert!(select_extras(&a, &["list".into()]).unwrap_err().contains("more than"));
+        for field in ["id_token", "access_token", "client_secret", "Password", "expires_in", "code"] {
+            assert!(is_forbidden_extra(field), "{field}");
+        }
+        assert!(!is_forbidden_extra("permissions"));
     }
 
     #[test]

@@ -10,7 +10,8 @@ pub mod oauth2;
 pub mod wildapricot;
 
 pub use answer::{
-    Failure, MAX_EXPIRES_IN_SECS, TokenAnswer, interpret, parse_token_json, rate_limit_reset_in, wait_hint,
+    Failure, MAX_EXPIRES_IN_SECS, TokenAnswer, interpret, is_forbidden_extra, parse_token_json, rate_limit_reset_in,
+    select_extras, wait_hint,
 };
 pub use http::{HttpClient, HttpLimits, RawAnswer};
 
@@ -54,6 +55,71 @@ pub struct Preset {
     pub revocation_url: fn(&Settings<'_>) -> Option<String>,
     /// The refresh request, in the provider's shape.
     pub refresh_request: fn(&Endpoint, &str) -> TokenRequest,
+    /// Answer fields beyond RFC 6749's that scripts need and that are kept without being asked
+    /// for (Wild Apricot's `permissions`); `extra_fields` in the configuration adds more.
+    pub answer_extras: &'static [&'static str],
+    /// The environment variables (names without the `TOKEND_<NAME>_` prefix) that the kept
+    /// extras become in env sinks and hooks.
+    pub extra_env: fn(&Extras) -> Vec<(String, String)>,
+    /// Whose budget a rate-limit answer speaks for, unless the configuration says otherwise.
+    pub rate_limit: RateLimitScope,
+}
+
+/// The answer fields kept for a credential, by name.
+pub type Extras = serde_json::Map<String, serde_json::Value>;
+
+/// Which credentials a rate-limit answer (429, an exhausted `X-RateLimit-Remaining`) pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateLimitScope {
+    /// Only the credential that got the answer: the limit is per user and each token is one
+    /// user's (Nudge).
+    Credential,
+    /// Every credential of the same client at the same token endpoint.
+    Client,
+    /// Every credential at the same token endpoint.
+    Provider,
+}
+
+impl RateLimitScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimitScope::Credential => "credential",
+            RateLimitScope::Client => "client",
+            RateLimitScope::Provider => "provider",
+        }
+    }
+}
+
+impl FromStr for RateLimitScope {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "credential" => Ok(RateLimitScope::Credential),
+            "client" => Ok(RateLimitScope::Client),
+            "provider" => Ok(RateLimitScope::Provider),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Scalar extras become variables of their own name, upper-cased (`org_id` → `ORG_ID`); lists
+/// and objects are left to the json sink and `TOKEND_EXTRA`.
+pub fn scalar_extra_env(extra: &serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
+    use serde_json::Value;
+    extra
+        .iter()
+        .filter_map(|(field, value)| {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => return None,
+            };
+            let name: String =
+                field.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+            Some((name, text))
+        })
+        .collect()
 }
 
 /// A credential's provider-specific settings, as written.
@@ -191,18 +257,41 @@ pub struct Endpoint {
     pub authorization: Authorization,
     /// RFC 7009 revocation endpoint, where the provider has one.
     pub revocation_url: Option<Url>,
+    /// Answer fields kept as extras: the preset's and the configuration's `extra_fields`.
+    pub extra_fields: Vec<String>,
+    /// Which credentials one rate-limit answer pauses.
+    pub rate_limit: RateLimitScope,
+    /// Refreshes in flight at once at this provider (`[provider.X] concurrency`, else
+    /// `[daemon] concurrency`). Held here, shared, rather than in each of 100,000 credentials.
+    pub provider_concurrency: usize,
 }
 
 impl Endpoint {
-    /// Whose rate limit an answer of this endpoint speaks for: the token endpoint's origin and the
-    /// client (the API key's fingerprint for key credentials). A `429` from one host or client
-    /// says nothing about another.
-    pub fn rate_limit_scope(&self) -> String {
-        let client = match &self.grant {
-            GrantKind::ApiKey(key) => key.fingerprint(),
-            GrantKind::RefreshToken => self.client_id.clone(),
-        };
-        format!("{} {client}", self.token_url.origin().ascii_serialization())
+    /// The key of the budget a rate-limit answer for `credential` speaks for, by
+    /// [`Endpoint::rate_limit`]: the credential itself, or the token endpoint's origin and the
+    /// client (the API key's fingerprint for key credentials), or the origin alone. A `429` from
+    /// one host says nothing about another.
+    pub fn rate_limit_key(&self, credential: &str) -> String {
+        let origin = self.token_url.origin().ascii_serialization();
+        match self.rate_limit {
+            RateLimitScope::Credential => format!("{origin} credential {credential}"),
+            RateLimitScope::Client => {
+                let client = match &self.grant {
+                    GrantKind::ApiKey(key) => key.fingerprint(),
+                    GrantKind::RefreshToken => self.client_id.clone(),
+                };
+                format!("{origin} client {client}")
+            }
+            RateLimitScope::Provider => origin,
+        }
+    }
+
+    /// The environment variables the kept extras `extra` (JSON text) become, by the preset.
+    pub fn extra_env(&self, extra: &str) -> Vec<(String, String)> {
+        match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(extra) {
+            Ok(map) => (self.kind.preset().extra_env)(&map),
+            Err(_) => Vec::new(),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! V2 access tokens live 86400 s and the spent refresh token is revoked on use; V1 tokens have
 //! neither `expires_in` nor a refresh token and are stored and shared but never refreshed.
 
-use super::{ClientAuth, Endpoint, Preset, TokenRequest, rfc6749_request};
+use super::{ClientAuth, Endpoint, Preset, RateLimitScope, TokenRequest, rfc6749_request};
 use url::Url;
 
 pub const PRESET: Preset = Preset {
@@ -25,6 +25,9 @@ pub const PRESET: Preset = Preset {
     authorize_url: |s| s.slug.map(|slug| ("slug", format!("https://{slug}.nationbuilder.com/oauth/authorize"))),
     revocation_url: |_| None,
     refresh_request,
+    answer_extras: &[],
+    extra_env: super::scalar_extra_env,
+    rate_limit: RateLimitScope::Client,
 };
 
 /// NationBuilder V2 access token lifetime, for documentation and `tokend dev`.

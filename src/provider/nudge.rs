@@ -3,7 +3,7 @@
 //! hour per user) are announced in `X-RateLimit-Remaining` / `X-RateLimit-Reset`, which
 //! [`super::interpret`] honours for every provider.
 
-use super::{ClientAuth, Endpoint, Preset, Settings, TokenRequest, rfc6749_request};
+use super::{ClientAuth, Endpoint, Preset, RateLimitScope, Settings, TokenRequest, rfc6749_request};
 use url::Url;
 
 pub const PRESET: Preset = Preset {
@@ -28,6 +28,9 @@ pub const PRESET: Preset = Preset {
     // Documented only as a path: the RFC 7009 shape is assumed (README, "Revocation").
     revocation_url: |s| Some(format!("{}/api/oauth/zapier/revoke", base(s).trim_end_matches('/'))),
     refresh_request,
+    answer_extras: &[],
+    extra_env: super::scalar_extra_env,
+    rate_limit: RateLimitScope::Credential,
 };
 
 fn base<'a>(settings: &Settings<'a>) -> &'a str {

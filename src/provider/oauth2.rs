@@ -1,7 +1,7 @@
 //! Any RFC 6749 token endpoint: `token_url` is required, client authentication is `basic`
 //! (the default, §2.3.1), `body` or `json`, and an optional `scope` is sent with the refresh (§6).
 
-use super::{Endpoint, Preset, TokenRequest, rfc6749_request};
+use super::{Endpoint, Preset, RateLimitScope, TokenRequest, rfc6749_request};
 
 pub const PRESET: Preset = Preset {
     name: "oauth2",
@@ -19,6 +19,9 @@ pub const PRESET: Preset = Preset {
     authorize_url: |_| None,
     revocation_url: |_| None,
     refresh_request,
+    answer_extras: &[],
+    extra_env: super::scalar_extra_env,
+    rate_limit: RateLimitScope::Client,
 };
 
 pub fn refresh_request(endpoint: &Endpoint, refresh_token: &str) -> TokenRequest {

@@ -20,7 +20,7 @@ mod listen;
 mod load_credential;
 pub mod peer;
 
-use crate::config::{Config, Credential};
+use crate::config::{Config, Credential, SocketAccess};
 use crate::store::{Store, StoreError};
 use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
@@ -65,16 +65,19 @@ impl Refusal {
     }
 }
 
-/// What the servers know of the configuration: the credentials by name. Replaced whole by the
-/// daemon on every (re)load.
+/// What the servers know of the configuration: the credentials by name, with their socket rules.
+/// Replaced whole by the daemon on every (re)load.
 #[derive(Default)]
 pub struct Policy {
-    credentials: FxHashMap<Arc<str>, Arc<Credential>>,
+    credentials: FxHashMap<Arc<str>, (Arc<Credential>, Arc<SocketAccess>)>,
 }
 
 impl Policy {
     pub fn of(config: &Config) -> Policy {
-        Policy { credentials: config.credentials.iter().map(|c| (c.name.clone(), c.clone())).collect() }
+        let default = Arc::new(SocketAccess::default());
+        let access =
+            |c: &Arc<Credential>| config.socket_access.get(&c.name).cloned().unwrap_or_else(|| default.clone());
+        Policy { credentials: config.credentials.iter().map(|c| (c.name.clone(), (c.clone(), access(c)))).collect() }
     }
 }
 

@@ -65,6 +65,14 @@ pub struct TokenState {
     pub last_error: Option<String>,
     pub last_refresh_at: Option<i64>,
     pub attempts_in_flight: i64,
+    /// The answer fields kept for scripts (a JSON object), e.g. Wild Apricot's `permissions`.
+    pub extra: Option<String>,
+    /// When the refresh token dies, where an answer said (`refresh_token_expires_in`).
+    pub refresh_token_expires_at: Option<i64>,
+    /// When the current refresh token was issued.
+    pub refresh_token_issued_at: Option<i64>,
+    /// Since when the credential has been `needs_reauth` or `revoked`.
+    pub dead_since: Option<i64>,
 }
 
 /// What decides when a stored token is due, and what the daemon reports about it: all it keeps
@@ -74,16 +82,43 @@ pub struct TokenState {
 pub struct Lifetime {
     pub generation: i64,
     pub created_at: i64,
-    /// `created_at + expires_in`: the lifetime itself is not kept (100,000 × 16 bytes).
-    pub expires_at: Option<i64>,
+    /// `created_at + expires_in`: the lifetime itself is not kept (100,000 × 16 bytes). Unknown
+    /// for tokens that never expire; read it with [`Lifetime::expires_at`].
+    pub expires: MaybeTime,
     pub status: Status,
-    pub last_refresh_at: Option<i64>,
+    pub last_refresh_at: MaybeTime,
+    pub refresh_token_expires_at: MaybeTime,
+    pub refresh_token_issued_at: MaybeTime,
+    pub dead_since: MaybeTime,
+}
+
+/// A unix time (seconds, or milliseconds where the field says so) that may be unknown, in 8 bytes
+/// instead of an `Option<i64>`'s 16: every credential's [`Lifetime`] holds five (100,000 of them
+/// in the daemon). 0 stands for unknown; nothing tokend keeps happened at the epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaybeTime(i64);
+
+impl MaybeTime {
+    pub fn get(self) -> Option<i64> {
+        (self.0 != 0).then_some(self.0)
+    }
+}
+
+impl From<Option<i64>> for MaybeTime {
+    fn from(t: Option<i64>) -> Self {
+        MaybeTime(t.unwrap_or(0))
+    }
 }
 
 impl Lifetime {
+    /// When the access token expires; `None` for tokens that never do.
+    pub fn expires_at(&self) -> Option<i64> {
+        self.expires.get()
+    }
+
     /// The life the provider granted, in seconds.
     pub fn expires_in(&self) -> Option<i64> {
-        self.expires_at.map(|at| at.saturating_sub(self.created_at))
+        self.expires_at().map(|at| at.saturating_sub(self.created_at))
     }
 }
 
@@ -92,9 +127,12 @@ impl TokenState {
         Lifetime {
             generation: self.generation,
             created_at: self.created_at,
-            expires_at: self.expires_at,
+            expires: self.expires_at.into(),
             status: self.status,
-            last_refresh_at: self.last_refresh_at,
+            last_refresh_at: self.last_refresh_at.into(),
+            refresh_token_expires_at: self.refresh_token_expires_at.into(),
+            refresh_token_issued_at: self.refresh_token_issued_at.into(),
+            dead_since: self.dead_since.into(),
         }
     }
 }
@@ -109,6 +147,10 @@ pub struct NewToken {
     pub scope: Option<String>,
     pub expires_in: Option<i64>,
     pub created_at: i64,
+    /// Kept answer fields (JSON object); `None` keeps the stored ones.
+    pub extra: Option<String>,
+    /// From the answer's `refresh_token_expires_in`, when it has one.
+    pub refresh_token_expires_at: Option<i64>,
 }
 
 impl NewToken {

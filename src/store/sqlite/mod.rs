@@ -14,9 +14,9 @@
 //!
 //! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] only ever grows.
 
-/// The parameters of a statement that stores a token: `?1` the credential's name, `?2`–`?8` the
+/// The parameters of a statement that stores a token: `?1` the credential's name, `?2`–`?10` the
 /// token's columns (access token, refresh token, type, scope, expires_in, created_at,
-/// expires_at), then each statement's own from `?9` on. One list for every statement that
+/// expires_at, extra, refresh_token_expires_at), then each statement's own from `?11` on. One list for every statement that
 /// writes a token, so that none can put a column in the wrong place.
 macro_rules! token_params {
     ($name:expr, $token:expr $(, $rest:expr)* $(,)?) => {
@@ -29,6 +29,8 @@ macro_rules! token_params {
             $token.expires_in,
             $token.created_at,
             $token.expires_at(),
+            $token.extra,
+            $token.refresh_token_expires_at,
             $($rest),*
         ]
     };
@@ -103,6 +105,16 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE credential;
     ALTER TABLE credential_v2 RENAME TO credential;
 ",
+    // v3: what answers carry for scripts, when the refresh token dies, since when a credential
+    // is dead.
+    r"
+    ALTER TABLE credential ADD COLUMN extra TEXT;
+    ALTER TABLE credential ADD COLUMN refresh_token_expires_at INTEGER;
+    ALTER TABLE credential ADD COLUMN refresh_token_issued_at INTEGER;
+    ALTER TABLE credential ADD COLUMN dead_since INTEGER;
+    UPDATE credential SET refresh_token_issued_at = created_at WHERE refresh_token IS NOT NULL;
+    UPDATE credential SET dead_since = updated_at WHERE status != 'active';
+",
 ];
 
 /// How long a writer waits for another process's transaction before SQLite reports busy. The
@@ -129,7 +141,8 @@ macro_rules! state_columns {
     () => {
         "name, provider, access_token, refresh_token, token_type, scope, expires_in, created_at, \
          expires_at, generation, status, last_error, last_refresh_at, \
-         (SELECT count(*) FROM attempt a WHERE a.credential = c.name AND a.finished_at_ms IS NULL)"
+         (SELECT count(*) FROM attempt a WHERE a.credential = c.name AND a.finished_at_ms IS NULL), \
+         extra, refresh_token_expires_at, refresh_token_issued_at, dead_since"
     };
 }
 
@@ -137,7 +150,8 @@ macro_rules! state_columns {
 pub(super) const STATE_BY_NAME: &str = concat!("SELECT ", state_columns!(), " FROM credential c WHERE name = ?1");
 const STATE_ALL: &str = concat!("SELECT ", state_columns!(), " FROM credential c ORDER BY name");
 
-const LIFETIMES_ALL: &str = "SELECT name, created_at, expires_at, generation, status, last_refresh_at FROM credential";
+const LIFETIMES_ALL: &str = "SELECT name, created_at, expires_at, generation, status, last_refresh_at, \
+     refresh_token_expires_at, refresh_token_issued_at, dead_since FROM credential";
 
 fn status_from_text(text: &str) -> Status {
     match text {
@@ -164,6 +178,10 @@ pub(super) fn state_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenS
         last_error: row.get(11)?,
         last_refresh_at: row.get(12)?,
         attempts_in_flight: row.get(13)?,
+        extra: row.get(14)?,
+        refresh_token_expires_at: row.get(15)?,
+        refresh_token_issued_at: row.get(16)?,
+        dead_since: row.get(17)?,
     })
 }
 
@@ -275,10 +293,13 @@ impl Store {
                     row.get(0)?,
                     Lifetime {
                         created_at: row.get(1)?,
-                        expires_at: row.get(2)?,
+                        expires: row.get::<_, Option<i64>>(2)?.into(),
                         generation: row.get(3)?,
                         status: status_from_text(&status),
-                        last_refresh_at: row.get(5)?,
+                        last_refresh_at: row.get::<_, Option<i64>>(5)?.into(),
+                        refresh_token_expires_at: row.get::<_, Option<i64>>(6)?.into(),
+                        refresh_token_issued_at: row.get::<_, Option<i64>>(7)?.into(),
+                        dead_since: row.get::<_, Option<i64>>(8)?.into(),
                     },
                 ))
             })
@@ -317,13 +338,17 @@ impl Store {
             let mut upsert = tx
                 .prepare(
                     "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
-                         created_at, expires_at, generation, status, last_error, last_refresh_at, updated_at)
-                     VALUES (?1, ?9, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, 'active', NULL, NULL, ?10)
+                         created_at, expires_at, generation, status, last_error, last_refresh_at, updated_at,
+                         extra, refresh_token_expires_at, refresh_token_issued_at, dead_since)
+                     VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, 'active', NULL, NULL, ?12,
+                         ?9, ?10, CASE WHEN ?3 IS NULL THEN NULL ELSE ?7 END, NULL)
                      ON CONFLICT (name) DO UPDATE SET provider = excluded.provider, access_token = excluded.access_token,
                          refresh_token = excluded.refresh_token, token_type = excluded.token_type, scope = excluded.scope,
                          expires_in = excluded.expires_in, created_at = excluded.created_at, expires_at = excluded.expires_at,
                          generation = credential.generation + 1, status = 'active', last_error = NULL,
-                         updated_at = excluded.updated_at",
+                         updated_at = excluded.updated_at, extra = excluded.extra,
+                         refresh_token_expires_at = excluded.refresh_token_expires_at,
+                         refresh_token_issued_at = excluded.refresh_token_issued_at, dead_since = NULL",
                 )
                 .map_err(sql)?;
             let mut close = tx
@@ -474,7 +499,8 @@ impl Store {
     pub fn mark_revoked(&mut self, name: &str, now_secs: i64) -> Result<bool, StoreError> {
         self.conn
             .execute(
-                "UPDATE credential SET status = 'revoked', last_error = 'revoked with tokend revoke', updated_at = ?2 WHERE name = ?1",
+                "UPDATE credential SET status = 'revoked', last_error = 'revoked with tokend revoke', updated_at = ?2,
+                     dead_since = COALESCE(dead_since, ?2) WHERE name = ?1",
                 params![name, now_secs],
             )
             .map(|n| n > 0)
@@ -506,6 +532,8 @@ mod tests {
             scope: Some("default".into()),
             expires_in: Some(3600),
             created_at,
+            extra: None,
+            refresh_token_expires_at: None,
         }
     }
 

@@ -75,7 +75,11 @@ pub(crate) fn commit(
         .prepare_cached(
             "UPDATE credential SET access_token = ?2, refresh_token = COALESCE(?3, refresh_token), token_type = ?4,
              scope = COALESCE(?5, scope), expires_in = ?6, created_at = ?7, expires_at = ?8,
-             generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = ?9, updated_at = ?9
+             generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = ?11, updated_at = ?11,
+             extra = COALESCE(?9, extra),
+             refresh_token_expires_at = CASE WHEN ?3 IS NULL THEN COALESCE(?10, refresh_token_expires_at) ELSE ?10 END,
+             refresh_token_issued_at = CASE WHEN ?3 IS NULL THEN refresh_token_issued_at ELSE ?7 END,
+             dead_since = NULL
          WHERE name = ?1",
         )?
         .execute(token_params!(name, token, now_secs))?;
@@ -84,8 +88,10 @@ pub(crate) fn commit(
         // row, the new token must not be lost.
         c.prepare_cached(
             "INSERT INTO credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
-                 created_at, expires_at, generation, status, last_refresh_at, updated_at)
-             VALUES (?1, ?11, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'active', ?10, ?10)",
+                 created_at, expires_at, generation, status, last_refresh_at, updated_at,
+                 extra, refresh_token_expires_at, refresh_token_issued_at)
+             VALUES (?1, ?13, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?11, 'active', ?12, ?12,
+                 ?9, ?10, CASE WHEN ?3 IS NULL THEN NULL ELSE ?7 END)",
         )?
         .execute(token_params!(name, token, from_generation + 1, now_secs, provider))?;
     }
@@ -107,7 +113,8 @@ pub(crate) fn failure(
 ) -> rusqlite::Result<()> {
     c.prepare_cached(
         "UPDATE credential SET last_error = ?2, updated_at = ?3,
-             status = CASE WHEN ?4 THEN 'needs_reauth' ELSE status END
+             status = CASE WHEN ?4 THEN 'needs_reauth' ELSE status END,
+             dead_since = CASE WHEN ?4 THEN COALESCE(dead_since, ?3) ELSE dead_since END
          WHERE name = ?1",
     )?
     .execute(params![name, reason, now_ms.div_euclid(1000), needs_reauth])?;

@@ -1,12 +1,14 @@
 """A real OAuth 2.0 authorization server for tokend's interop test: django-oauth-toolkit on
 127.0.0.1 with refresh-token rotation and reuse protection on (the strictest settings), short
-access tokens, a confidential client, and a stand-in "browser".
+access tokens, a confidential client, and a stand-in "browser". TOKEND_PEER_GRACE_SECONDS sets
+REFRESH_TOKEN_GRACE_PERIOD_SECONDS (default 0: a spent refresh token is refused at once).
 
     python peer.py setup  DB CLIENT_ID CLIENT_SECRET REDIRECT_URI
     python peer.py serve  DB PORT
     python peer.py browse BASE_URL AUTHORIZE_URL      # logs in as alice, approves, delivers the redirect
     python peer.py refresh BASE_URL CLIENT_ID CLIENT_SECRET REFRESH_TOKEN   # prints the HTTP status and error
 """
+import os
 import sys
 
 import django
@@ -37,7 +39,7 @@ def configure(db):
         OAUTH2_PROVIDER={
             "ACCESS_TOKEN_EXPIRE_SECONDS": 6,
             "ROTATE_REFRESH_TOKEN": True,
-            "REFRESH_TOKEN_GRACE_PERIOD_SECONDS": 0,
+            "REFRESH_TOKEN_GRACE_PERIOD_SECONDS": int(os.environ.get("TOKEND_PEER_GRACE_SECONDS", "0")),
             "REFRESH_TOKEN_REUSE_PROTECTION": True,
             "PKCE_REQUIRED": True,
             "SCOPES": {"read": "Read", "write": "Write"},
