@@ -163,8 +163,12 @@ pub(crate) struct StorePool {
 const READERS: usize = 4;
 
 impl StorePool {
+    /// The pool with its connections opened now, at start-up, while nothing else writes: opened
+    /// on first use they would be opened under load, each waiting behind the committer for the
+    /// write lock that opening takes (the schema check is an immediate transaction).
     fn new(path: &Path) -> Self {
-        Self { path: path.to_path_buf(), idle: Mutex::new(Vec::new()), readers: tokio::sync::Semaphore::new(READERS) }
+        let idle: Vec<Store> = (0..READERS).map_while(|_| Store::open(path).ok()).collect();
+        Self { path: path.to_path_buf(), idle: Mutex::new(idle), readers: tokio::sync::Semaphore::new(READERS) }
     }
 
     /// Runs `read` on a pooled connection, off the async runtime.
