@@ -46,8 +46,7 @@ pub async fn run(path: &Path, name: &str, min_valid: Option<&str>, json: bool) -
             "scope": state.scope,
             "generation": state.generation,
         });
-        // The same answer the socket gives, extras included.
-        if let Some(extra) = crate::sink::extra_value(&state) {
+        if let Some(extra) = sink::extra_value(&state) {
             value["extra"] = extra;
         }
         println!("{value}");

@@ -67,9 +67,20 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// Secrets written into the file itself.
     pub inline_secrets: usize,
+    /// The socket rules of the credentials that have any; the others have the defaults.
+    pub socket_access: HashMap<std::sync::Arc<str>, std::sync::Arc<SocketAccess>>,
 }
 
+/// The socket rules of a credential that has none of its own.
+static DEFAULT_ACCESS: SocketAccess =
+    SocketAccess { readers: None, units: Vec::new(), credential_format: SinkFormat::Raw };
+
 impl Config {
+    /// `name`'s rules on the local sockets.
+    pub fn access_of(&self, name: &str) -> &SocketAccess {
+        self.socket_access.get(name).map_or(&DEFAULT_ACCESS, |a| a)
+    }
+
     pub fn credential(&self, name: &str) -> Option<&Credential> {
         self.credentials.iter().find(|c| &*c.name == name).map(|c| &**c)
     }
@@ -114,9 +125,6 @@ pub struct Credential {
     pub hooks: std::sync::Arc<Hooks>,
     /// Interned like `hooks`.
     pub lifecycle: std::sync::Arc<Lifecycle>,
-    /// Who may read it over the local socket, and which systemd units get it. Interned like
-    /// `hooks`: nearly every credential has the defaults.
-    pub access: std::sync::Arc<SocketAccess>,
 }
 
 /// What keeps a chain alive beyond its access token: when its refresh token or consent dies,
@@ -149,8 +157,9 @@ impl Default for Lifecycle {
     }
 }
 
-/// A credential's rules on the local sockets (README "Tokens on demand").
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A credential's rules on the local sockets (README "Tokens on demand"), in
+/// [`Config::socket_access`] (not in each [`Credential`]: nearly every one has the defaults).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct SocketAccess {
     /// Who may read the token over `[daemon] socket`; `None`: members of the socket's group.
     pub readers: Option<Vec<Reader>>,
@@ -218,8 +227,9 @@ impl Credential {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SinkFormat {
+    #[default]
     Raw,
     Json,
     Env,

@@ -75,6 +75,10 @@ pub(super) struct RawCredential {
     pub(super) hook_timeout: Option<String>,
     pub(super) hook_token: Option<bool>,
     pub(super) hook_env: Option<Vec<String>>,
+    // The local socket API (src/socket/).
+    pub(super) readers: Option<Vec<String>>,
+    pub(super) units: Option<Vec<String>>,
+    pub(super) credential_format: Option<String>,
     /// Answer fields to keep and hand to scripts (besides the provider's own).
     pub(super) extra_fields: Option<Vec<String>>,
     /// "credential" | "client" | "provider": what one rate-limit answer pauses.
@@ -87,10 +91,6 @@ pub(super) struct RawCredential {
     pub(super) refresh_at_least: Option<String>,
     /// Repeat the `needs_reauth` event this often until a human re-authorizes ("off" to not).
     pub(super) reauth_repeat: Option<String>,
-    // The local socket API (src/socket/).
-    pub(super) readers: Option<Vec<String>>,
-    pub(super) units: Option<Vec<String>>,
-    pub(super) credential_format: Option<String>,
     #[serde(default)]
     pub(super) sink: Vec<RawSink>,
 }

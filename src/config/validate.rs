@@ -17,8 +17,10 @@ pub(super) struct Validator<'a> {
     /// Endpoints and hooks, interned: an agency's 100,000 credentials share a handful.
     endpoints: HashSet<std::sync::Arc<Endpoint>>,
     hooks: HashSet<std::sync::Arc<Hooks>>,
-    lifecycles: HashSet<std::sync::Arc<Lifecycle>>,
+    /// Socket rules of the credentials that have any, interned.
     access: HashSet<std::sync::Arc<SocketAccess>>,
+    socket_access: HashMap<std::sync::Arc<str>, std::sync::Arc<SocketAccess>>,
+    lifecycles: HashSet<std::sync::Arc<Lifecycle>>,
     /// URLs already parsed and found acceptable, by their text: token URLs (held to the
     /// stricter check) and the others.
     secure_urls: HashMap<String, Url>,
@@ -38,8 +40,9 @@ impl<'a> Validator<'a> {
             problems: Vec::new(),
             endpoints: HashSet::new(),
             hooks: HashSet::new(),
-            lifecycles: HashSet::new(),
             access: HashSet::new(),
+            socket_access: HashMap::new(),
+            lifecycles: HashSet::new(),
             secure_urls: HashMap::new(),
             plain_urls: HashMap::new(),
             warnings: Vec::new(),
@@ -111,6 +114,7 @@ impl<'a> Validator<'a> {
                 credentials,
                 warnings: self.warnings,
                 inline_secrets: self.inline_secrets,
+                socket_access: self.socket_access,
             })
         } else {
             Err(ConfigError(self.problems))
@@ -498,15 +502,19 @@ impl<'a> Validator<'a> {
             rate_limit,
             provider_concurrency: provider_concurrency.unwrap_or(global_concurrency),
         };
+        let name: std::sync::Arc<str> = name.into();
+        if let Some(access) = access.filter(|a| *a != SocketAccess::default()) {
+            let shared = intern(&mut self.access, access);
+            self.socket_access.insert(name.clone(), shared);
+        }
         Some(Credential {
-            name: name.into(),
+            name,
             endpoint: intern(&mut self.endpoints, endpoint),
             refresh_at,
             sinks,
             refresh_cron: refresh_cron.map(Box::new),
             hooks: intern(&mut self.hooks, hooks),
             lifecycle: intern(&mut self.lifecycles, lifecycle),
-            access: intern(&mut self.access, access?),
         })
     }
 

@@ -145,9 +145,9 @@ struct Daemon {
     store_changed_path: PathBuf,
     /// Reloads attempted since start, numbering the outcomes `tokend reload` waits for.
     reloads: u64,
-    notices: Notices,
     /// The socket API's servers and the callers waiting on refreshes they asked for.
     on_demand: on_demand::OnDemand,
+    notices: Notices,
 }
 
 /// What humans were told, for the few credentials that had something to tell: kept beside the
@@ -247,8 +247,8 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         },
         due: Due::default(),
         reloads: 0,
-        notices: Notices::default(),
         on_demand: on_demand::OnDemand::default(),
+        notices: Notices::default(),
     };
     daemon.config.path = config_path;
     let abandoned = daemon.recover_abandoned_attempts()?;

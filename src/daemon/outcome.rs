@@ -216,6 +216,7 @@ impl Daemon {
             }
             pause(&mut self.admission.paused_until, &credential, now, until);
         }
+        self.answer_waiters(&name, &result);
         let result_was_skipped = matches!(result, Ok(Outcome::Skipped { .. }));
         if decision.recovered {
             self.recovered(&name);
@@ -223,7 +224,6 @@ impl Daemon {
         if decision.event == Some(Event::NeedsReauth) {
             self.notices.count(&name, metrics::Notice::NeedsReauth);
         }
-        self.answer_waiters(&name, &result);
         match result {
             Ok(Outcome::Refreshed { state, .. }) => hooks::spawn(&credential, Event::Refreshed, Some(&state), None),
             Ok(Outcome::AlreadyRefreshed(state)) => {

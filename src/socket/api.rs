@@ -171,10 +171,10 @@ fn readable(shared: &Shared, peer: &Peer, name: &str) -> Result<Arc<Credential>,
         return Err(Refusal::new(400, "invalid_name", "credential names are 1 to 64 letters, digits, '-' and '_'"));
     }
     let policy = shared.policy();
-    let Some(credential) = policy.credentials.get(name) else {
+    let Some((credential, access)) = policy.credentials.get(name) else {
         return Err(Refusal::new(404, "not_found", format!("no credential \"{name}\" is configured")));
     };
-    if !peer.may_read(&credential.access, shared.socket_gid, shared.daemon_uid) {
+    if !peer.may_read(access, shared.socket_gid, shared.daemon_uid) {
         tracing::warn!(
             uid = peer.uid,
             gid = peer.gid,
@@ -285,8 +285,8 @@ async fn list(shared: &Shared, peer: &Peer) -> Answer {
     })?;
     let now = now_secs();
     let mut by_name: std::collections::BTreeMap<&str, serde_json::Value> = std::collections::BTreeMap::new();
-    for (name, credential) in &policy.credentials {
-        if !peer.may_read(&credential.access, shared.socket_gid, shared.daemon_uid) {
+    for (name, (credential, access)) in &policy.credentials {
+        if !peer.may_read(access, shared.socket_gid, shared.daemon_uid) {
             continue;
         }
         let row = match states.iter().find(|s| *s.name == **name) {
@@ -324,7 +324,8 @@ fn token_answer(state: &TokenState) -> Response<Full<Bytes>> {
         "scope": state.scope,
         "generation": state.generation,
     });
-    // The provider's extras kept with the token (e.g. Wild Apricot's account ids).
+    // The provider's extras kept with the token (Wild Apricot's account ids, oauth2
+    // `extra_fields`), as the json sink and `tokend show --json` give them.
     if let Some(extra) = crate::sink::extra_value(state) {
         body["extra"] = extra;
     }

@@ -74,10 +74,10 @@ async fn serve_one(mut stream: UnixStream, policy: &Policy, stores: &Arc<StorePo
     let Some(request) = name.and_then(parse_address) else {
         return refuse("the caller's address is not systemd's <random>/unit/<unit>/<id>");
     };
-    let Some(credential) = policy.credentials.get(request.id) else {
+    let Some((_, access)) = policy.credentials.get(request.id) else {
         return refuse("no credential of that name");
     };
-    if !credential.access.units.iter().any(|pattern| glob_matches(pattern, request.unit)) {
+    if !access.units.iter().any(|pattern| glob_matches(pattern, request.unit)) {
         return refuse("the unit is not in the credential's units");
     }
     let key = request.id.to_string();
@@ -95,7 +95,7 @@ async fn serve_one(mut stream: UnixStream, policy: &Policy, stores: &Arc<StorePo
     if state.expires_at.is_some_and(|at| at <= now_secs()) {
         return refuse("its token has expired");
     }
-    let bytes = match crate::sink::render(credential.access.credential_format, &state) {
+    let bytes = match crate::sink::render(access.credential_format, &state) {
         Ok(bytes) => bytes,
         Err(e) => return refuse(&e),
     };

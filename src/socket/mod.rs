@@ -20,7 +20,7 @@ mod listen;
 mod load_credential;
 pub mod peer;
 
-use crate::config::{Config, Credential};
+use crate::config::{Config, Credential, SocketAccess};
 use crate::store::{Store, StoreError};
 use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
@@ -65,16 +65,19 @@ impl Refusal {
     }
 }
 
-/// What the servers know of the configuration: the credentials by name. Replaced whole by the
-/// daemon on every (re)load.
+/// What the servers know of the configuration: the credentials by name, with their socket rules.
+/// Replaced whole by the daemon on every (re)load.
 #[derive(Default)]
 pub struct Policy {
-    credentials: FxHashMap<Arc<str>, Arc<Credential>>,
+    credentials: FxHashMap<Arc<str>, (Arc<Credential>, Arc<SocketAccess>)>,
 }
 
 impl Policy {
     pub fn of(config: &Config) -> Policy {
-        Policy { credentials: config.credentials.iter().map(|c| (c.name.clone(), c.clone())).collect() }
+        let default = Arc::new(SocketAccess::default());
+        let access =
+            |c: &Arc<Credential>| config.socket_access.get(&c.name).cloned().unwrap_or_else(|| default.clone());
+        Policy { credentials: config.credentials.iter().map(|c| (c.name.clone(), (c.clone(), access(c)))).collect() }
     }
 }
 
@@ -160,8 +163,12 @@ pub(crate) struct StorePool {
 const READERS: usize = 4;
 
 impl StorePool {
+    /// The pool with its connections opened now, at start-up, while nothing else writes: opened
+    /// on first use they would be opened under load, each waiting behind the committer for the
+    /// write lock that opening takes (the schema check is an immediate transaction).
     fn new(path: &Path) -> Self {
-        Self { path: path.to_path_buf(), idle: Mutex::new(Vec::new()), readers: tokio::sync::Semaphore::new(READERS) }
+        let idle: Vec<Store> = (0..READERS).map_while(|_| Store::open(path).ok()).collect();
+        Self { path: path.to_path_buf(), idle: Mutex::new(idle), readers: tokio::sync::Semaphore::new(READERS) }
     }
 
     /// Runs `read` on a pooled connection, off the async runtime.

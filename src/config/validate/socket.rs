@@ -127,10 +127,10 @@ mod tests {
         let c = parse("socket = \"run/t.sock\"\ncredential_socket = \"/run/c.sock\"", "").unwrap();
         assert_eq!(c.daemon.socket.as_deref(), Some(Path::new("/etc/tokend/run/t.sock")));
         assert_eq!(c.daemon.credential_socket.as_deref(), Some(Path::new("/run/c.sock")));
-        let a = &c.credentials[0].access;
+        let a = c.access_of("a");
         assert_eq!((a.readers.as_ref(), a.units.len(), a.credential_format), (None, 0, SinkFormat::Raw));
         let c = parse("", "readers = [\"uid:1001\", \"gid:5\", \"user:root\", \"group:root\"]\nunits = [\"job-*.service\"]\ncredential_format = \"env\"").unwrap();
-        let a = &c.credentials[0].access;
+        let a = c.access_of("a");
         assert_eq!(a.readers, Some(vec![Reader::Uid(1001), Reader::Gid(5), Reader::Uid(0), Reader::Gid(0)]));
         assert_eq!((a.units.as_slice(), a.credential_format), (&["job-*.service".to_string()][..], SinkFormat::Env));
         assert!(c.daemon.socket.is_none(), "off unless set");
