@@ -15,7 +15,7 @@ use crate::provider::{self, FirstGrant, GrantKind, HttpClient, TokenAnswer};
 use crate::redact::{Secret, clean_text};
 use crate::refresh::{self, Outcome};
 use crate::schedule::issue_time;
-use crate::store::{Store, StoreError, TokenState};
+use crate::store::{AnyStore, StoreError, TokenState};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
@@ -119,18 +119,14 @@ fn store_answer(
     sent_at: i64,
 ) -> Result<TokenState, AuthorizeError> {
     let token = refresh::new_token(answer, issue_time(answer.created_at, sent_at), &credential.name);
-    let state = Store::open(&config.daemon.database)?.import(
-        &credential.name,
-        credential.provider().as_str(),
-        &token,
-        now_secs(),
-    )?;
+    let state =
+        AnyStore::open(&config.daemon)?.import(&credential.name, credential.provider().as_str(), &token, now_secs())?;
     crate::daemon::publish_imported(&config.daemon.database, credential, &state);
     Ok(state)
 }
 
 async fn api_key(config: &Config, credential: &Credential, http: &HttpClient) -> Result<TokenState, AuthorizeError> {
-    let store = crate::committer::Committer::open(&config.daemon.database)?;
+    let store = AnyStore::open(&config.daemon)?.refresh_store()?;
     let sinks = crate::sink::SinkWriter::start().map_err(io_error("cannot start the sink writer"))?;
     let outcome = refresh::refresh(&store, http, &sinks, credential, None, http.limits().total_timeout)
         .await
@@ -158,7 +154,7 @@ pub enum Revoked {
 /// provider, then marks it revoked locally and removes its sinks. A provider without a
 /// revocation endpoint is refused unless `forget` is set, which only forgets locally.
 pub async fn revoke(config: &Config, credential: &Credential, forget: bool) -> Result<Revoked, AuthorizeError> {
-    let mut store = Store::open(&config.daemon.database)?;
+    let mut store = AnyStore::open(&config.daemon)?;
     let name = &credential.name;
     let state = store.get(name)?.ok_or_else(|| AuthorizeError::Refused(format!("no token stored for {name}")))?;
     let (token, hint) = match &state.refresh_token {

@@ -9,7 +9,7 @@ use crate::redact::fingerprint;
 use crate::refresh::{self, Outcome, RefreshError, SkipReason};
 use crate::schedule;
 use crate::sink;
-use crate::store::{Status, Store, StoreError, TokenState};
+use crate::store::{AnyStore, Status, StoreError, TokenState};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Read;
 use std::path::PathBuf;
@@ -32,6 +32,9 @@ pub mod exit {
     pub const EXPIRED: u8 = 6;
     /// A temporary failure (provider down, rate limited, answer rejected, busy): try again later.
     pub const TEMPORARY: u8 = 7;
+    /// A PostgreSQL store cannot be used: unreachable, login refused, no tokend tables (run
+    /// `tokend migrate`), or a schema this tokend does not know.
+    pub const STORE: u8 = 8;
 }
 
 /// Longest stdin `tokend import` reads; a token answer is a few hundred bytes.
@@ -132,6 +135,9 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Create or upgrade the store's schema (a PostgreSQL store is never migrated implicitly;
+    /// SQLite is migrated by every command anyway).
+    Migrate,
     /// Print the completion script for SHELL on stdout (the package installs those for bash, zsh
     /// and fish).
     Completions { shell: clap_complete::Shell },
@@ -158,7 +164,8 @@ impl From<ConfigError> for CliError {
 
 impl From<StoreError> for CliError {
     fn from(e: StoreError) -> Self {
-        CliError::new(exit::FAILURE, e.to_string())
+        let code = if matches!(e, StoreError::Postgres { .. }) { exit::STORE } else { exit::FAILURE };
+        CliError::new(code, e.to_string())
     }
 }
 
@@ -223,7 +230,27 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
         Command::Completions { shell } => crate::manual::print_completions(shell),
+        Command::Migrate => migrate(&config::load_without_secrets(&cli.config)?),
     }
+}
+
+fn migrate(config: &Config) -> Result<(), CliError> {
+    match &config.daemon.postgres {
+        Some(target) => {
+            let store = crate::store::postgres::PgStore::start(target, &config.daemon.database)?;
+            let (before, after) = store.migrate()?;
+            if before == after {
+                println!("{}: schema version {after}, up to date", target.shown());
+            } else {
+                println!("{}: schema version {before} -> {after}", target.shown());
+            }
+        }
+        None => {
+            let store = crate::store::Store::open(&config.daemon.database)?;
+            println!("{}: schema version {}, up to date", config.daemon.database.display(), store.schema_version()?);
+        }
+    }
+    Ok(())
 }
 
 async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
@@ -239,6 +266,7 @@ async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
             ),
         ),
         DaemonError::Config(e) => CliError::from(e),
+        DaemonError::Store(e) => CliError::from(e),
         other => CliError::new(exit::FAILURE, other.to_string()),
     })
 }
@@ -328,8 +356,8 @@ fn credential<'a>(config: &'a Config, name: &str) -> Result<&'a Credential, CliE
         .ok_or_else(|| CliError::new(exit::UNKNOWN, format!("no credential \"{name}\" in {}", config.path.display())))
 }
 
-fn open_store(config: &Config) -> Result<Store, CliError> {
-    Ok(Store::open(&config.daemon.database)?)
+fn open_store(config: &Config) -> Result<AnyStore, CliError> {
+    Ok(AnyStore::open(&config.daemon)?)
 }
 
 fn import(config: &Config, name: &str, issued_at: Option<&str>) -> Result<(), CliError> {
@@ -516,8 +544,9 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
     let cred = credential(config, name)?;
     let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref())
         .map_err(|e| CliError::new(exit::FAILURE, e))?;
-    let generation = open_store(config)?.get(name)?.map(|s| s.generation);
-    let store = crate::committer::Committer::open(&config.daemon.database)?;
+    let opened = open_store(config)?;
+    let generation = opened.get(name)?.map(|s| s.generation);
+    let store = opened.refresh_store()?;
     // Wait as long as another holder may legitimately keep the lease, then a little more.
     let lease_wait = config.daemon.http.total_timeout + Duration::from_secs(35);
     let started = now_ms();

@@ -48,7 +48,7 @@ pub const TOKEND_TOML_5: &str = "man/man5/tokend.toml.5";
 const README: &str = "/usr/share/doc/tokend/README.md";
 
 /// Exit codes and what they mean, as README "Exit codes" lists them.
-const EXIT_STATUS: [(u8, &str); 8] = [
+const EXIT_STATUS: [(u8, &str); 9] = [
     (exit::OK, "Success."),
     (exit::FAILURE, "Failure: database, files, I/O; authorization refused (state, access_denied, exchange)."),
     (exit::USAGE, "Bad command line."),
@@ -59,6 +59,10 @@ const EXIT_STATUS: [(u8, &str); 8] = [
     (
         exit::TEMPORARY,
         "Temporary failure (provider down, rate limited, answer rejected, lease busy, authorize timed out): try again later.",
+    ),
+    (
+        exit::STORE,
+        "A PostgreSQL store cannot be used: unreachable, login refused, no tokend tables (run `tokend migrate`), or a schema this tokend does not know.",
     ),
 ];
 

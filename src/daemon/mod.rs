@@ -35,7 +35,6 @@ pub use instance::{
 pub use publish::Summary;
 
 use crate::clock::{now_ms, rfc3339, short_duration};
-use crate::committer::Committer;
 use crate::config::{self, Config, ConfigError, Credential};
 use crate::hooks::{self, Event};
 use crate::metrics::{self, CredentialMetrics};
@@ -43,7 +42,7 @@ use crate::provider::{Failure, GrantKind, HttpClient, ProviderKind};
 use crate::refresh::{self, Outcome, RefreshError};
 use crate::schedule;
 use crate::sink;
-use crate::store::{Lifetime, Status, Store, StoreError, TokenState};
+use crate::store::{AnyRefreshStore, AnyStore, Lifetime, Status, StoreError, TokenState};
 use crate::timer::WallTimer;
 use queue::{DeadlineQueue, Job};
 use rustc_hash::FxHashMap;
@@ -123,9 +122,9 @@ type RefreshResult = (Arc<str>, Result<Outcome, RefreshError>);
 struct Daemon {
     config: Config,
     /// The daemon's own connection: reads, imports of rescued tokens, housekeeping.
-    store: Arc<Mutex<Store>>,
-    /// The refresh path's connection, with group commit.
-    committer: Committer,
+    store: Arc<Mutex<AnyStore>>,
+    /// The refresh path's connection: with group commit on SQLite.
+    committer: AnyRefreshStore,
     /// Every sink read and write of the daemon goes through this thread.
     sinks: sink::SinkWriter,
     http: HttpClient,
@@ -197,12 +196,13 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     }
     raise_open_file_limit();
     let _lock = lock_database(&config.daemon.database)?;
-    let store = Store::open(&config.daemon.database)?;
+    let store = AnyStore::open(&config.daemon)?;
+    let committer = store.refresh_store()?;
     let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(DaemonError::Http)?;
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         store_changed_path: store_changed_path(&config.daemon.database),
-        committer: Committer::open(&config.daemon.database)?,
+        committer,
         sinks: sink::SinkWriter::start()
             .map_err(|source| DaemonError::Io { context: "cannot start the sink writer thread".into(), source })?,
         config,
@@ -314,7 +314,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 impl Daemon {
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    fn store(&self) -> std::sync::MutexGuard<'_, AnyStore> {
         self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

@@ -8,6 +8,8 @@ use tempfile::TempDir;
 use tokend::dev::mock::{MockProvider, MockSettings};
 use tokio::io::AsyncWriteExt;
 
+pub mod postgres;
+
 pub struct World {
     pub dir: TempDir,
     pub mock: MockProvider,
@@ -35,6 +37,13 @@ impl World {
     /// Writes the config; `{mock}` becomes the mock's base URL.
     pub fn write_config(&self, body: &str) {
         self.write_config_with_daemon("", body);
+    }
+
+    /// A config whose `[daemon]` table is exactly `daemon` (no default `database` line): for
+    /// PostgreSQL nodes (`postgres::daemon_lines`).
+    pub fn write_config_daemon_only(&self, daemon: &str, body: &str) {
+        let text = format!("[daemon]\n{daemon}\n{}", body.replace("{mock}", &self.mock.url("")));
+        std::fs::write(self.config_path(), text).unwrap();
     }
 
     /// Same, with extra lines in the `[daemon]` table.
