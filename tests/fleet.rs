@@ -9,6 +9,9 @@ use std::time::Duration;
 use support::postgres::{PG_PASSWORD, PgServer, daemon_lines};
 use support::{World, wait_for};
 use tokend::dev::mock::MockSettings;
+use tokend::redact::Secret;
+use tokend::store::postgres::{PgStore, PgTarget};
+use tokend::store::{Begin, LeaseHolder, NewToken, RefreshStore, Status, StoreError};
 
 const NUDGE_AND_NB: &str = "[[credential]]\nname = \"n\"\nprovider = \"nudge\"\nbase_url = \"{mock}\"\nclient_id = \"nid\"\nclient_secret = \"ns\"\n[[credential.sink]]\npath = \"out/n.token\"\n\n[[credential]]\nname = \"nb\"\nprovider = \"nationbuilder\"\nslug = \"x\"\ntoken_url = \"{mock}/oauth/token\"\nclient_id = \"i\"\nclient_secret = \"s\"\n[[credential.sink]]\npath = \"out/nb.json\"\nformat = \"json\"\n\n[[credential]]\nname = \"key\"\nprovider = \"wildapricot\"\ntoken_url = \"{mock}/auth/token\"\napi_key = \"k-1\"\n";
 
@@ -197,4 +200,136 @@ async fn an_unusable_store_is_one_line_and_exit_8() {
     assert_eq!(run.code, 3, "{}", run.stderr);
     assert!(run.stderr.contains("field \"database\"") && run.stderr.contains("names no database"), "{}", run.stderr);
     assert_eq!(w.mock.requests().len(), requests, "a provider was contacted");
+}
+
+/// Two nodes' handles on one database, as the refresh path uses them (two connections, so two
+/// server sessions, like two processes).
+async fn two_nodes(pg: &PgServer, db: &str) -> (PgStore, PgStore, tempfile::TempDir) {
+    let local = tempfile::tempdir().unwrap();
+    let target = PgTarget::parse(&pg.conninfo(db), Some(&Secret::new(PG_PASSWORD))).unwrap();
+    let a = PgStore::start(&target, &local.path().join("fleet")).unwrap();
+    assert_eq!(a.migrate().unwrap(), (0, 1));
+    let b = PgStore::open(&target, &local.path().join("fleet")).unwrap();
+    (a, b, local)
+}
+
+fn token(access: &str, refresh: &str) -> NewToken {
+    NewToken {
+        access_token: Secret::new(access),
+        refresh_token: Some(Secret::new(refresh)),
+        token_type: "Bearer".into(),
+        scope: None,
+        expires_in: Some(3600),
+        created_at: tokend::clock::now_secs(),
+    }
+}
+
+fn holder(tag: &str) -> LeaseHolder {
+    LeaseHolder { id: format!("{}-{tag}", std::process::id()), pid: std::process::id() }
+}
+
+async fn leased(store: &PgStore, name: &str, who: &LeaseHolder, ttl: Duration, now_ms: i64) -> i64 {
+    match store.begin_refresh(name, who, ttl, now_ms).await.unwrap() {
+        Begin::Leased { attempt_id, .. } => attempt_id,
+        Begin::Busy { .. } => panic!("{name}: lease busy for {}", who.id),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_follow_the_database_clock_not_the_nodes() {
+    let pg = PgServer::start();
+    let db = pg.create_database("leases").await;
+    let (a, b, _local) = two_nodes(&pg, &db).await;
+    a.import("c", "oauth2", &token("a1", "r1"), 1).unwrap();
+    let now = tokend::clock::now_ms();
+    leased(&a, "c", &holder("a"), Duration::from_secs(60), now).await;
+    // B's clock says it is a day later: the lease is still A's, by the server's clock.
+    let day = 86_400_000;
+    assert!(matches!(
+        b.begin_refresh("c", &holder("b"), Duration::from_secs(60), now + day).await.unwrap(),
+        Begin::Busy { .. }
+    ));
+    // A lease the server's clock says is over is taken over, whatever B's clock says.
+    leased(&a, "d", &holder("a"), Duration::from_millis(1), now).await;
+    a.import("d", "oauth2", &token("d1", "dr1"), 1).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    leased(&b, "d", &holder("b"), Duration::from_secs(60), now - day).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_is_fenced_and_a_losing_answer_is_kept() {
+    let pg = PgServer::start();
+    let db = pg.create_database("fence").await;
+    let (a, b, _local) = two_nodes(&pg, &db).await;
+    a.import("c", "oauth2", &token("a1", "r1"), 1).unwrap();
+    let now = tokend::clock::now_ms();
+    let attempt = leased(&a, "c", &holder("a"), Duration::from_secs(60), now).await;
+    // While A's request is out, an operator imports a new grant: generation 1 → 2.
+    b.import("c", "oauth2", &token("human", "r-human"), 2).unwrap();
+    let err = a.commit_rotation("c", "oauth2", attempt, 1, &token("a2", "r2"), now).await.unwrap_err();
+    let StoreError::Superseded { spent: 1, found: 2, .. } = &err else { panic!("{err}") };
+    let state = b.get("c").unwrap().unwrap();
+    assert_eq!((state.generation, state.access_token.expose()), (2, "human"), "the newer token was overwritten");
+    let client = pg.client(&db).await;
+    let kept = client
+        .query_one("SELECT answer->>'refresh_token', from_generation, found_generation FROM tokend_rescue", &[])
+        .await
+        .unwrap();
+    assert_eq!((kept.get::<_, String>(0), kept.get::<_, i64>(1), kept.get::<_, i64>(2)), ("r2".into(), 1, 2));
+    a.release_lease("c", &holder("a")).await.unwrap();
+    // The CAS on the right generation lands.
+    let attempt = leased(&a, "c", &holder("a2"), Duration::from_secs(60), now).await;
+    let state = a.commit_rotation("c", "oauth2", attempt, 2, &token("a3", "r3"), now).await.unwrap();
+    assert_eq!((state.generation, state.attempts_in_flight), (3, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_waits_for_an_unresolved_rival_and_its_answer_still_lands() {
+    let pg = PgServer::start();
+    let db = pg.create_database("rival").await;
+    let (a, b, _local) = two_nodes(&pg, &db).await;
+    a.import("c", "oauth2", &token("a1", "r1"), 1).unwrap();
+    let now = tokend::clock::now_ms();
+    // A spends r1 and is paused past its lease after the provider rotated (its answer in hand).
+    let a_attempt = leased(&a, "c", &holder("a"), Duration::from_millis(1), now).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // B takes the expired lease, retries r1, and the provider says invalid_grant.
+    let b_attempt = leased(&b, "c", &holder("b"), Duration::from_secs(60), now).await;
+    let marked = b.record_failure("c", b_attempt, "invalid_grant", true, now).await.unwrap();
+    assert!(!marked, "needs_reauth while A's attempt on the same generation is unresolved");
+    let state = b.get("c").unwrap().unwrap();
+    assert_eq!(state.status, Status::Active);
+    assert!(state.last_error.as_deref().unwrap().contains("needs_reauth deferred"), "{:?}", state.last_error);
+    // A wakes: nobody advanced the generation, so its answer — the only live token — lands.
+    let state = a.commit_rotation("c", "oauth2", a_attempt, 1, &token("a2", "r2"), now).await.unwrap();
+    assert_eq!((state.generation, state.status, state.refresh_token.unwrap().expose()), (2, Status::Active, "r2"));
+    b.release_lease("c", &holder("b")).await.unwrap();
+
+    // Once the rival is provably dead (its session gone), the rejection is final.
+    let a_attempt = leased(&a, "c", &holder("a3"), Duration::from_millis(1), now).await;
+    drop(a);
+    let client = pg.client(&db).await;
+    let gone = async {
+        for _ in 0..100 {
+            let open: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM tokend_attempt a JOIN pg_stat_activity s ON s.pid = a.backend_pid WHERE a.id = $1",
+                    &[&a_attempt],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if open == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(gone.await, "A's session never ended");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let b_attempt = leased(&b, "c", &holder("b2"), Duration::from_secs(60), now).await;
+    assert!(b.record_failure("c", b_attempt, "invalid_grant", true, now).await.unwrap());
+    assert_eq!(b.get("c").unwrap().unwrap().status, Status::NeedsReauth);
+    assert_eq!(b.abandoned_attempts().unwrap().iter().map(|a| a.id).collect::<Vec<_>>(), vec![a_attempt]);
 }
