@@ -16,6 +16,7 @@
 
 mod admission;
 mod events;
+mod fleet;
 mod instance;
 mod outcome;
 mod plan;
@@ -139,6 +140,8 @@ struct Daemon {
     store_changed_path: PathBuf,
     /// Reloads attempted since start, numbering the outcomes `tokend reload` waits for.
     reloads: u64,
+    /// Fleet mode: the store's notification connection (`fleet.rs`).
+    fleet: fleet::Fleet,
 }
 
 /// Which refreshes run, which wait, and which endpoints asked us to wait (`admission.rs`).
@@ -222,6 +225,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         },
         due: Due::default(),
         reloads: 0,
+        fleet: fleet::Fleet::default(),
     };
     daemon.config.path = config_path;
     daemon.recover_abandoned_attempts()?;
@@ -233,7 +237,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     crate::memory::release_freed_memory();
     tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "every credential scheduled");
     let summary = daemon.summary();
-    tracing::info!(config = %daemon.config.path.display(), database = %daemon.config.daemon.database.display(), "tokend running: {}", summary.describe());
+    tracing::info!(config = %daemon.config.path.display(), database = %daemon.store().describe(), "tokend running: {}", summary.describe());
     daemon.publish();
     systemd::ready(&summary.describe());
     let watchdog_interval = systemd::watchdog_interval();
@@ -242,6 +246,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     let mut timer = WallTimer::new()
         .map_err(|source| DaemonError::Io { context: "cannot create the wall-clock timer".into(), source })?;
     let mut inflight: JoinSet<RefreshResult> = JoinSet::new();
+    let mut store_events = daemon.config.daemon.postgres.as_ref().map(crate::store::postgres::listen::listen);
     loop {
         let next = daemon.queue.next_at();
         let fs_due =
@@ -253,8 +258,12 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
                 Some(Control::RefreshAll) => daemon.refresh_all(&mut inflight),
                 Some(Control::Shutdown) | None => break,
             },
-            Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => daemon.finished(done, &mut inflight),
+            Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => {
+                daemon.finished(done, &mut inflight);
+                daemon.pick_up_heard();
+            }
             Some(path) = fs_rx.recv() => daemon.fs_event(path),
+            Some(event) = fleet::next_event(&mut store_events) => daemon.store_event(event),
             () = sleep_until_opt(fs_due) => daemon.fs_settled(&mut inflight),
             () = sleep_until_opt(next_ping) => {
                 // Pinged from the loop itself, and only while the store answers: a wedged loop

@@ -225,6 +225,15 @@ impl Daemon {
             Err(RefreshError::Busy { .. }) => {}
             Err(e) => tracing::error!(credential = %name, "{e}"),
         }
+        // A busy lease or a failure re-read the store. If another holder (another fleet node,
+        // `tokend refresh`) committed meanwhile, the sinks take its token now: the lifetime just
+        // picked up would otherwise hide the change until the next one.
+        if let Some(state) = fresh_state
+            .as_ref()
+            .filter(|s| !s.status.is_dead() && held.lifetime.map(|l| l.generation) != Some(s.generation))
+        {
+            sink::write_all(&credential, state);
+        }
         if self.watches.dirty_sinks.contains(&name) {
             self.due.fs.get_or_insert(Instant::now() + FS_DEBOUNCE);
         }

@@ -143,11 +143,16 @@ impl World {
     }
 
     pub async fn start_daemon_env(&self, env: &[(&str, &str)]) -> DaemonProcess {
+        self.start_daemon_with(&self.config_path(), env).await
+    }
+
+    /// A daemon on another configuration file (fleet tests: one per node).
+    pub async fn start_daemon_with(&self, config: &std::path::Path, env: &[(&str, &str)]) -> DaemonProcess {
         let log = self.path(&format!("daemon-{}.log", rand::random::<u32>()));
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
             .args(["--log-level", "debug", "run"])
             .envs(env.iter().copied())
-            .env("TOKEND_CONFIG", self.config_path())
+            .env("TOKEND_CONFIG", config)
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
             .current_dir(self.dir.path())

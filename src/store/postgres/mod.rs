@@ -12,6 +12,7 @@
 //! other command refuses a database without tokend's tables or with a schema this tokend does
 //! not know, before anything is sent to a provider.
 
+pub mod listen;
 mod ops;
 mod target;
 
@@ -86,11 +87,21 @@ fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-async fn connect(target: &PgTarget) -> Result<Client, String> {
+type RawConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
+/// A client and the connection that must be driven for it (by the caller).
+async fn connect_raw(target: &PgTarget) -> Result<(Client, RawConnection), String> {
     if let Some(why) = &target.password_unavailable {
         return Err(format!("no password to connect with: {why}"));
     }
-    let (client, connection) = target.config.connect(tls()?).await.map_err(|e| describe(&e))?;
+    target.config.connect(tls()?).await.map_err(|e| describe(&e))
+}
+
+async fn connect(target: &PgTarget) -> Result<Client, String> {
+    let (client, connection) = connect_raw(target).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!("database connection lost: {}", describe(&e));
