@@ -487,3 +487,123 @@ async fn three_nodes_share_the_work_and_every_sink_follows_each_commit() {
     assert!(p99 <= 1000 && max <= 2000, "a node's sinks lagged behind commits: {figures}");
     assert!(by_pid.len() >= 2, "one node did all the refreshing: {by_pid:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_ride_out_postgres_restarts_killed_backends_and_killed_nodes() {
+    const NODES: usize = 3;
+    let mut pg = PgServer::start();
+    let db = pg.create_database("chaos").await;
+    let w = World::new(MockSettings { expires_in: 3, ..MockSettings::default() }).await;
+    std::fs::write(w.path("client-secret"), "ns\n").unwrap();
+    std::fs::set_permissions(w.path("client-secret"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
+    let configs: Vec<_> = (0..NODES).map(|n| node_config(&w, &pg, &db, n, &names)).collect();
+    assert_eq!(w.tokend_env(&["migrate"], None, &[("TOKEND_CONFIG", configs[0].to_str().unwrap())]).await.code, 0);
+    for name in &names {
+        let answer = w.mock.authorize(name).to_string();
+        let run =
+            w.tokend_env(&["import", name], Some(&answer), &[("TOKEND_CONFIG", configs[0].to_str().unwrap())]).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    let mut nodes = Vec::new();
+    for config in &configs {
+        nodes.push(w.start_daemon_with(config, &[]).await);
+    }
+    let rotations = || w.mock.refreshes();
+    let step = |what: &str| eprintln!("chaos: {what} after {} rotations", rotations());
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    step("PostgreSQL restart");
+    pg.restart();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    step("pg_terminate_backend of every tokend session");
+    let admin = pg.client(&db).await;
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tokend') t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= NODES as i64 * 2, "only {killed} tokend sessions (each node has a store and a listener)");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    step("SIGKILL of node 1, restarted");
+    nodes[1].signal(Signal::SIGKILL);
+    let _ = nodes[1].wait_exit(Duration::from_secs(5)).await;
+    nodes[1] = w.start_daemon_with(&configs[1], &[]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    step("second PostgreSQL restart");
+    pg.restart();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before_end = rotations();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(rotations() >= before_end + 4, "the fleet stopped refreshing after the chaos");
+    for node in &mut nodes {
+        node.signal(Signal::SIGTERM);
+    }
+    for node in &mut nodes {
+        assert_eq!(node.wait_exit(Duration::from_secs(15)).await, 0, "{}", node.log_text());
+    }
+
+    // Every chain intact (the store holds the provider's live refresh token), or loudly dead.
+    let client = pg.client(&db).await;
+    let mut silent = Vec::new();
+    for name in &names {
+        let row = client
+            .query_one("SELECT refresh_token, status FROM tokend_credential WHERE name = $1", &[name])
+            .await
+            .unwrap();
+        let (stored, status): (Option<String>, String) = (row.get(0), row.get(1));
+        let live = w.mock.live_refresh_token(name);
+        if status == "active" && stored != live {
+            silent.push(format!("{name}: stored refresh token is not the provider's live one"));
+        }
+        assert!(status == "active" || status == "needs_reauth", "{name}: {status}");
+    }
+    assert!(silent.is_empty(), "silent losses: {silent:?}");
+    let dead: i64 =
+        client.query_one("SELECT count(*) FROM tokend_credential WHERE status <> 'active'", &[]).await.unwrap().get(0);
+    // A spent token presented again is only possible for the one node killed mid-flight.
+    assert!(w.mock.reuses() <= 1, "{} reuses", w.mock.reuses());
+    let figures = format!(
+        "fleet chaos, {NODES} nodes, 4 credentials, 3 s tokens: 2 PostgreSQL restarts, {killed} backends terminated, 1 SIGKILL; {} rotations, {} reuses, {dead} needs_reauth, 0 silent losses",
+        rotations(),
+        w.mock.reuses()
+    );
+    support::record_figures("fleet_chaos", &figures);
+    eprintln!("{figures}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_failed_while_the_server_was_down_is_retried_fenced() {
+    let mut pg = PgServer::start();
+    let db = pg.create_database("retry").await;
+    let (a, b, _local) = two_nodes(&pg, &db).await;
+    for name in ["c", "d"] {
+        a.import(name, "oauth2", &token("a1", "r1"), 1).unwrap();
+    }
+    let now = tokend::clock::now_ms();
+    let c_attempt = leased(&a, "c", &holder("a"), Duration::from_secs(60), now).await;
+    let d_attempt = leased(&a, "d", &holder("a"), Duration::from_secs(60), now).await;
+    pg.stop();
+    let answer_c = token("c2", "rc2");
+    let answer_d = token("d2", "rd2");
+    assert!(a.commit_rotation("c", "oauth2", c_attempt, 1, &answer_c, now).await.is_err());
+    assert!(a.commit_rotation("d", "oauth2", d_attempt, 1, &answer_d, now).await.is_err());
+    pg.restart();
+    // Meanwhile an operator imported a new grant for d.
+    b.import("d", "oauth2", &token("human", "r-human"), 2).unwrap();
+    // The daemon's retry (commit_pending → import) lands c on the generation it spent...
+    let c = a.import("c", "oauth2", &answer_c, 3).unwrap();
+    assert_eq!((c.generation, c.refresh_token.unwrap().expose(), c.attempts_in_flight), (2, "rc2", 0));
+    // ...and does not put d's older answer over the operator's token: it is kept instead.
+    let err = a.import("d", "oauth2", &answer_d, 3).unwrap_err();
+    assert!(matches!(err, StoreError::Superseded { spent: 1, found: 2, .. }), "{err}");
+    assert_eq!(b.get("d").unwrap().unwrap().access_token.expose(), "human");
+    // The daemon retries again later: still fenced, still refused, still not imported.
+    assert!(matches!(a.import("d", "oauth2", &answer_d, 4).unwrap_err(), StoreError::Superseded { .. }));
+    assert_eq!(b.get("d").unwrap().unwrap().access_token.expose(), "human");
+    // An import of another token is an import.
+    assert_eq!(a.import("d", "oauth2", &token("d3", "rd3"), 4).unwrap().generation, 3);
+}

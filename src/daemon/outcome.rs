@@ -280,6 +280,22 @@ impl Daemon {
                 entry.failures = 0;
                 entry.retry_at = None;
             }
+            // Fleet: the generation moved on while the store was unreachable; the answer is kept
+            // by the store (and the rescue file), and the newer stored token is what the sinks get.
+            Err(e @ StoreError::Superseded { .. }) => {
+                tracing::error!(credential = name, rescue = %rescue, "{e}");
+                entry.failures = 0;
+                entry.retry_at = None;
+                entry.lifetime = self
+                    .store
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(name)
+                    .ok()
+                    .flatten()
+                    .map(|s| s.lifetime());
+                self.sync_sinks(name);
+            }
             Err(e) => {
                 entry.failures += 1;
                 let at =

@@ -129,6 +129,17 @@ pub struct PgStore {
     shown: Arc<str>,
     /// This node's directory for local files (rescue files, the daemon's lock).
     local: Arc<PathBuf>,
+    /// Rotation commits that failed (the server unreachable) by credential: the attempt and the
+    /// generation spent, and the answer's access token. The daemon retries such a commit
+    /// through [`PgStore::import`]; here that retry stays fenced (see `import`).
+    unsettled: Arc<std::sync::Mutex<std::collections::HashMap<String, Unsettled>>>,
+}
+
+#[derive(Debug, Clone)]
+struct Unsettled {
+    attempt_id: i64,
+    from_generation: i64,
+    access_token: String,
 }
 
 /// The schema a database holds, as `tokend migrate` and the start-up check see it.
@@ -161,7 +172,7 @@ impl PgStore {
                 target: shown.to_string(),
                 message: format!("cannot start its thread: {e}"),
             })?;
-        Ok(PgStore { jobs, shown, local: Arc::new(local.to_path_buf()) })
+        Ok(PgStore { jobs, shown, local: Arc::new(local.to_path_buf()), unsettled: Arc::default() })
     }
 
     /// Starts the worker and checks the schema: the start of every command but `tokend migrate`.
@@ -347,6 +358,13 @@ impl PgStore {
         self.call(move |c| Box::pin(async move { ops::import_many(c, &owned, now_secs).await }))
     }
 
+    fn unsettled(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Unsettled>> {
+        self.unsettled.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stores a token obtained outside a refresh. A token whose fenced rotation commit failed
+    /// (the daemon retrying it) is committed fenced again, never imported over a generation that
+    /// moved on meanwhile.
     pub fn import(
         &self,
         name: &str,
@@ -354,6 +372,40 @@ impl PgStore {
         token: &NewToken,
         now_secs: i64,
     ) -> Result<TokenState, StoreError> {
+        let retry = self.unsettled().get(name).filter(|u| u.access_token == token.access_token.expose()).cloned();
+        if let Some(u) = retry {
+            let (owned, provider_owned, token_owned) = (name.to_string(), provider.to_string(), token.clone());
+            let committed = self.call(move |c| {
+                Box::pin(async move {
+                    ops::commit(
+                        c,
+                        &owned,
+                        &provider_owned,
+                        u.attempt_id,
+                        u.from_generation,
+                        &token_owned,
+                        now_secs * 1000,
+                    )
+                    .await
+                })
+            })?;
+            return match committed {
+                ops::Committed::Stored(state) => {
+                    self.unsettled().remove(name);
+                    Ok(state)
+                }
+                ops::Committed::Superseded { found, rescue_id } => {
+                    // Kept in the map: a further retry of this answer must not become a plain
+                    // import either (the attempt is closed now, so it fails fenced again).
+                    Err(StoreError::Superseded {
+                        name: name.to_string(),
+                        spent: u.from_generation,
+                        found,
+                        kept: format!("row {rescue_id} of tokend_rescue in {}", self.shown),
+                    })
+                }
+            };
+        }
         self.import_many(&[(name, provider, token)], now_secs)?;
         self.get(name)?.ok_or_else(|| self.error(format!("credential {name} vanished after import")))
     }
@@ -408,14 +460,22 @@ impl super::RefreshStore for PgStore {
         token: &NewToken,
         now_ms: i64,
     ) -> Result<TokenState, StoreError> {
-        let (owned_name, provider, token) = (name.to_string(), provider.to_string(), token.clone());
+        let (owned_name, provider, owned_token) = (name.to_string(), provider.to_string(), token.clone());
         let committed = self
             .call_async(move |c| {
                 Box::pin(async move {
-                    ops::commit(c, &owned_name, &provider, attempt_id, from_generation, &token, now_ms).await
+                    ops::commit(c, &owned_name, &provider, attempt_id, from_generation, &owned_token, now_ms).await
                 })
             })
-            .await?;
+            .await;
+        let committed = match committed {
+            Ok(committed) => committed,
+            Err(e) => {
+                let access_token = token.access_token.expose().to_string();
+                self.unsettled().insert(name.to_string(), Unsettled { attempt_id, from_generation, access_token });
+                return Err(e);
+            }
+        };
         match committed {
             ops::Committed::Stored(state) => Ok(state),
             ops::Committed::Superseded { found, rescue_id } => Err(StoreError::Superseded {
