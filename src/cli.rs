@@ -425,6 +425,9 @@ struct Row {
     generation: Option<i64>,
     attempts_in_flight: i64,
     last_error: Option<String>,
+    /// Fleet mode: who holds this credential's lease right now (node, pid, seconds left).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<crate::store::postgres::Lease>,
 }
 
 /// When `state` is next due under `cred`'s policy, in unix ms; `None` when it is never refreshed.
@@ -444,6 +447,7 @@ fn display_status(state: &TokenState, now: i64) -> &'static str {
 fn list(config: &Config, json: bool) -> Result<(), CliError> {
     let store = open_store(config)?;
     let states = store.list()?;
+    let leases = store.leases()?;
     let now = now_secs();
     let mut rows = Vec::new();
     for cred in &config.credentials {
@@ -459,6 +463,7 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
                 generation: None,
                 attempts_in_flight: 0,
                 last_error: None,
+                lease: None,
             },
         };
         rows.push(row);
@@ -467,6 +472,13 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
         let mut row = row_for(None, state, now);
         row.status = "not_in_config".into();
         rows.push(row);
+    }
+    for row in &mut rows {
+        row.lease = leases.iter().find(|l| l.credential == row.name).cloned();
+    }
+    if store.is_postgres() {
+        // Fleet mode: one line for the store and one per lease, before the table (JSON: per row).
+        print_fleet(&store, &leases, json);
     }
     if json {
         let text = serde_json::to_string_pretty(&rows).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
@@ -501,6 +513,27 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Fleet mode's lines of `tokend list` (to stderr with `--json`, which keeps stdout one JSON
+/// document).
+fn print_fleet(store: &AnyStore, leases: &[crate::store::postgres::Lease], json: bool) {
+    let mut lines = vec![format!("store {}: reachable, {} lease(s) held", store.describe(), leases.len())];
+    for l in leases {
+        let when = if l.seconds_left >= 0.0 {
+            format!("{:.0}s left", l.seconds_left)
+        } else {
+            format!("past its deadline by {:.0}s", -l.seconds_left)
+        };
+        lines.push(format!("lease {}: node {} pid {} ({when})", l.credential, l.node, l.pid));
+    }
+    for line in lines {
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
 fn row_for(cred: Option<&Credential>, state: &TokenState, now: i64) -> Row {
     Row {
         name: state.name.clone(),
@@ -516,6 +549,7 @@ fn row_for(cred: Option<&Credential>, state: &TokenState, now: i64) -> Row {
         generation: Some(state.generation),
         attempts_in_flight: state.attempts_in_flight,
         last_error: state.last_error.clone(),
+        lease: None,
     }
 }
 

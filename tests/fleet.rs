@@ -607,3 +607,58 @@ async fn a_commit_that_failed_while_the_server_was_down_is_retried_fenced() {
     // An import of another token is an import.
     assert_eq!(a.import("d", "oauth2", &token("d3", "rd3"), 4).unwrap().generation, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_metrics_say_whether_the_store_answers_and_who_holds_which_lease() {
+    let mut pg = PgServer::start();
+    let db = pg.create_database("status").await;
+    let w = World::new(MockSettings { expires_in: 3600, ..MockSettings::default() }).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    let daemon_config = format!("{}metrics_file = \"tokend.prom\"\n", daemon_lines(&pg, &db, w.dir.path(), "state"));
+    w.write_config_daemon_only(&daemon_config, NUDGE_AND_NB);
+    assert_eq!(w.tokend(&["migrate"], None).await.code, 0);
+    w.authorize_and_import("n").await;
+    let metric = |name: &str| -> Option<String> {
+        let text = std::fs::read_to_string(w.path("tokend.prom")).ok()?;
+        text.lines().find(|l| l.starts_with(&format!("{name} "))).map(|l| l.split(' ').nth(1).unwrap().to_string())
+    };
+    let mut daemon = w.start_daemon().await;
+    assert!(wait_for(Duration::from_secs(5), || metric("tokend_store_reachable").as_deref() == Some("1")).await);
+
+    // A lease held by some node elsewhere shows in `tokend list`, with the server's clock.
+    pg.client(&db)
+        .await
+        .execute(
+            "INSERT INTO tokend_lease VALUES ('nb', '4242-x', 'other-host/boot', 4242, now() + interval '50 seconds')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let run = w.tokend(&["list"], None).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("reachable, 1 lease(s) held"), "{}", run.stdout);
+    assert!(run.stdout.contains("lease nb: node other-host/boot pid 4242 ("), "{}", run.stdout);
+    let rows = w.list_json().await;
+    let nb = rows.iter().find(|r| r["name"] == "nb").unwrap();
+    assert_eq!(nb["lease"]["pid"], 4242);
+    assert!(nb["lease"]["seconds_left"].as_f64().unwrap() > 40.0);
+
+    // The server goes away: the node says so, keeps its sinks, and comes back with it.
+    pg.stop();
+    assert!(
+        wait_for(Duration::from_secs(10), || metric("tokend_store_reachable").as_deref() == Some("0")).await,
+        "{}",
+        daemon.log_text()
+    );
+    assert!(w.path("out/n.token").exists(), "a sink was removed while the store was away");
+    assert_eq!(w.tokend(&["list"], None).await.code, 8);
+    pg.restart();
+    assert!(
+        wait_for(Duration::from_secs(15), || metric("tokend_store_reachable").as_deref() == Some("1")).await,
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon.log_text().contains("store notifications back; re-reading the whole store"));
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
+}

@@ -11,6 +11,8 @@ use crate::store::postgres::listen::StoreEvent;
 pub(super) struct Fleet {
     /// Whether the notification connection is up (`None`: SQLite, no such thing).
     pub listening: Option<bool>,
+    /// When it went down (unix seconds), for STATUS=.
+    lost_since: Option<i64>,
     /// Changes heard while this node's own refresh of the credential was in flight (it lost
     /// the race for the lease, or is about to find the new generation): looked at again as soon
     /// as that refresh is over, rather than when its busy-retry comes round.
@@ -33,6 +35,7 @@ impl Daemon {
                     tracing::info!("store notifications back; re-reading the whole store");
                 }
                 self.fleet.listening = Some(true);
+                self.fleet.lost_since = None;
                 self.sync_from_store();
                 self.publish_soon();
             }
@@ -41,10 +44,46 @@ impl Daemon {
                     tracing::warn!("store notifications lost ({why}); reconnecting, sinks keep their tokens meanwhile");
                 }
                 self.fleet.listening = Some(false);
+                self.fleet.lost_since.get_or_insert_with(crate::clock::now_secs);
                 self.publish_soon();
             }
             StoreEvent::Changed { name, generation } => self.pick_up(&name, generation),
         }
+    }
+
+    /// The fleet's part of STATUS=: the store, whether it answers, the leases this node holds
+    /// (one per refresh in flight). Empty on SQLite.
+    pub(super) fn fleet_status(&self) -> String {
+        let Some(listening) = self.fleet.listening else {
+            return match &self.config.daemon.postgres {
+                Some(target) => format!("; store {}: connecting", target.shown()),
+                None => String::new(),
+            };
+        };
+        let store = self.config.daemon.postgres.as_ref().map_or("?", |t| t.shown());
+        match (listening, self.fleet.lost_since) {
+            (true, _) => {
+                format!("; store {store}: reachable, {} lease(s) held by this node", self.admission.running.len())
+            }
+            (false, since) => format!(
+                "; store {store}: UNREACHABLE since {} (reconnecting; sinks keep their tokens, nothing is refreshed until it answers)",
+                since.map_or("?".into(), rfc3339)
+            ),
+        }
+    }
+
+    /// The fleet's metrics, appended to the textfile: whether the store answers and the leases
+    /// this node holds. Empty on SQLite.
+    pub(super) fn fleet_metrics(&self) -> String {
+        let Some(listening) = self.fleet.listening else { return String::new() };
+        format!(
+            "# HELP tokend_store_reachable Whether the fleet's PostgreSQL store answers (its notification connection is up).\n\
+             # TYPE tokend_store_reachable gauge\ntokend_store_reachable {}\n\
+             # HELP tokend_leases_held Credential leases this node holds (refreshes in flight).\n\
+             # TYPE tokend_leases_held gauge\ntokend_leases_held {}\n",
+            u8::from(listening),
+            self.admission.running.len()
+        )
     }
 
     /// After a refresh finished: the changes heard while it was in flight.

@@ -108,6 +108,15 @@ impl AnyStore {
         }
     }
 
+    /// A fleet store's leases; SQLite's are not reported (one machine: `tokend list` shows the
+    /// attempts in flight).
+    pub fn leases(&self) -> Result<Vec<super::postgres::Lease>, StoreError> {
+        match self {
+            AnyStore::Sqlite(_) => Ok(Vec::new()),
+            AnyStore::Postgres(p) => p.leases(),
+        }
+    }
+
     pub fn abandoned_attempts(&self) -> Result<Vec<OpenAttempt>, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.abandoned_attempts(),

@@ -142,6 +142,18 @@ struct Unsettled {
     access_token: String,
 }
 
+/// A lease row, for `tokend list` and STATUS=.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Lease {
+    pub credential: String,
+    pub holder: String,
+    /// Host name and boot id of the holder's machine.
+    pub node: String,
+    pub pid: u32,
+    /// By the server's clock; negative once past the deadline (the lease may be taken over).
+    pub seconds_left: f64,
+}
+
 /// The schema a database holds, as `tokend migrate` and the start-up check see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchemaState {
@@ -418,6 +430,10 @@ impl PgStore {
     pub fn mark_revoked(&self, name: &str, now_secs: i64) -> Result<bool, StoreError> {
         let name = name.to_string();
         self.call(move |c| Box::pin(async move { ops::mark_revoked(c, &name, now_secs).await }))
+    }
+
+    pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        self.call(|c| Box::pin(async move { ops::leases(c).await }))
     }
 
     pub fn abandoned_attempts(&self) -> Result<Vec<OpenAttempt>, StoreError> {

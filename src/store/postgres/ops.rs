@@ -435,3 +435,25 @@ pub async fn maintenance(c: &Client, cutoff_ms: i64) -> Result<usize, Error> {
         .await?;
     Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
+
+/// Every lease, as the server's clock sees it: (credential, holder, node, pid, seconds left;
+/// negative when past its deadline).
+pub async fn leases(c: &Client) -> Result<Vec<super::Lease>, Error> {
+    let rows = c
+        .query(
+            "SELECT credential, holder, node, pid, extract(epoch FROM deadline - now())::float8 FROM tokend_lease ORDER BY credential",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(super::Lease {
+                credential: r.try_get(0)?,
+                holder: r.try_get(1)?,
+                node: r.try_get(2)?,
+                pid: r.try_get::<_, i32>(3)?.unsigned_abs(),
+                seconds_left: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
