@@ -136,8 +136,16 @@ pub enum Command {
         keep: bool,
     },
     /// Create or upgrade the store's schema (a PostgreSQL store is never migrated implicitly;
-    /// SQLite is migrated by every command anyway).
-    Migrate,
+    /// SQLite is migrated by every command anyway). With --from and --to: copy a single node's
+    /// SQLite store into an empty PostgreSQL store, in one transaction verified by generation counts.
+    Migrate {
+        /// The SQLite store to copy: `sqlite:/var/lib/tokend/tokend.db`.
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// The PostgreSQL store to copy into (its password: the configuration's database_password*).
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+    },
     /// Print the completion script for SHELL on stdout (the package installs those for bash, zsh
     /// and fish).
     Completions { shell: clap_complete::Shell },
@@ -230,8 +238,58 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
         Command::Completions { shell } => crate::manual::print_completions(shell),
-        Command::Migrate => migrate(&config::load_without_secrets(&cli.config)?),
+        Command::Migrate { from: None, .. } | Command::Migrate { to: None, .. } => {
+            migrate(&config::load_without_secrets(&cli.config)?)
+        }
+        Command::Migrate { from: Some(from), to: Some(to) } => {
+            migrate_from_sqlite(&config::load_without_secrets(&cli.config)?, &from, &to)
+        }
     }
+}
+
+/// `tokend migrate --from sqlite:PATH --to postgres://…`: the single node's store, as it stands,
+/// into a fleet's empty store. Refused while a daemon runs on the SQLite store or a refresh is in
+/// flight there: a rotation committed to the old store after the copy would be lost to the fleet.
+fn migrate_from_sqlite(config: &Config, from: &str, to: &str) -> Result<(), CliError> {
+    let path = std::path::PathBuf::from(from.strip_prefix("sqlite:").ok_or_else(|| {
+        CliError::new(exit::USAGE, format!("--from \"{from}\": expected sqlite:PATH (the single node's tokend.db)"))
+    })?);
+    if !path.is_file() {
+        return Err(CliError::new(exit::FAILURE, format!("--from: {} is not a file", path.display())));
+    }
+    if let Some(pid) = daemon::running_daemon(&path) {
+        return Err(CliError::new(
+            exit::FAILURE,
+            format!(
+                "tokend (pid {pid}) is running on {}; stop it first, so that no rotation is committed there after the copy",
+                path.display()
+            ),
+        ));
+    }
+    let password = config.daemon.postgres.as_ref().and_then(|t| t.password().map(crate::redact::Secret::new));
+    let target = crate::store::postgres::PgTarget::parse(to, password.as_ref())
+        .map_err(|e| CliError::new(exit::USAGE, format!("--to: the PostgreSQL connection string {e}")))?;
+    let source = crate::store::Store::open(&path)?;
+    let states = source.list()?;
+    if let Some(busy) = states.iter().find(|s| s.attempts_in_flight > 0) {
+        return Err(CliError::new(
+            exit::FAILURE,
+            format!(
+                "{}: a refresh of {} is in flight or was abandoned; start and stop tokend once on it (it settles open attempts), then migrate",
+                path.display(),
+                busy.name
+            ),
+        ));
+    }
+    let store = crate::store::postgres::PgStore::start(&target, &config.daemon.database)?;
+    store.migrate()?;
+    let (count, generations) = store.copy_in(states, now_secs())?;
+    println!(
+        "copied {count} credential(s) from {} to {} in one transaction; verified: {count} credential(s), generations summing to {generations} on both sides",
+        path.display(),
+        target.shown()
+    );
+    Ok(())
 }
 
 fn migrate(config: &Config) -> Result<(), CliError> {

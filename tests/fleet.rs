@@ -662,3 +662,42 @@ async fn list_and_metrics_say_whether_the_store_answers_and_who_holds_which_leas
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_sqlite_store_moves_into_postgres_verified() {
+    let pg = PgServer::start();
+    let db = pg.create_database("moved").await;
+    let w = World::new(MockSettings::default()).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    // The single node as it was: SQLite, a few rotations behind it.
+    w.write_config(NUDGE_AND_NB);
+    w.authorize_and_import("n").await;
+    w.authorize_and_import("nb").await;
+    for _ in 0..3 {
+        assert_eq!(w.tokend(&["refresh", "n"], None).await.code, 0);
+    }
+    let sqlite = w.store().list().unwrap();
+    // The node's configuration now names the fleet's store; the copy reads the old file.
+    w.write_config_daemon_only(&daemon_lines(&pg, &db, w.dir.path(), "state"), NUDGE_AND_NB);
+    let from = format!("sqlite:{}", w.path("tokend.db").display());
+    let run = w.tokend(&["migrate", "--from", &from, "--to", &pg.url(&db)], None).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("copied 2 credential(s)") && run.stdout.contains("generations summing to 5"),
+        "{}",
+        run.stdout
+    );
+    no_password_in(&run);
+    let target = PgTarget::parse(&pg.conninfo(&db), Some(&Secret::new(PG_PASSWORD))).unwrap();
+    let moved = PgStore::open(&target, &w.path("state/fleet")).unwrap().list().unwrap();
+    assert_eq!(moved, sqlite, "the copy differs from the SQLite store");
+    // Once only: the target is no longer empty.
+    let again = w.tokend(&["migrate", "--from", &from, "--to", &pg.url(&db)], None).await;
+    assert_eq!(again.code, 8, "{}", again.stderr);
+    assert!(again.stderr.contains("already holds 2 credential(s)"), "{}", again.stderr);
+    // The chain goes on from the fleet's store: the copied refresh token is the live one.
+    let run = w.tokend(&["refresh", "n"], None).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.starts_with("refreshed n: generation 5"), "{}", run.stdout);
+    assert_eq!(w.mock.reuses(), 0);
+}

@@ -432,6 +432,13 @@ impl PgStore {
         self.call(move |c| Box::pin(async move { ops::mark_revoked(c, &name, now_secs).await }))
     }
 
+    /// Copies `states` (a SQLite store's credentials) into this empty store in one transaction,
+    /// verified by credential count and generation sum. Returns both.
+    pub fn copy_in(&self, states: Vec<TokenState>, now_secs: i64) -> Result<(i64, i64), StoreError> {
+        let copied = self.call(move |c| Box::pin(async move { ops::copy_in(c, &states, now_secs).await }))?;
+        copied.map_err(|why| self.error(why))
+    }
+
     pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
         self.call(|c| Box::pin(async move { ops::leases(c).await }))
     }

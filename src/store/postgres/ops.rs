@@ -457,3 +457,61 @@ pub async fn leases(c: &Client) -> Result<Vec<super::Lease>, Error> {
         })
         .collect()
 }
+
+/// `tokend migrate --from sqlite:… --to postgres://…`: every credential as it stands (tokens,
+/// generation, status, last error), in one transaction that commits only if the target then
+/// holds exactly as many credentials with exactly the same generations. `Ok(Err(why))`: refused,
+/// nothing written.
+pub async fn copy_in(
+    c: &mut Client,
+    states: &[TokenState],
+    now_secs: i64,
+) -> Result<Result<(i64, i64), String>, Error> {
+    let tx = c.transaction().await?;
+    let existing: i64 = tx.query_one("SELECT count(*) FROM tokend_credential", &[]).await?.try_get(0)?;
+    if existing > 0 {
+        return Ok(Err(format!(
+            "already holds {existing} credential(s); tokend migrate --from copies into an empty store only"
+        )));
+    }
+    let insert = tx
+        .prepare(
+            "INSERT INTO tokend_credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
+                 created_at, expires_at, generation, status, last_error, last_refresh_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .await?;
+    for s in states {
+        tx.execute(
+            &insert,
+            &[
+                &s.name,
+                &s.provider,
+                &s.access_token.expose(),
+                &s.refresh_token.as_ref().map(crate::redact::Secret::expose),
+                &s.token_type,
+                &s.scope,
+                &s.expires_in,
+                &s.created_at,
+                &s.expires_at,
+                &s.generation,
+                &s.status.as_str(),
+                &s.last_error,
+                &s.last_refresh_at,
+                &now_secs,
+            ],
+        )
+        .await?;
+    }
+    let row = tx.query_one("SELECT count(*), coalesce(sum(generation), 0)::bigint FROM tokend_credential", &[]).await?;
+    let (count, generations): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    let expected_count = i64::try_from(states.len()).unwrap_or(i64::MAX);
+    let expected_generations: i64 = states.iter().map(|s| s.generation).sum();
+    if (count, generations) != (expected_count, expected_generations) {
+        return Ok(Err(format!(
+            "verification failed: {count} credential(s), generations summing to {generations}, instead of {expected_count} and {expected_generations}; rolled back"
+        )));
+    }
+    tx.commit().await?;
+    Ok(Ok((count, generations)))
+}

@@ -85,6 +85,12 @@ impl PgTarget {
         self
     }
 
+    /// The password this target connects with, to reuse for another target (`tokend migrate
+    /// --to`), if it is text.
+    pub fn password(&self) -> Option<&str> {
+        self.config.get_password().and_then(|p| std::str::from_utf8(p).ok())
+    }
+
     /// Whether the connection string itself carries a password (an inline secret).
     pub fn has_password(&self) -> bool {
         self.config.get_password().is_some()
