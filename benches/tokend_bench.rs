@@ -7,6 +7,9 @@
 //!   cargo bench --bench tokend_bench -- smoke   small and quick, for CI; no time assertions
 //!   TOKEND_BENCH_BIN=path/to/old/tokend cargo bench --bench tokend_bench -- catchup n=10000
 //!                                               another build through the same harness
+//!   cargo bench --bench tokend_bench -- fleet n=10000
+//!                                               catch-up on SQLite, then on PostgreSQL with 1
+//!                                               and 3 nodes (only when asked: needs PostgreSQL)
 //!
 //! Measured: catch-up (N credentials all due at once → every rotation committed and every sink
 //! written), steady-state lateness (request received at the provider − due time), start-up (exec →
@@ -26,6 +29,11 @@ use tokend::provider::parse_token_json;
 use tokend::refresh::new_token;
 use tokend::schedule::{IssueTime, RefreshAt, due_at_ms, jitter_unit};
 use tokend::store::Store;
+
+/// The tests' PostgreSQL server (initdb + postgres in a temp dir, stopped on drop).
+#[path = "../tests/support/postgres.rs"]
+#[allow(dead_code, reason = "the tests use more of it")]
+mod pg;
 
 const CLIENT_ID: &str = "bench-client";
 const CLIENT_SECRET: &str = "bench-secret";
@@ -717,6 +725,11 @@ fn main() {
         .collect();
     let want = |part: &str| parts.is_empty() || parts.contains(&part);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    if args.iter().any(|a| a == "fleet") {
+        let n = args.iter().find_map(|a| a.strip_prefix("n=")).map_or(10_000, |n| n.parse().expect("n=NUMBER"));
+        fleet_report(&rt, n);
+        return;
+    }
     let mut report = String::new();
     let mut line = |s: String| {
         println!("{s}");
@@ -853,4 +866,141 @@ fn main() {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-report.md");
     std::fs::write(&out, &report).unwrap();
     println!("\nreport written to {}", out.display());
+}
+
+// ---- fleet: catch-up on PostgreSQL, 1 and 3 nodes, beside SQLite ------------------------------
+
+struct FleetCatchUp {
+    nodes: usize,
+    committed_secs: f64,
+    sinks_secs: f64,
+    per_sec: f64,
+    cpu_secs: f64,
+    by_node: Vec<i64>,
+}
+
+/// N credentials all due at once in a PostgreSQL store, `nodes` daemons on it, each with its own
+/// sink directory: time from the first node's READY=1 until every rotation is committed, and until every
+/// node's every sink holds the committed token.
+fn fleet_catch_up(rt: &tokio::runtime::Runtime, n: usize, nodes: usize) -> FleetCatchUp {
+    let mock = rt.block_on(MockProvider::start(MockSettings::default())).unwrap();
+    let server = pg::PgServer::start();
+    let db = rt.block_on(server.create_database("bench"));
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_secs();
+    let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    let tokens: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let answer = parse_token_json(mock.authorize(name).to_string().as_bytes()).unwrap();
+            let mut token =
+                new_token(&answer, IssueTime { created_at: now + 120 - 3600, distrusted_skew: None }, name, &[]);
+            token.expires_in = Some(3600);
+            token
+        })
+        .collect();
+    let target = tokend::store::postgres::PgTarget::parse(
+        &server.conninfo(&db),
+        Some(&tokend::redact::Secret::new(pg::PG_PASSWORD)),
+    )
+    .unwrap();
+    let store = tokend::store::postgres::PgStore::start(&target, &dir.path().join("fleet")).unwrap();
+    store.migrate().unwrap();
+    let rows: Vec<(&str, &str, &tokend::store::NewToken)> =
+        names.iter().zip(&tokens).map(|(n, t)| (n.as_str(), "oauth2", t)).collect();
+    store.import_many(&rows, now).unwrap();
+    let mut fixtures = Vec::new();
+    for _ in 0..nodes {
+        let node_dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(node_dir.path().join("sinks")).unwrap();
+        let mut config = format!(
+            "[daemon]\n{}concurrency = 512\n\n[provider.oauth2]\nconcurrency = 512\n\n",
+            pg::daemon_lines(&server, &db, node_dir.path(), "state")
+        );
+        for (i, token) in tokens.iter().enumerate() {
+            config.push_str(&format!(
+                "[[credential]]\nname = \"c{i}\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n[[credential.sink]]\npath = \"sinks/c{i}.token\"\n",
+                mock.url("/token")
+            ));
+            let path = node_dir.path().join("sinks").join(format!("c{i}.token"));
+            std::fs::write(&path, token.access_token.expose()).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        }
+        std::fs::write(node_dir.path().join("tokend.toml"), config).unwrap();
+        fixtures.push(Fixture { dir: node_dir });
+    }
+    let cpu_before = children_cpu_secs();
+    // Timed from the first node's READY=1: it starts catching up while the others start.
+    let mut running = vec![start_tokend(&fixtures[0])];
+    let ready = Instant::now();
+    running.extend(fixtures[1..].iter().map(start_tokend));
+    let deadline = ready + Duration::from_secs(900);
+    let client = rt.block_on(server.client(&db));
+    let count = |sql: &str| -> i64 { rt.block_on(client.query_one(sql, &[])).unwrap().get(0) };
+    while count("SELECT count(*) FROM tokend_credential WHERE generation >= 2") < n as i64 {
+        assert!(Instant::now() < deadline, "fleet catch-up of {n} did not finish in 900 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let committed_secs = ready.elapsed().as_secs_f64();
+    let current: std::collections::HashMap<String, String> = rt
+        .block_on(client.query("SELECT name, access_token FROM tokend_credential", &[]))
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for f in &fixtures {
+        loop {
+            let stale = (0..n)
+                .filter(|i| std::fs::read(f.sink(*i)).map_or(true, |b| b != current[&format!("c{i}")].as_bytes()))
+                .count();
+            if stale == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{stale} sinks of a node not current in 900 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let sinks_secs = ready.elapsed().as_secs_f64();
+    let by_node: Vec<i64> = running
+        .iter()
+        .map(|r| {
+            let pid = r.child.id().to_string();
+            rt.block_on(client.query_one(
+                "SELECT count(*) FROM tokend_attempt WHERE result = 'refreshed' AND split_part(holder, '-', 1) = $1",
+                &[&pid],
+            ))
+            .unwrap()
+            .get(0)
+        })
+        .collect();
+    for r in running {
+        stop(r);
+    }
+    let cpu_secs = children_cpu_secs() - cpu_before;
+    assert_eq!(mock.refreshes() as usize, n, "exactly one rotation per credential");
+    assert_eq!(mock.reuses(), 0, "a spent refresh token was presented again");
+    FleetCatchUp { nodes, committed_secs, sinks_secs, per_sec: n as f64 / sinks_secs, cpu_secs, by_node }
+}
+
+fn fleet_report(rt: &tokio::runtime::Runtime, n: usize) {
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
+    println!(
+        "## fleet catch-up, N = {n} (all due at once; every rotation committed and every node's every sink written)\n"
+    );
+    println!(
+        "| store | nodes | all committed s | all sinks s | rotations/s | CPU s (nodes) | rotations by node | loadavg before |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let before = load();
+    let c = catch_up(rt, n);
+    println!("| SQLite | 1 | - | {:.2} | {:.0} | {:.2} | {n} | {before} |", c.secs, c.per_sec, c.cpu_secs);
+    for nodes in [1, 3] {
+        let before = load();
+        let f = fleet_catch_up(rt, n, nodes);
+        println!(
+            "| PostgreSQL 15 | {} | {:.2} | {:.2} | {:.0} | {:.2} | {:?} | {before} |",
+            f.nodes, f.committed_secs, f.sinks_secs, f.per_sec, f.cpu_secs, f.by_node
+        );
+    }
+    println!("\nloadavg after: {}", load());
 }

@@ -15,7 +15,7 @@ use crate::provider::{self, FirstGrant, GrantKind, HttpClient, TokenAnswer};
 use crate::redact::{Secret, clean_text};
 use crate::refresh::{self, Outcome};
 use crate::schedule::issue_time;
-use crate::store::{StoreError, TokenState};
+use crate::store::{AnyStore, StoreError, TokenState};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
@@ -124,14 +124,13 @@ fn store_answer(
         &credential.name,
         &credential.endpoint.extra_fields,
     );
-    let state =
-        crate::at_rest::open(config)?.import(&credential.name, credential.provider().as_str(), &token, now_secs())?;
+    let state = AnyStore::open(config)?.import(&credential.name, credential.provider().as_str(), &token, now_secs())?;
     crate::daemon::publish_imported(&config.daemon.database, credential, &state);
     Ok(state)
 }
 
 async fn api_key(config: &Config, credential: &Credential, http: &HttpClient) -> Result<TokenState, AuthorizeError> {
-    let store = crate::at_rest::committer(config)?;
+    let store = AnyStore::open(config)?.refresh_store()?;
     let sinks = crate::sink::SinkWriter::start().map_err(io_error("cannot start the sink writer"))?;
     let outcome = refresh::refresh(&store, http, &sinks, credential, None, http.limits().total_timeout)
         .await
@@ -163,7 +162,7 @@ pub enum Revoked {
 /// revocation endpoint, or whose revocation fails, is refused unless `forget` is set, which then
 /// forgets locally (and says the provider was not told).
 pub async fn revoke(config: &Config, credential: &Credential, forget: bool) -> Result<Revoked, AuthorizeError> {
-    let mut store = crate::at_rest::open(config)?;
+    let mut store = AnyStore::open(config)?;
     let name = &credential.name;
     let state = store.get(name)?.ok_or_else(|| AuthorizeError::Refused(format!("no token stored for {name}")))?;
     let (token, hint) = match &state.refresh_token {

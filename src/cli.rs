@@ -9,7 +9,7 @@ use crate::redact::fingerprint;
 use crate::refresh::{self, Outcome, RefreshError, SkipReason};
 use crate::schedule;
 use crate::sink;
-use crate::store::{Status, Store, StoreError, TokenState};
+use crate::store::{AnyStore, Status, StoreError, TokenState};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Read;
 use std::path::PathBuf;
@@ -35,6 +35,9 @@ pub mod exit {
     /// The encryption key is missing, unreadable or wrong, or a stored value does not decrypt
     /// (README "Encryption at rest"). Nothing was sent and nothing overwritten.
     pub const KEY: u8 = 8;
+    /// A PostgreSQL store cannot be used: unreachable, login refused, no tokend tables (run
+    /// `tokend migrate`), or a schema this tokend does not know.
+    pub const STORE: u8 = 9;
 }
 
 /// Longest stdin `tokend import` reads; a token answer is a few hundred bytes.
@@ -151,6 +154,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create or upgrade the store's schema (a PostgreSQL store is never migrated implicitly;
+    /// SQLite is migrated by every command anyway). With --from and --to: copy a single node's
+    /// SQLite store into an empty PostgreSQL store, in one transaction verified by generation counts.
+    Migrate {
+        /// The SQLite store to copy: `sqlite:/var/lib/tokend/tokend.db`.
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// The PostgreSQL store to copy into (its password: the configuration's database_password*).
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+    },
     /// Print the completion script for SHELL on stdout (the package installs those for bash, zsh
     /// and fish).
     Completions { shell: clap_complete::Shell },
@@ -207,7 +221,13 @@ impl From<ConfigError> for CliError {
 
 impl From<StoreError> for CliError {
     fn from(e: StoreError) -> Self {
-        let code = if e.is_key_problem() { exit::KEY } else { exit::FAILURE };
+        let code = if e.is_key_problem() {
+            exit::KEY
+        } else if matches!(e, StoreError::Postgres { .. }) {
+            exit::STORE
+        } else {
+            exit::FAILURE
+        };
         CliError::new(code, e.to_string())
     }
 }
@@ -299,6 +319,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             println!("restored {n} credential(s) from {} to {}", file.display(), config.daemon.database.display());
             Ok(())
         }
+        Command::Migrate { from: None, .. } | Command::Migrate { to: None, .. } => {
+            migrate(&config::load_without_secrets(&cli.config)?)
+        }
+        Command::Migrate { from: Some(from), to: Some(to) } => {
+            migrate_from_sqlite(&config::load_without_secrets(&cli.config)?, &from, &to)
+        }
     }
 }
 
@@ -375,6 +401,70 @@ fn key_setup_text(key_file: &std::path::Path) -> String {
     )
 }
 
+/// `tokend migrate --from sqlite:PATH --to postgres://…`: the single node's store, as it stands,
+/// into a fleet's empty store. Refused while a daemon runs on the SQLite store or a refresh is in
+/// flight there: a rotation committed to the old store after the copy would be lost to the fleet.
+fn migrate_from_sqlite(config: &Config, from: &str, to: &str) -> Result<(), CliError> {
+    let path = std::path::PathBuf::from(from.strip_prefix("sqlite:").ok_or_else(|| {
+        CliError::new(exit::USAGE, format!("--from \"{from}\": expected sqlite:PATH (the single node's tokend.db)"))
+    })?);
+    if !path.is_file() {
+        return Err(CliError::new(exit::FAILURE, format!("--from: {} is not a file", path.display())));
+    }
+    if let Some(pid) = daemon::running_daemon(&path) {
+        return Err(CliError::new(
+            exit::FAILURE,
+            format!(
+                "tokend (pid {pid}) is running on {}; stop it first, so that no rotation is committed there after the copy",
+                path.display()
+            ),
+        ));
+    }
+    let password = config.daemon.postgres.as_ref().and_then(|t| t.password().map(crate::redact::Secret::new));
+    let target = crate::store::postgres::PgTarget::parse(to, password.as_ref())
+        .map_err(|e| CliError::new(exit::USAGE, format!("--to: the PostgreSQL connection string {e}")))?;
+    let source = crate::store::Store::open(&path)?;
+    let states = source.list()?;
+    if let Some(busy) = states.iter().find(|s| s.attempts_in_flight > 0) {
+        return Err(CliError::new(
+            exit::FAILURE,
+            format!(
+                "{}: a refresh of {} is in flight or was abandoned; start and stop tokend once on it (it settles open attempts), then migrate",
+                path.display(),
+                busy.name
+            ),
+        ));
+    }
+    let store = crate::store::postgres::PgStore::start(&target, &config.daemon.database)?;
+    store.migrate()?;
+    let (count, generations) = store.copy_in(states, now_secs())?;
+    println!(
+        "copied {count} credential(s) from {} to {} in one transaction; verified: {count} credential(s), generations summing to {generations} on both sides",
+        path.display(),
+        target.shown()
+    );
+    Ok(())
+}
+
+fn migrate(config: &Config) -> Result<(), CliError> {
+    match &config.daemon.postgres {
+        Some(target) => {
+            let store = crate::store::postgres::PgStore::start(target, &config.daemon.database)?;
+            let (before, after) = store.migrate()?;
+            if before == after {
+                println!("{}: schema version {after}, up to date", target.shown());
+            } else {
+                println!("{}: schema version {before} -> {after}", target.shown());
+            }
+        }
+        None => {
+            let store = crate::store::Store::open(&config.daemon.database)?;
+            println!("{}: schema version {}, up to date", config.daemon.database.display(), store.schema_version()?);
+        }
+    }
+    Ok(())
+}
+
 async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let _signals = daemon::signals::forward(tx)
@@ -400,6 +490,7 @@ async fn run_daemon(config_path: &std::path::Path) -> Result<(), CliError> {
                 }
             ),
         ),
+        DaemonError::Store(e) => CliError::from(e),
         other => CliError::new(exit::FAILURE, other.to_string()),
     })
 }
@@ -494,8 +585,8 @@ fn credential<'a>(config: &'a Config, name: &str) -> Result<&'a Credential, CliE
         .ok_or_else(|| CliError::new(exit::UNKNOWN, format!("no credential \"{name}\" in {}", config.path.display())))
 }
 
-fn open_store(config: &Config) -> Result<Store, CliError> {
-    Ok(crate::at_rest::open(config)?)
+fn open_store(config: &Config) -> Result<AnyStore, CliError> {
+    Ok(AnyStore::open(config)?)
 }
 
 fn import(config: &Config, name: &str, issued_at: Option<&str>) -> Result<(), CliError> {
@@ -580,6 +671,9 @@ struct Row {
     dead_since: Option<String>,
     /// The provider's extras kept from its answers (e.g. Wild Apricot's `permissions`).
     extra: Option<serde_json::Value>,
+    /// Fleet mode: who holds this credential's lease right now (node, pid, seconds left).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<crate::store::postgres::Lease>,
 }
 
 /// When `state` is next due under `cred`'s policy, in unix ms; `None` when it is never refreshed.
@@ -599,8 +693,9 @@ fn display_status(state: &TokenState, now: i64) -> &'static str {
 
 fn list(config: &Config, json: bool) -> Result<(), CliError> {
     // Names, expiry and status only: no key needed (README "Encryption at rest").
-    let store = crate::at_rest::open_without_key(config)?;
+    let store = AnyStore::open_without_key(config)?;
     let states = store.list()?;
+    let leases = store.leases()?;
     let now = now_secs();
     let mut rows = Vec::new();
     for cred in &config.credentials {
@@ -619,6 +714,7 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
                 reauth_deadline: None,
                 dead_since: None,
                 extra: None,
+                lease: None,
             },
         };
         rows.push(row);
@@ -627,6 +723,13 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
         let mut row = row_for(None, state, now);
         row.status = "not_in_config".into();
         rows.push(row);
+    }
+    for row in &mut rows {
+        row.lease = leases.iter().find(|l| l.credential == row.name).cloned();
+    }
+    if store.is_postgres() {
+        // Fleet mode: one line for the store and one per lease, before the table (JSON: per row).
+        print_fleet(&store, &leases, json);
     }
     if json {
         let text = serde_json::to_string_pretty(&rows).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
@@ -667,6 +770,27 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Fleet mode's lines of `tokend list` (to stderr with `--json`, which keeps stdout one JSON
+/// document).
+fn print_fleet(store: &AnyStore, leases: &[crate::store::postgres::Lease], json: bool) {
+    let mut lines = vec![format!("store {}: reachable, {} lease(s) held", store.describe(), leases.len())];
+    for l in leases {
+        let when = if l.seconds_left >= 0.0 {
+            format!("{:.0}s left", l.seconds_left)
+        } else {
+            format!("past its deadline by {:.0}s", -l.seconds_left)
+        };
+        lines.push(format!("lease {}: node {} pid {} ({when})", l.credential, l.node, l.pid));
+    }
+    for line in lines {
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
 fn row_for(cred: Option<&Credential>, state: &TokenState, now: i64) -> Row {
     Row {
         name: state.name.clone(),
@@ -689,6 +813,7 @@ fn row_for(cred: Option<&Credential>, state: &TokenState, now: i64) -> Row {
         .map(rfc3339),
         dead_since: state.dead_since.filter(|_| state.status.is_dead()).map(rfc3339),
         extra: sink::extra_value(state),
+        lease: None,
     }
 }
 
@@ -733,8 +858,9 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
     let cred = credential(config, name)?;
     let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref())
         .map_err(|e| CliError::new(exit::FAILURE, e))?;
-    let generation = open_store(config)?.get(name)?.map(|s| s.generation);
-    let store = crate::at_rest::committer(config)?;
+    let opened = open_store(config)?;
+    let generation = opened.get(name)?.map(|s| s.generation);
+    let store = opened.refresh_store()?;
     // Wait as long as another holder may legitimately keep the lease, then a little more.
     let lease_wait = config.daemon.http.total_timeout + Duration::from_secs(35);
     let started = now_ms();
@@ -772,7 +898,7 @@ async fn refresh_now(config: &Config, name: &str) -> Result<(), CliError> {
 }
 
 fn remove(config: &Config, name: &str) -> Result<(), CliError> {
-    let existed = crate::at_rest::open_without_key(config)?.remove(name)?;
+    let existed = AnyStore::open_without_key(config)?.remove(name)?;
     daemon::notify_store_changed(&config.daemon.database);
     let mut removed_files = Vec::new();
     if let Some(cred) = config.credential(name) {

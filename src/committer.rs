@@ -127,9 +127,10 @@ impl RefreshStore for Committer {
         reason: &str,
         needs_reauth: bool,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let (name, reason) = (name.to_string(), reason.to_string());
-        self.run(move |c| crate::store::ops::failure(c, &name, attempt_id, &reason, needs_reauth, now_ms)).await
+        self.run(move |c| crate::store::ops::failure(c, &name, attempt_id, &reason, needs_reauth, now_ms)).await?;
+        Ok(needs_reauth)
     }
 
     async fn cancel_attempt(&self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {

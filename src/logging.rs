@@ -20,6 +20,12 @@ pub fn init(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // tokio-postgres logs every statement's parameters — tokens among them — at debug level:
+    // whatever the filter asks for, that crate speaks at info at most.
+    let filter = match "tokio_postgres=info".parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -48,7 +48,7 @@ pub const TOKEND_TOML_5: &str = "man/man5/tokend.toml.5";
 const README: &str = "/usr/share/doc/tokend/README.md";
 
 /// Exit codes and what they mean, as README "Exit codes" lists them.
-const EXIT_STATUS: [(u8, &str); 8] = [
+const EXIT_STATUS: [(u8, &str); 10] = [
     (exit::OK, "Success."),
     (exit::FAILURE, "Failure: database, files, I/O; authorization refused (state, access_denied, exchange)."),
     (exit::USAGE, "Bad command line."),
@@ -59,6 +59,14 @@ const EXIT_STATUS: [(u8, &str); 8] = [
     (
         exit::TEMPORARY,
         "Temporary failure (provider down, rate limited, answer rejected, lease busy, authorize timed out): try again later.",
+    ),
+    (
+        exit::KEY,
+        "The encryption key is missing, unreadable or wrong, or a stored value does not decrypt: nothing was sent and nothing overwritten (systemd does not restart on it).",
+    ),
+    (
+        exit::STORE,
+        "A PostgreSQL store cannot be used: unreachable, login refused, no tokend tables (run `tokend migrate`), a schema this tokend does not know, or a key configured for it (encryption covers SQLite only so far).",
     ),
 ];
 

@@ -157,6 +157,24 @@ pub async fn refresh(
                 .await;
             let new_state = match committed {
                 Ok(s) => s,
+                // Fleet: the generation moved on while we refreshed (an import, or a holder whose
+                // lease we outlived). The answer is kept by the store and must not be committed
+                // over the newer token; the stored one is what the sinks get.
+                Err(superseded @ StoreError::Superseded { .. }) => {
+                    let rescue = write_rescue(store.path(), &store.sealer(), name, &token);
+                    tracing::error!(
+                        credential = name,
+                        refresh_token = token.refresh_token.as_ref().map(|t| t.fingerprint()),
+                        rescue = %rescue,
+                        "{superseded}; also saved to the rescue file"
+                    );
+                    let current = store.get(name).await;
+                    store.release_lease(name, &holder).await?;
+                    return match current? {
+                        Some(state) => Ok(Outcome::AlreadyRefreshed(state)),
+                        None => Err(RefreshError::Store(superseded)),
+                    };
+                }
                 Err(source) => {
                     let rescue = write_rescue(store.path(), &store.sealer(), name, &token);
                     tracing::error!(
@@ -197,8 +215,9 @@ pub async fn refresh(
             // longer the one we spent, someone else rotated it and this rejection is expected.
             let current = store.get(name).await?;
             let rotated_elsewhere = current.as_ref().is_some_and(|c| c.refresh_token != spent);
-            let needs_reauth = permanent && !rotated_elsewhere;
-            store.record_failure(name, attempt_id, failure.reason(), needs_reauth, now_ms()).await?;
+            let needs_reauth = store
+                .record_failure(name, attempt_id, failure.reason(), permanent && !rotated_elsewhere, now_ms())
+                .await?;
             if needs_reauth {
                 tracing::error!(
                     credential = name,

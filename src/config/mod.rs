@@ -88,6 +88,8 @@ impl Config {
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
+    /// The SQLite file; with a PostgreSQL store, the base name of this node's local files
+    /// (`<state_dir>/fleet.lock`, `.changed`, `.reload`, rescue files beside it).
     pub database: PathBuf,
     /// Refreshes in flight at once, across all providers.
     pub concurrency: usize,
@@ -105,6 +107,8 @@ pub struct DaemonConfig {
     pub credential_socket: Option<PathBuf>,
     /// Where the key that seals stored tokens comes from; `None`: tokens stored in plaintext.
     pub key: Option<crate::seal::KeySource>,
+    /// Fleet mode: the PostgreSQL store `database` names (`None`: SQLite at `database`).
+    pub postgres: Option<crate::store::postgres::PgTarget>,
 }
 
 /// One credential: who to ask, how, when, and where its token goes.
@@ -358,6 +362,14 @@ fn intern<T: std::hash::Hash + Eq>(known: &mut HashSet<std::sync::Arc<T>>, value
 
 fn provider_names() -> String {
     ProviderKind::all().map(ProviderKind::as_str).collect::<Vec<_>>().join(", ")
+}
+
+/// A fleet node's local files: `<state_dir>/fleet.*`, by default where the SQLite file would be.
+fn fleet_local_base(env: &dyn Environment, state_dir: Option<PathBuf>) -> PathBuf {
+    match state_dir {
+        Some(dir) => dir.join("fleet"),
+        None => default_database(env).with_file_name("fleet"),
+    }
 }
 
 /// `$STATE_DIRECTORY/tokend.db` under systemd (`StateDirectory=`), else `./tokend.db`.

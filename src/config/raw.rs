@@ -35,6 +35,12 @@ pub(super) struct RawDaemon {
     pub(super) key_credential: Option<String>,
     pub(super) key_file: Option<PathBuf>,
     pub(super) key_env: Option<String>,
+    // Fleet (a PostgreSQL `database`): its password, and where this node keeps its local files.
+    pub(super) database_password: Option<String>,
+    pub(super) database_password_file: Option<PathBuf>,
+    pub(super) database_password_env: Option<String>,
+    pub(super) database_password_credential: Option<String>,
+    pub(super) state_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]

@@ -7,6 +7,7 @@ mod socket;
 
 use super::raw::{RawConfig, RawCredential, RawDaemon};
 use super::*;
+use crate::store::postgres::PgTarget;
 
 pub(super) struct Validator<'a> {
     file: PathBuf,
@@ -121,16 +122,9 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn daemon(&mut self, raw: RawDaemon) -> DaemonConfig {
+    fn daemon(&mut self, mut raw: RawDaemon) -> DaemonConfig {
         let place = "[daemon]";
-        let database = match raw.database {
-            Some(p) if p.as_os_str().is_empty() => {
-                self.report(place, Some("database"), "is empty");
-                PathBuf::new()
-            }
-            Some(p) => self.resolve(&p),
-            None => default_database(self.env),
-        };
+        let (database, postgres) = self.database(place, &mut raw);
         let concurrency =
             raw.concurrency.and_then(|n| self.positive(place, "concurrency", n, 10_000)).unwrap_or(DEFAULT_CONCURRENCY);
         let mut http = provider::HttpLimits::default();
@@ -159,7 +153,18 @@ impl<'a> Validator<'a> {
         });
         let (socket, credential_socket) = self.sockets(place, raw.socket, raw.credential_socket);
         let key = self.key_source(place, raw.key_credential, raw.key_file, raw.key_env);
-        DaemonConfig { database, concurrency, http, metrics_file, trigger_dir, proxy, socket, credential_socket, key }
+        DaemonConfig {
+            database,
+            concurrency,
+            http,
+            metrics_file,
+            trigger_dir,
+            proxy,
+            socket,
+            credential_socket,
+            key,
+            postgres,
+        }
     }
 
     /// At most one of `key_credential`, `key_file`, `key_env`; the key itself is read when the
@@ -198,6 +203,77 @@ impl<'a> Validator<'a> {
             }
             (_, _, Some(v)) => Some(KeySource::Env(v)),
             _ => None,
+        }
+    }
+
+    /// `database`: a SQLite file, or (fleet mode) a PostgreSQL connection string whose password
+    /// comes from `database_password*` like any other secret. Commands that skip secrets still
+    /// need this one to reach the store: a source that cannot be read is then no problem of the
+    /// file, and the store names it when it cannot connect.
+    fn database(&mut self, place: &str, raw: &mut RawDaemon) -> (PathBuf, Option<PgTarget>) {
+        let password_given = raw.database_password.is_some()
+            || raw.database_password_file.is_some()
+            || raw.database_password_env.is_some()
+            || raw.database_password_credential.is_some();
+        let text = raw.database.as_ref().and_then(|p| p.to_str()).map(str::to_string);
+        let Some(url) = text.filter(|t| crate::store::postgres::is_postgres(t)) else {
+            if password_given {
+                self.report(
+                    place,
+                    Some("database_password"),
+                    "is for a PostgreSQL database; this one is a SQLite file",
+                );
+            }
+            if raw.state_dir.is_some() {
+                self.report(
+                    place,
+                    Some("state_dir"),
+                    "is for a PostgreSQL database; SQLite keeps its files beside the database",
+                );
+            }
+            let database = match raw.database.take() {
+                Some(p) if p.as_os_str().is_empty() => {
+                    self.report(place, Some("database"), "is empty");
+                    PathBuf::new()
+                }
+                Some(p) => self.resolve(&p),
+                None => default_database(self.env),
+            };
+            return (database, None);
+        };
+        let local = fleet_local_base(self.env, raw.state_dir.take().map(|p| self.resolve(&p)));
+        let mode = std::mem::replace(&mut self.secrets, Secrets::Read);
+        let problems = self.problems.len();
+        let password = self.secret(
+            place,
+            "database_password",
+            raw.database_password.take(),
+            raw.database_password_file.take(),
+            raw.database_password_env.take(),
+            raw.database_password_credential.take(),
+        );
+        self.secrets = mode;
+        let unavailable = if mode == Secrets::Skip && self.problems.len() > problems {
+            let why = self.problems.drain(problems..).map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
+            Some(why)
+        } else {
+            None
+        };
+        match PgTarget::parse(&url, password.ok().flatten().as_ref()) {
+            Ok(target) => {
+                if target.has_password() && !password_given {
+                    self.inline_secrets += 1;
+                }
+                let target = match unavailable {
+                    Some(why) => target.with_password_unavailable(why),
+                    None => target,
+                };
+                (local, Some(target))
+            }
+            Err(e) => {
+                self.report(place, Some("database"), format!("the PostgreSQL connection string {e}"));
+                (local, None)
+            }
         }
     }
 

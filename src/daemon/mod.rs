@@ -16,6 +16,7 @@
 
 mod admission;
 mod events;
+mod fleet;
 mod instance;
 mod on_demand;
 mod outcome;
@@ -36,7 +37,6 @@ pub use instance::{
 pub use publish::Summary;
 
 use crate::clock::{now_ms, rfc3339, short_duration};
-use crate::committer::Committer;
 use crate::config::{self, Config, ConfigError, Credential};
 use crate::hooks::{self, Event};
 use crate::metrics::{self, CredentialMetrics};
@@ -44,7 +44,7 @@ use crate::provider::{Failure, GrantKind, HttpClient, ProviderKind};
 use crate::refresh::{self, Outcome, RefreshError};
 use crate::schedule;
 use crate::sink;
-use crate::store::{Lifetime, Status, Store, StoreError, TokenState};
+use crate::store::{AnyRefreshStore, AnyStore, Lifetime, Status, StoreError, TokenState};
 use crate::timer::WallTimer;
 use queue::{DeadlineQueue, Job};
 use rustc_hash::FxHashMap;
@@ -128,9 +128,9 @@ type RefreshResult = (Arc<str>, Result<Outcome, RefreshError>);
 struct Daemon {
     config: Config,
     /// The daemon's own connection: reads, imports of rescued tokens, housekeeping.
-    store: Arc<Mutex<Store>>,
-    /// The refresh path's connection, with group commit.
-    committer: Committer,
+    store: Arc<Mutex<AnyStore>>,
+    /// The refresh path's connection: with group commit on SQLite.
+    committer: AnyRefreshStore,
     /// Every sink read and write of the daemon goes through this thread.
     sinks: sink::SinkWriter,
     http: HttpClient,
@@ -148,6 +148,8 @@ struct Daemon {
     /// The socket API's servers and the callers waiting on refreshes they asked for.
     on_demand: on_demand::OnDemand,
     notices: Notices,
+    /// Fleet mode: the store's notification connection (`fleet.rs`).
+    fleet: fleet::Fleet,
 }
 
 /// What humans were told, for the few credentials that had something to tell: kept beside the
@@ -222,12 +224,13 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     raise_open_file_limit();
     let _lock = lock_database(&config.daemon.database)?;
     // Encryption at rest: the key checked against the store before anything is sent.
-    let (store, sealer) = crate::at_rest::open_for_daemon(&config)?;
+    let store = AnyStore::open_for_daemon(&config)?;
+    let committer = store.refresh_store()?;
     let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(DaemonError::Http)?;
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         store_changed_path: store_changed_path(&config.daemon.database),
-        committer: Committer::open_sealed(&config.daemon.database, sealer)?,
+        committer,
         sinks: sink::SinkWriter::start()
             .map_err(|source| DaemonError::Io { context: "cannot start the sink writer thread".into(), source })?,
         config,
@@ -249,6 +252,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
         reloads: 0,
         on_demand: on_demand::OnDemand::default(),
         notices: Notices::default(),
+        fleet: fleet::Fleet::default(),
     };
     daemon.config.path = config_path;
     let abandoned = daemon.recover_abandoned_attempts()?;
@@ -265,7 +269,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     crate::memory::release_freed_memory();
     tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "every credential scheduled");
     let summary = daemon.summary();
-    tracing::info!(config = %daemon.config.path.display(), database = %daemon.config.daemon.database.display(), "tokend running: {}", summary.describe());
+    tracing::info!(config = %daemon.config.path.display(), database = %daemon.store().describe(), "tokend running: {}", summary.describe());
     daemon.publish();
     systemd::ready(&summary.describe());
     let watchdog_interval = systemd::watchdog_interval();
@@ -274,6 +278,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     let mut timer = WallTimer::new()
         .map_err(|source| DaemonError::Io { context: "cannot create the wall-clock timer".into(), source })?;
     let mut inflight: JoinSet<RefreshResult> = JoinSet::new();
+    let mut store_events = daemon.config.daemon.postgres.as_ref().map(crate::store::postgres::listen::listen);
     loop {
         let next = daemon.queue.next_at();
         let fs_due =
@@ -285,9 +290,13 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
                 Some(Control::RefreshAll) => daemon.refresh_all(&mut inflight),
                 Some(Control::Shutdown) | None => break,
             },
-            Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => daemon.finished(done, &mut inflight),
+            Some(done) = inflight.join_next_with_id(), if !inflight.is_empty() => {
+                daemon.finished(done, &mut inflight);
+                daemon.pick_up_heard();
+            }
             Some(path) = fs_rx.recv() => daemon.fs_event(path),
             Some(ask) = on_demand::next_ask(&mut asks) => daemon.ask(ask, &mut inflight),
+            Some(event) = fleet::next_event(&mut store_events) => daemon.store_event(event),
             () = sleep_until_opt(fs_due) => daemon.fs_settled(&mut inflight),
             () = sleep_until_opt(next_ping) => {
                 // Pinged from the loop itself, and only while the store answers: a wedged loop
@@ -347,7 +356,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 impl Daemon {
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    fn store(&self) -> std::sync::MutexGuard<'_, AnyStore> {
         self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

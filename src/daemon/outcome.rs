@@ -250,6 +250,15 @@ impl Daemon {
             Err(RefreshError::Busy { .. }) => {}
             Err(e) => tracing::error!(credential = %name, "{e}"),
         }
+        // A busy lease or a failure re-read the store. If another holder (another fleet node,
+        // `tokend refresh`) committed meanwhile, the sinks take its token now: the lifetime just
+        // picked up would otherwise hide the change until the next one.
+        if let Some(state) = fresh_state
+            .as_ref()
+            .filter(|s| !s.status.is_dead() && held.lifetime.map(|l| l.generation) != Some(s.generation))
+        {
+            sink::write_all(&credential, state);
+        }
         if self.watches.dirty_sinks.contains(&name) {
             self.due.fs.get_or_insert(Instant::now() + FS_DEBOUNCE);
         }
@@ -314,6 +323,22 @@ impl Daemon {
                 entry.lifetime = Some(state.lifetime());
                 entry.failures = 0;
                 entry.retry_at = None.into();
+            }
+            // Fleet: the generation moved on while the store was unreachable; the answer is kept
+            // by the store (and the rescue file), and the newer stored token is what the sinks get.
+            Err(e @ StoreError::Superseded { .. }) => {
+                tracing::error!(credential = name, rescue = %rescue, "{e}");
+                entry.failures = 0;
+                entry.retry_at = None.into();
+                entry.lifetime = self
+                    .store
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(name)
+                    .ok()
+                    .flatten()
+                    .map(|s| s.lifetime());
+                self.sync_sinks(name);
             }
             Err(e) => {
                 entry.failures += 1;

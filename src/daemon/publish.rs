@@ -53,7 +53,7 @@ impl Daemon {
     /// Sends systemd a STATUS line and rewrites the metrics file.
     pub(super) fn publish(&mut self) {
         self.due.publish = None;
-        systemd::status(&self.summary().describe());
+        systemd::status(&format!("{}{}", self.summary().describe(), self.fleet_status()));
         let Some(path) = self.config.daemon.metrics_file.clone() else { return };
         let snapshot: BTreeMap<String, CredentialMetrics> = self
             .entries
@@ -74,9 +74,8 @@ impl Daemon {
             })
             .collect();
         // Readable by node_exporter's user: counts and times only, no secrets.
-        if let Err(e) =
-            sink::write_atomic(&path, metrics::render(&snapshot, sink::replaced_total()).as_bytes(), 0o644, None)
-        {
+        let text = metrics::render(&snapshot, sink::replaced_total()) + &self.fleet_metrics();
+        if let Err(e) = sink::write_atomic(&path, text.as_bytes(), 0o644, None) {
             tracing::warn!("metrics file not written: {e}");
         }
     }

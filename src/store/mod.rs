@@ -8,6 +8,11 @@ mod sqlite;
 pub(crate) use sqlite::ops;
 pub use sqlite::{BatchJob, KeyUse, Store, backup, count_credentials, remove_with_side_files};
 
+// ---- fleet: the PostgreSQL backend and the seam that picks a backend (issue 17) ----
+mod backend;
+pub mod postgres;
+pub use backend::{AnyRefreshStore, AnyStore};
+
 use crate::redact::Secret;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -24,6 +29,15 @@ pub enum StoreError {
     /// The encryption key is missing, wrong or unreadable, or a sealed value does not open.
     #[error("database {path}: {source}")]
     Key { path: PathBuf, source: crate::seal::SealError },
+    /// A PostgreSQL store; `target` is shown without any password.
+    #[error("database {target}: {message}")]
+    Postgres { target: String, message: String },
+    /// The fenced rotation commit found the generation moved on from the one spent: the answer
+    /// was kept (`kept` says where), the stored token left alone.
+    #[error(
+        "credential {name}: the answer to generation {spent} lost the fenced commit (the store is at generation {found}); the answer was kept in {kept}"
+    )]
+    Superseded { name: String, spent: i64, found: i64, kept: String },
 }
 
 impl StoreError {
@@ -259,7 +273,9 @@ pub trait RefreshStore: Clone + Send + Sync + 'static {
         now_ms: i64,
     ) -> impl Future<Output = Result<TokenState, StoreError>> + Send;
 
-    /// Closes an attempt that produced no token; `needs_reauth` marks the credential dead.
+    /// Closes an attempt that produced no token; `needs_reauth` marks the credential dead. The
+    /// answer says whether it was marked: a fleet store defers the mark while another holder's
+    /// attempt on the same generation is unresolved (ARCHITECTURE.md, "Fleet").
     fn record_failure(
         &self,
         name: &str,
@@ -267,7 +283,7 @@ pub trait RefreshStore: Clone + Send + Sync + 'static {
         reason: &str,
         needs_reauth: bool,
         now_ms: i64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Closes an attempt abandoned before any request was sent.
     fn cancel_attempt(

@@ -8,6 +8,8 @@ use tempfile::TempDir;
 use tokend::dev::mock::{MockProvider, MockSettings};
 use tokio::io::AsyncWriteExt;
 
+pub mod postgres;
+
 pub struct World {
     pub dir: TempDir,
     pub mock: MockProvider,
@@ -35,6 +37,13 @@ impl World {
     /// Writes the config; `{mock}` becomes the mock's base URL.
     pub fn write_config(&self, body: &str) {
         self.write_config_with_daemon("", body);
+    }
+
+    /// A config whose `[daemon]` table is exactly `daemon` (no default `database` line): for
+    /// PostgreSQL nodes (`postgres::daemon_lines`).
+    pub fn write_config_daemon_only(&self, daemon: &str, body: &str) {
+        let text = format!("[daemon]\n{daemon}\n{}", body.replace("{mock}", &self.mock.url("")));
+        std::fs::write(self.config_path(), text).unwrap();
     }
 
     /// Same, with extra lines in the `[daemon]` table.
@@ -134,11 +143,16 @@ impl World {
     }
 
     pub async fn start_daemon_env(&self, env: &[(&str, &str)]) -> DaemonProcess {
+        self.start_daemon_with(&self.config_path(), env).await
+    }
+
+    /// A daemon on another configuration file (fleet tests: one per node).
+    pub async fn start_daemon_with(&self, config: &std::path::Path, env: &[(&str, &str)]) -> DaemonProcess {
         let log = self.path(&format!("daemon-{}.log", rand::random::<u32>()));
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
             .args(["--log-level", "debug", "run"])
             .envs(env.iter().copied())
-            .env("TOKEND_CONFIG", self.config_path())
+            .env("TOKEND_CONFIG", config)
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
             .current_dir(self.dir.path())
