@@ -58,6 +58,11 @@ async fn every_cli_command_works_on_postgres() {
 
     let run = w.tokend(&["check"], None).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains(&format!("database postgres://tokend@{}:5432/cli (fleet", pg.socket_dir().display())),
+        "{}",
+        run.stdout
+    );
     no_password_in(&run);
 
     // import, list, show
