@@ -942,14 +942,16 @@ fn fleet_catch_up(rt: &tokio::runtime::Runtime, n: usize, nodes: usize) -> Fleet
         std::thread::sleep(Duration::from_millis(20));
     }
     let committed_secs = ready.elapsed().as_secs_f64();
-    let current: std::collections::HashMap<String, String> = rt
-        .block_on(client.query("SELECT name, access_token FROM tokend_credential", &[]))
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let current = || -> std::collections::HashMap<String, String> {
+        rt.block_on(client.query("SELECT name, access_token FROM tokend_credential", &[]))
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
     for f in &fixtures {
         loop {
+            let current = current();
             let stale = (0..n)
                 .filter(|i| std::fs::read(f.sink(*i)).map_or(true, |b| b != current[&format!("c{i}")].as_bytes()))
                 .count();

@@ -560,7 +560,11 @@ fn check(path: &std::path::Path) -> Result<(), CliError> {
         "{}: ok, {} credential(s), database {}",
         path.display(),
         config.credentials.len(),
-        config.daemon.database.display()
+        match &config.daemon.postgres {
+            Some(target) =>
+                format!("{} (fleet; this node's files: {})", target.shown(), config.daemon.database.display()),
+            None => config.daemon.database.display().to_string(),
+        }
     );
     for line in encryption {
         println!("{line}");

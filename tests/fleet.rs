@@ -58,6 +58,11 @@ async fn every_cli_command_works_on_postgres() {
 
     let run = w.tokend(&["check"], None).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains(&format!("database postgres://tokend@{}:5432/cli (fleet", pg.socket_dir().display())),
+        "{}",
+        run.stdout
+    );
     no_password_in(&run);
 
     // import, list, show
@@ -193,6 +198,18 @@ async fn an_unusable_store_is_one_line_and_exit_9() {
         }
     }
     std::fs::write(w.path("pg-password"), format!("{PG_PASSWORD}\n")).unwrap();
+    // Encryption at rest covers SQLite only so far: a key with a PostgreSQL store is refused, not
+    // quietly ignored.
+    w.write_config_daemon_only(&format!("{good}key_env = \"TOKEND_TEST_KEY\"\n"), body);
+    for args in [&["list"][..], &["refresh", "n"], &["run"]] {
+        let run = w.tokend_env(args, None, &[("TOKEND_TEST_KEY", "unused")]).await;
+        assert_eq!(run.code, 9, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("encryption at rest") && run.stderr.contains("not supported on a PostgreSQL store"),
+            "{}",
+            run.stderr
+        );
+    }
     w.write_config_daemon_only(&good, body);
 
     // A schema from a newer tokend: refused by every command, `tokend migrate` included.

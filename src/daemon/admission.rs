@@ -115,7 +115,8 @@ impl Daemon {
                 break;
             }
             let Some(name) = self.admission.waiting.pop_front() else { break };
-            if let Some(entry) = self.entries.get_mut(&name) {
+            // Not waiting any more: another holder's commit was picked up meanwhile (`fleet.rs`).
+            if let Some(entry) = self.entries.get_mut(&name).filter(|e| e.waiting) {
                 entry.waiting = false;
                 self.start_refresh(&name, inflight);
             }

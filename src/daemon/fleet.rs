@@ -142,6 +142,8 @@ impl Daemon {
         entry.lifetime = lifetime;
         entry.failures = 0;
         entry.retry_at = None.into();
+        // In the line for a refresh slot, it would be refreshed again when its turn comes.
+        entry.waiting = false;
         let credential = entry.credential.clone();
         match &stored {
             Some(state) if !state.status.is_dead() => sink::write_all(&credential, state),

@@ -108,7 +108,13 @@ pub(super) fn decide(
         // Another process holds the lease: nothing was attempted; look again soon.
         Err(RefreshError::Busy { .. }) => Decision {
             failures: held.failures,
-            retry_at: Some(now + LEASE_BUSY_RETRY_MS),
+            // The holder already committed (a fleet node, `tokend refresh`): the new token is
+            // planned like any other. Looking again in 2 s would spend it at once.
+            retry_at: if fresh.is_some_and(|f| Some(f.generation) != held.lifetime.map(|l| l.generation)) {
+                None
+            } else {
+                Some(now + LEASE_BUSY_RETRY_MS)
+            },
             lifetime,
             pause_until: None,
             counted_as: None,
@@ -466,6 +472,18 @@ mod tests {
         let busy = Err(RefreshError::Busy { name: "c".into(), pid: 7 });
         let d = decide(held(1), &busy, None, NOW, 0.5);
         assert_eq!((d.failures, d.retry_at, d.counted_as), (1, Some(NOW + LEASE_BUSY_RETRY_MS), None));
+    }
+
+    #[test]
+    fn a_busy_lease_whose_holder_already_committed_plans_the_new_token() {
+        let busy = Err(RefreshError::Busy { name: "c".into(), pid: 7 });
+        // Still the generation we meant to refresh: look again soon.
+        let d = decide(held(0), &busy, Some(state(3, 3600).lifetime()), NOW, 0.5);
+        assert_eq!(d.retry_at, Some(NOW + LEASE_BUSY_RETRY_MS));
+        // The holder (another fleet node) committed generation 4: no retry that would spend it.
+        let newer = state(4, 3600).lifetime();
+        let d = decide(held(0), &busy, Some(newer), NOW, 0.5);
+        assert_eq!((d.retry_at, d.lifetime), (None, Some(newer)));
     }
 
     #[test]
