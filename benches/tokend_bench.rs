@@ -574,6 +574,29 @@ struct SocketLoad {
     rss_idle_kb: u64,
     idle_connections: usize,
     idle_switches_per_min: f64,
+    /// Which threads switched in the idle window, and how many threads ended in it (a thread's
+    /// end is not counted as a switch: its counters are gone).
+    idle_woken: String,
+}
+
+/// The threads of `pid` that switched between two samples, by name, with their count; then how
+/// many threads of the first sample were gone by the second.
+fn who_switched(
+    pid: u32,
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> String {
+    let mut woken: Vec<String> = after
+        .iter()
+        .filter_map(|(task, n)| {
+            let n = n.saturating_sub(before.get(task).copied().unwrap_or(0));
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/comm")).unwrap_or_default();
+            (n > 0).then(|| format!("{} ×{n}", name.trim()))
+        })
+        .collect();
+    woken.sort();
+    let ended = before.keys().filter(|task| !after.contains_key(*task)).count();
+    format!("{}; {ended} thread(s) ended", if woken.is_empty() { "none".to_string() } else { woken.join(", ") })
 }
 
 /// One keep-alive client: GET the token, read the answer (Content-Length), again, until `until`.
@@ -686,8 +709,9 @@ fn socket_load(
     std::thread::sleep(Duration::from_secs(12));
     let cs0 = context_switches_by_task(pid);
     std::thread::sleep(idle);
-    let idle_switches_per_min =
-        switches_between(&cs0, &context_switches_by_task(pid)) as f64 * 60.0 / idle.as_secs_f64();
+    let cs1 = context_switches_by_task(pid);
+    let idle_switches_per_min = switches_between(&cs0, &cs1) as f64 * 60.0 / idle.as_secs_f64();
+    let idle_woken = who_switched(pid, &cs0, &cs1);
     stop(running);
     SocketLoad {
         clients,
@@ -703,6 +727,7 @@ fn socket_load(
         rss_idle_kb,
         idle_connections,
         idle_switches_per_min,
+        idle_woken,
     }
 }
 
@@ -817,6 +842,7 @@ fn main() {
             l.rss_idle_kb as f64 / l.idle_connections as f64
         ));
         line(format!("| idle with the socket open: context switches per minute | {:.1} |", l.idle_switches_per_min));
+        line(format!("| idle with the socket open: threads that switched | {} |", l.idle_woken));
     }
     if want("encryption") {
         encryption_on_off(&rt, smoke, &mut line);
