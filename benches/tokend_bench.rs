@@ -577,6 +577,21 @@ struct SocketLoad {
     /// Which threads switched in the idle window, and how many threads ended in it (a thread's
     /// end is not counted as a switch: its counters are gone).
     idle_woken: String,
+    /// CPU seconds used during the load, by thread name: the daemon's, and the bench process's
+    /// (its `bench-client` threads are the clients; the rest is mostly the mock provider).
+    daemon_cpu: Vec<(String, f64)>,
+    bench_cpu: Vec<(String, f64)>,
+}
+
+/// CPU seconds by thread name between two [`cpu_by_thread`] samples, largest first, zeros left out.
+fn cpu_between(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
+    let mut used: Vec<(String, f64)> = after
+        .iter()
+        .map(|(name, s)| (name.clone(), s - before.iter().find(|(n, _)| n == name).map_or(0.0, |b| b.1)))
+        .filter(|(_, s)| *s > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    used
 }
 
 /// The threads of `pid` that switched between two samples, by name, with their count; then how
@@ -671,11 +686,17 @@ fn socket_load(
     let running = start_tokend(&f);
     let pid = running.child.id();
     let socket = f.dir.path().join("tokend.sock");
-    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .unwrap();
     let rss_before_kb = proc_status_kb(pid, "VmRSS");
     while now_ms() < start_ms {
         std::thread::sleep(Duration::from_millis(50));
     }
+    let (daemon_cpu0, bench_cpu0) = (cpu_by_thread(pid), cpu_by_thread(std::process::id()));
     let started = Instant::now();
     let until = started + window;
     let results: Vec<(Vec<u32>, usize)> = client_rt.block_on(async {
@@ -689,6 +710,8 @@ fn socket_load(
         results
     });
     let secs = started.elapsed().as_secs_f64();
+    let daemon_cpu = cpu_between(&daemon_cpu0, &cpu_by_thread(pid));
+    let bench_cpu = cpu_between(&bench_cpu0, &cpu_by_thread(std::process::id()));
     let background_refreshed = mock.refreshes() as usize;
     let errors = results.iter().map(|r| r.1).sum();
     let mut latencies: Vec<u32> = results.into_iter().flat_map(|r| r.0).collect();
@@ -728,6 +751,8 @@ fn socket_load(
         idle_connections,
         idle_switches_per_min,
         idle_woken,
+        daemon_cpu,
+        bench_cpu,
     }
 }
 
@@ -834,6 +859,16 @@ fn main() {
             l.errors
         ));
         line(format!("| latency p50 / p99 / max | {} / {} / {} µs |", l.p50_us, l.p99_us, l.max_us));
+        let per_request = |cpu: &[(String, f64)]| {
+            let total: f64 = cpu.iter().map(|(_, s)| s).sum();
+            let threads: Vec<String> = cpu.iter().map(|(name, s)| format!("{name} {s:.2}")).collect();
+            format!("{total:.2} s, {:.1} µs per request ({})", total * 1e6 / l.requests as f64, threads.join(", "))
+        };
+        line(format!(
+            "| daemon CPU during the load (background refreshes included) | {} |",
+            per_request(&l.daemon_cpu)
+        ));
+        line(format!("| bench process CPU during the load (clients + mock) | {} |", per_request(&l.bench_cpu)));
         line(format!("| background refreshes done meanwhile | {} of {} |", l.background_refreshed, l.background));
         line(format!("| RSS before the load | {:.1} MB |", l.rss_before_kb as f64 / 1024.0));
         line(format!(
