@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the hot pieces, so regressions show: answer parsing, the deadline queue,
-//! the rotation commit (alone, and group-committed 64 at a time), and sealing / opening a token.
+//! the rotation commit (alone, and group-committed 64 at a time), sealing / opening a token, and
+//! the pieces of a socket API token answer.
 //!
 //!   cargo bench --bench micro
 
@@ -114,5 +115,67 @@ fn sealing(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, parsing, queue, commits, sealing);
+/// The pieces of a `GET …/token` answer before the snapshot (src/socket/snapshot.rs): a SQLite
+/// point read, the hand-off of a read to tokio's blocking pool and back, and the answer built as
+/// a JSON tree (then) or serialized from a struct (now).
+fn token_answer(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("bench.db")).unwrap();
+    let rows: Vec<(String, NewToken)> = (0..10_001).map(|i| (format!("c{i}"), token(i))).collect();
+    let refs: Vec<(&str, &str, &NewToken)> = rows.iter().map(|(n, t)| (n.as_str(), "oauth2", t)).collect();
+    store.import_many(&refs, 1_700_000_000).unwrap();
+    c.bench_function("socket: store.get of one token among 10,001 (SQLite point read)", |b| {
+        b.iter(|| store.get(black_box("c0")).unwrap().unwrap())
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    c.bench_function("socket: spawn_blocking(nothing) awaited, on a 2-worker runtime", |b| {
+        b.iter(|| rt.block_on(async { tokio::task::spawn_blocking(|| black_box(1)).await.unwrap() }))
+    });
+    c.bench_function("socket: rt.block_on(an empty future), to subtract from the line above", |b| {
+        b.iter(|| rt.block_on(async { black_box(1) }))
+    });
+    let state = store.get("c0").unwrap().unwrap();
+    c.bench_function("socket: token answer as a serde_json::Value tree, then bytes", |b| {
+        b.iter(|| {
+            let value = serde_json::json!({
+                "name": state.name,
+                "access_token": state.access_token.expose(),
+                "token_type": state.token_type,
+                "expires_at": state.expires_at.map(tokend::clock::rfc3339),
+                "expires_in": state.expires_at.map(|at| at - 1_700_000_000),
+                "scope": state.scope,
+                "generation": state.generation,
+            });
+            serde_json::to_vec(&value).unwrap()
+        })
+    });
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        name: &'a str,
+        access_token: &'a str,
+        token_type: &'a str,
+        expires_at: Option<String>,
+        expires_in: Option<i64>,
+        scope: Option<&'a str>,
+        generation: i64,
+    }
+    c.bench_function("socket: token answer serialized from a struct", |b| {
+        b.iter(|| {
+            let mut bytes = Vec::with_capacity(512);
+            let answer = Answer {
+                name: &state.name,
+                access_token: state.access_token.expose(),
+                token_type: &state.token_type,
+                expires_at: state.expires_at.map(tokend::clock::rfc3339),
+                expires_in: state.expires_at.map(|at| at - 1_700_000_000),
+                scope: state.scope.as_deref(),
+                generation: state.generation,
+            };
+            serde_json::to_writer(&mut bytes, &answer).unwrap();
+            bytes
+        })
+    });
+}
+
+criterion_group!(benches, parsing, queue, commits, sealing, token_answer);
 criterion_main!(benches);

@@ -582,6 +582,44 @@ struct SocketLoad {
     rss_idle_kb: u64,
     idle_connections: usize,
     idle_switches_per_min: f64,
+    /// Which threads switched in the idle window, and how many threads ended in it (a thread's
+    /// end is not counted as a switch: its counters are gone).
+    idle_woken: String,
+    /// CPU seconds used during the load, by thread name: the daemon's, and the bench process's
+    /// (its `bench-client` threads are the clients; the rest is mostly the mock provider).
+    daemon_cpu: Vec<(String, f64)>,
+    bench_cpu: Vec<(String, f64)>,
+}
+
+/// CPU seconds by thread name between two [`cpu_by_thread`] samples, largest first, zeros left out.
+fn cpu_between(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
+    let mut used: Vec<(String, f64)> = after
+        .iter()
+        .map(|(name, s)| (name.clone(), s - before.iter().find(|(n, _)| n == name).map_or(0.0, |b| b.1)))
+        .filter(|(_, s)| *s > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    used
+}
+
+/// The threads of `pid` that switched between two samples, by name, with their count; then how
+/// many threads of the first sample were gone by the second.
+fn who_switched(
+    pid: u32,
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> String {
+    let mut woken: Vec<String> = after
+        .iter()
+        .filter_map(|(task, n)| {
+            let n = n.saturating_sub(before.get(task).copied().unwrap_or(0));
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/comm")).unwrap_or_default();
+            (n > 0).then(|| format!("{} ×{n}", name.trim()))
+        })
+        .collect();
+    woken.sort();
+    let ended = before.keys().filter(|task| !after.contains_key(*task)).count();
+    format!("{}; {ended} thread(s) ended", if woken.is_empty() { "none".to_string() } else { woken.join(", ") })
 }
 
 /// One keep-alive client: GET the token, read the answer (Content-Length), again, until `until`.
@@ -656,11 +694,17 @@ fn socket_load(
     let running = start_tokend(&f);
     let pid = running.child.id();
     let socket = f.dir.path().join("tokend.sock");
-    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .unwrap();
     let rss_before_kb = proc_status_kb(pid, "VmRSS");
     while now_ms() < start_ms {
         std::thread::sleep(Duration::from_millis(50));
     }
+    let (daemon_cpu0, bench_cpu0) = (cpu_by_thread(pid), cpu_by_thread(std::process::id()));
     let started = Instant::now();
     let until = started + window;
     let results: Vec<(Vec<u32>, usize)> = client_rt.block_on(async {
@@ -674,6 +718,8 @@ fn socket_load(
         results
     });
     let secs = started.elapsed().as_secs_f64();
+    let daemon_cpu = cpu_between(&daemon_cpu0, &cpu_by_thread(pid));
+    let bench_cpu = cpu_between(&bench_cpu0, &cpu_by_thread(std::process::id()));
     let background_refreshed = mock.refreshes() as usize;
     let errors = results.iter().map(|r| r.1).sum();
     let mut latencies: Vec<u32> = results.into_iter().flat_map(|r| r.0).collect();
@@ -694,8 +740,9 @@ fn socket_load(
     std::thread::sleep(Duration::from_secs(12));
     let cs0 = context_switches_by_task(pid);
     std::thread::sleep(idle);
-    let idle_switches_per_min =
-        switches_between(&cs0, &context_switches_by_task(pid)) as f64 * 60.0 / idle.as_secs_f64();
+    let cs1 = context_switches_by_task(pid);
+    let idle_switches_per_min = switches_between(&cs0, &cs1) as f64 * 60.0 / idle.as_secs_f64();
+    let idle_woken = who_switched(pid, &cs0, &cs1);
     stop(running);
     SocketLoad {
         clients,
@@ -711,6 +758,9 @@ fn socket_load(
         rss_idle_kb,
         idle_connections,
         idle_switches_per_min,
+        idle_woken,
+        daemon_cpu,
+        bench_cpu,
     }
 }
 
@@ -822,6 +872,16 @@ fn main() {
             l.errors
         ));
         line(format!("| latency p50 / p99 / max | {} / {} / {} µs |", l.p50_us, l.p99_us, l.max_us));
+        let per_request = |cpu: &[(String, f64)]| {
+            let total: f64 = cpu.iter().map(|(_, s)| s).sum();
+            let threads: Vec<String> = cpu.iter().map(|(name, s)| format!("{name} {s:.2}")).collect();
+            format!("{total:.2} s, {:.1} µs per request ({})", total * 1e6 / l.requests as f64, threads.join(", "))
+        };
+        line(format!(
+            "| daemon CPU during the load (background refreshes included) | {} |",
+            per_request(&l.daemon_cpu)
+        ));
+        line(format!("| bench process CPU during the load (clients + mock) | {} |", per_request(&l.bench_cpu)));
         line(format!("| background refreshes done meanwhile | {} of {} |", l.background_refreshed, l.background));
         line(format!("| RSS before the load | {:.1} MB |", l.rss_before_kb as f64 / 1024.0));
         line(format!(
@@ -830,6 +890,7 @@ fn main() {
             l.rss_idle_kb as f64 / l.idle_connections as f64
         ));
         line(format!("| idle with the socket open: context switches per minute | {:.1} |", l.idle_switches_per_min));
+        line(format!("| idle with the socket open: threads that switched | {} |", l.idle_woken));
     }
     if want("encryption") {
         encryption_on_off(&rt, smoke, &mut line);

@@ -10,6 +10,7 @@
 //! it — so no effect of an answer (sinks, hooks) can happen before its commit.
 
 use crate::seal::Sealer;
+use crate::socket::TokenSnapshot;
 use crate::store::{BatchJob, Begin, LeaseHolder, NewToken, RefreshStore, Store, StoreError, TokenState};
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,9 @@ pub struct Committer {
     jobs: mpsc::Sender<Box<dyn BatchJob>>,
     path: PathBuf,
     sealer: Sealer,
+    /// The daemon's socket API keeps stored tokens in memory; a committed change of a token
+    /// (rotation, failure) empties it of that credential before the refresh goes on to the sinks.
+    snapshot: Option<std::sync::Arc<TokenSnapshot>>,
 }
 
 impl Committer {
@@ -67,7 +71,21 @@ impl Committer {
         let jobs = crate::batcher::spawn("tokend-commit", MAX_BATCH, move |batch| store.batch(batch)).map_err(|e| {
             StoreError::Other { path: path.to_path_buf(), message: format!("cannot start the commit thread: {e}") }
         })?;
-        Ok(Committer { jobs, path: path.to_path_buf(), sealer })
+        Ok(Committer { jobs, path: path.to_path_buf(), sealer, snapshot: None })
+    }
+
+    /// This committer empties `snapshot` of each credential whose token it changed.
+    pub fn forgetting_in(mut self, snapshot: std::sync::Arc<TokenSnapshot>) -> Committer {
+        self.snapshot = Some(snapshot);
+        self
+    }
+
+    /// After the commit (whatever its outcome: a failed batch may still have changed nothing, and
+    /// forgetting too much only costs one store read).
+    fn forget(&self, name: &str) {
+        if let Some(snapshot) = &self.snapshot {
+            snapshot.forget(name);
+        }
     }
 
     /// Runs `op` in the next batch and returns its value once the batch committed.
@@ -113,11 +131,15 @@ impl RefreshStore for Committer {
     ) -> Result<TokenState, StoreError> {
         let (name, provider, token) = (name.to_string(), provider.to_string(), token.clone());
         let (path, sealer) = (self.path.clone(), self.sealer.clone());
-        self.run(move |c| {
-            crate::store::ops::commit(c, &sealer, &name, &provider, attempt_id, from_generation, &token, now_ms)
-        })
-        .await?
-        .ok_or_else(|| StoreError::Other { path, message: "the credential vanished during its commit".into() })
+        let key = name.clone();
+        let committed = self
+            .run(move |c| {
+                crate::store::ops::commit(c, &sealer, &key, &provider, attempt_id, from_generation, &token, now_ms)
+            })
+            .await;
+        self.forget(&name);
+        committed?
+            .ok_or_else(|| StoreError::Other { path, message: "the credential vanished during its commit".into() })
     }
 
     async fn record_failure(
@@ -128,9 +150,11 @@ impl RefreshStore for Committer {
         needs_reauth: bool,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let (name, reason) = (name.to_string(), reason.to_string());
-        self.run(move |c| crate::store::ops::failure(c, &name, attempt_id, &reason, needs_reauth, now_ms)).await?;
-        Ok(needs_reauth)
+        let (key, reason) = (name.to_string(), reason.to_string());
+        let recorded =
+            self.run(move |c| crate::store::ops::failure(c, &key, attempt_id, &reason, needs_reauth, now_ms)).await;
+        self.forget(name);
+        recorded.map(|()| needs_reauth)
     }
 
     async fn cancel_attempt(&self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {

@@ -210,6 +210,15 @@ async fn an_unusable_store_is_one_line_and_exit_9() {
             run.stderr
         );
     }
+    // The socket API answers from the SQLite store: not offered on a fleet node yet.
+    w.write_config_daemon_only(&format!("{good}socket = \"tokend.sock\"\n"), body);
+    let check = w.tokend(&["check"], None).await;
+    assert_eq!(check.code, 3, "{}", check.stderr);
+    assert!(
+        check.stderr.contains("field \"socket\": is not offered with a PostgreSQL database yet"),
+        "{}",
+        check.stderr
+    );
     w.write_config_daemon_only(&good, body);
 
     // A schema from a newer tokend: refused by every command, `tokend migrate` included.

@@ -655,3 +655,45 @@ async fn the_token_answer_carries_the_provider_extras() {
     let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(json["extra"]["org_id"], "o-77", "{}", run.stderr);
 }
+
+/// The API keeps tokens in memory (src/socket/snapshot.rs): a token another process put in the
+/// store (`tokend import` writes the sinks, then tells the daemon) is served once the daemon has
+/// heard of it, and the old one never again; and a store encrypted at rest is read with the
+/// daemon's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_imported_meanwhile_is_served_once_the_sink_has_it_and_a_sealed_store_is_read() {
+    let w = World::new(MockSettings::default()).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    let init = w.tokend(&["key", "init", "tokend.key"], None).await;
+    assert_eq!(init.code, 0, "{}", init.stderr);
+    w.write_config_with_daemon(
+        "socket = \"tokend.sock\"\nkey_file = \"tokend.key\"",
+        &credential("a", "[[credential.sink]]\npath = \"out/a.token\""),
+    );
+    let first = w.authorize_and_import("a").await["access_token"].as_str().unwrap().to_string();
+    let _daemon = w.start_daemon().await;
+    let socket = w.path("tokend.sock");
+    for _ in 0..3 {
+        let got = call(&socket, "GET", &token_path("a"), None).await;
+        assert_eq!((got.status, got.body["access_token"].as_str()), (200, Some(first.as_str())), "{}", got.raw);
+    }
+    // `tokend import` is another process: the daemon learns of it through `<database>.changed`.
+    let second = w.authorize_and_import("a").await["access_token"].as_str().unwrap().to_string();
+    assert_ne!(first, second);
+    let sink = std::fs::read_to_string(w.path("out/a.token")).unwrap();
+    assert_eq!(sink.trim(), second, "tokend import writes the sinks itself");
+    let mut served = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        let got = call(&socket, "GET", &token_path("a"), None).await;
+        assert_eq!(got.status, 200, "{}", got.raw);
+        served.push(got.body["access_token"].as_str().unwrap().to_string());
+        if served.iter().rev().take(20).filter(|t| **t == second).count() == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first_new = served.iter().position(|t| *t == second).expect("the imported token was never served");
+    assert!(served[first_new..].iter().all(|t| *t == second), "the old token came back: {served:?}");
+    assert!(served.len() - first_new >= 20, "{served:?}");
+}

@@ -152,6 +152,15 @@ impl<'a> Validator<'a> {
             }
         });
         let (socket, credential_socket) = self.sockets(place, raw.socket, raw.credential_socket);
+        if postgres.is_some() {
+            // The socket API answers from the SQLite store and its commits (src/socket/); a fleet
+            // node's tokens live in PostgreSQL.
+            for (field, set) in [("socket", socket.is_some()), ("credential_socket", credential_socket.is_some())] {
+                if set {
+                    self.report(place, Some(field), "is not offered with a PostgreSQL database yet (README \"Fleet\")");
+                }
+            }
+        }
         let key = self.key_source(place, raw.key_credential, raw.key_file, raw.key_env);
         DaemonConfig {
             database,

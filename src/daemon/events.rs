@@ -60,6 +60,9 @@ impl Daemon {
         } else if path == self.config.path {
             self.due.reload = Some(Instant::now() + CONFIG_DEBOUNCE);
         } else if path == self.store_changed_path {
+            // At once, not after the debounce: the other process has already written the sinks,
+            // and the socket API must not keep serving the token they replaced.
+            self.snapshot.forget_all();
             self.due.store_sync.get_or_insert(soon);
         } else if let Some(name) = self.watches.sink_owner.get(&path) {
             self.watches.dirty_sinks.insert(name.clone());
@@ -150,6 +153,8 @@ impl Daemon {
                 return;
             }
         };
+        // Another process wrote the store: the socket API reads it again, whatever changed.
+        self.snapshot.forget_all();
         let mut by_name: HashMap<String, Lifetime> = lifetimes.into_iter().collect();
         let names: Vec<Arc<str>> = self.entries.keys().cloned().collect();
         for name in names {

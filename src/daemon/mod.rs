@@ -131,6 +131,8 @@ struct Daemon {
     store: Arc<Mutex<AnyStore>>,
     /// The refresh path's connection: with group commit on SQLite.
     committer: AnyRefreshStore,
+    /// The socket API's tokens in memory; see `forget` calls for what empties it.
+    snapshot: Arc<crate::socket::TokenSnapshot>,
     /// Every sink read and write of the daemon goes through this thread.
     sinks: sink::SinkWriter,
     http: HttpClient,
@@ -225,12 +227,17 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     let _lock = lock_database(&config.daemon.database)?;
     // Encryption at rest: the key checked against the store before anything is sent.
     let store = AnyStore::open_for_daemon(&config)?;
-    let committer = store.refresh_store()?;
+    let sealer = store.sealer();
+    // The socket API's memory of tokens: emptied of a credential by every change the daemon
+    // commits or learns of (src/socket/snapshot.rs).
+    let snapshot = Arc::new(crate::socket::TokenSnapshot::default());
+    let committer = store.refresh_store()?.forgetting_in(snapshot.clone());
     let http = HttpClient::new(config.daemon.http, config.daemon.proxy.as_ref()).map_err(DaemonError::Http)?;
     let (fs_tx, mut fs_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         store_changed_path: store_changed_path(&config.daemon.database),
         committer,
+        snapshot: snapshot.clone(),
         sinks: sink::SinkWriter::start()
             .map_err(|source| DaemonError::Io { context: "cannot start the sink writer thread".into(), source })?,
         config,
@@ -264,7 +271,8 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
     daemon.schedule_maintenance();
     // Served before READY=1, so that units ordered after tokend find the sockets there.
     let refresh_wait = daemon.config.daemon.http.total_timeout + TRIGGER_MIN_INTERVAL + Duration::from_secs(5);
-    daemon.on_demand.sockets = crate::socket::start(&daemon.config, refresh_wait).map_err(DaemonError::Socket)?;
+    daemon.on_demand.sockets =
+        crate::socket::start(&daemon.config, refresh_wait, &sealer, snapshot).map_err(DaemonError::Socket)?;
     let mut asks = daemon.on_demand.sockets.as_mut().and_then(|s| s.asks.take());
     crate::memory::release_freed_memory();
     tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "every credential scheduled");

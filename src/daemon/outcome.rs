@@ -234,6 +234,7 @@ impl Daemon {
             Ok(Outcome::Refreshed { state, .. }) => hooks::spawn(&credential, Event::Refreshed, Some(&state), None),
             Ok(Outcome::AlreadyRefreshed(state)) => {
                 tracing::info!(credential = %name, generation = state.generation, "refreshed by another process meanwhile");
+                self.snapshot.forget(&name);
                 sink::write_all(&credential, &state);
             }
             Ok(Outcome::Failed { failure, .. }) => {
@@ -325,6 +326,7 @@ impl Daemon {
                 if std::fs::remove_file(&rescue).is_ok() {
                     tracing::info!(credential = name, rescue = %rescue, "rescue file removed");
                 }
+                self.snapshot.forget(name);
                 sink::write_all(&entry.credential, &state);
                 entry.lifetime = Some(state.lifetime());
                 entry.failures = 0;

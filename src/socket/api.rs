@@ -10,7 +10,7 @@
 
 use super::listen::accept_bounded;
 use super::peer::Peer;
-use super::{Ask, Refusal, Shared};
+use super::{Ask, Lookup, Refusal, Shared};
 use crate::clock::{now_secs, rfc3339};
 use crate::config::Credential;
 use crate::store::{Status, TokenState};
@@ -187,13 +187,22 @@ fn readable(shared: &Shared, peer: &Peer, name: &str) -> Result<Arc<Credential>,
     Ok(credential.clone())
 }
 
-/// The stored token of `name`, if it is one that can be handed out.
-async fn current(shared: &Shared, name: &str) -> Result<TokenState, Refusal> {
-    let key = name.to_string();
-    let state = shared.stores.read(move |store| store.get(&key)).await.map_err(|e| {
-        tracing::error!(credential = name, "token API: {e}");
-        Refusal::new(503, "store_unavailable", "the token store cannot be read; see the daemon's log").retry_after(5)
-    })?;
+/// The stored token of `name`, if it is one that can be handed out: from the snapshot, or read
+/// from the store (and kept) when the daemon forgot it since.
+async fn current(shared: &Shared, name: &str) -> Result<Arc<TokenState>, Refusal> {
+    let key: Arc<str> = Arc::from(name);
+    let state = match shared.snapshot.lookup(&key) {
+        Lookup::Known(state) => Some(state),
+        Lookup::Unknown(ticket) => {
+            let read = key.clone();
+            let state = shared.stores.read(move |store| store.get(&read)).await.map_err(|e| {
+                tracing::error!(credential = name, "token API: {e}");
+                Refusal::new(503, "store_unavailable", "the token store cannot be read; see the daemon's log")
+                    .retry_after(5)
+            })?;
+            state.map(|state| shared.snapshot.fill(&key, ticket, state))
+        }
+    };
     let Some(state) = state else {
         return Err(Refusal::new(404, "no_token", format!("no token is stored for \"{name}\" yet (tokend import)")));
     };
@@ -212,7 +221,7 @@ async fn current(shared: &Shared, name: &str) -> Result<TokenState, Refusal> {
 
 /// Asks the daemon to replace generation `state.generation`, waits (bounded) for it, and returns
 /// the new stored state.
-async fn replace(shared: &Shared, state: &TokenState) -> Result<TokenState, Refusal> {
+async fn replace(shared: &Shared, state: &TokenState) -> Result<Arc<TokenState>, Refusal> {
     let (reply, answer) = oneshot::channel();
     let ask = Ask { name: Arc::from(state.name.as_str()), generation: state.generation, reply };
     if shared.asks.try_send(ask).is_err() {
@@ -274,7 +283,8 @@ async fn refresh(shared: &Shared, peer: &Peer, name: &str, rejected: &str) -> An
         generation = state.generation,
         "token API: the current token was reported rejected"
     );
-    Ok(token_answer(&replace(shared, &state).await?))
+    let replaced = replace(shared, &state).await?;
+    Ok(token_answer(&replaced))
 }
 
 async fn list(shared: &Shared, peer: &Peer) -> Answer {
@@ -314,22 +324,35 @@ async fn list(shared: &Shared, peer: &Peer) -> Answer {
     Ok(json(StatusCode::OK, &serde_json::json!({ "credentials": by_name.into_values().collect::<Vec<_>>() })))
 }
 
+/// The token answer, serialized straight from the state (no intermediate JSON tree: this is the
+/// answer asked for most).
+#[derive(serde::Serialize)]
+struct TokenAnswer<'a> {
+    name: &'a str,
+    access_token: &'a str,
+    token_type: &'a str,
+    expires_at: Option<String>,
+    expires_in: Option<i64>,
+    scope: Option<&'a str>,
+    generation: i64,
+    /// The provider's extras kept with the token (Wild Apricot's account ids, oauth2
+    /// `extra_fields`), as the json sink and `tokend show --json` give them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extra: Option<serde_json::Value>,
+}
+
 fn token_answer(state: &TokenState) -> Response<Full<Bytes>> {
-    let mut body = serde_json::json!({
-        "name": state.name,
-        "access_token": state.access_token.expose(),
-        "token_type": state.token_type,
-        "expires_at": state.expires_at.map(rfc3339),
-        "expires_in": state.expires_at.map(|at| at - now_secs()),
-        "scope": state.scope,
-        "generation": state.generation,
-    });
-    // The provider's extras kept with the token (Wild Apricot's account ids, oauth2
-    // `extra_fields`), as the json sink and `tokend show --json` give them.
-    if let Some(extra) = crate::sink::extra_value(state) {
-        body["extra"] = extra;
-    }
-    json(StatusCode::OK, &body)
+    let answer = TokenAnswer {
+        name: &state.name,
+        access_token: state.access_token.expose(),
+        token_type: &state.token_type,
+        expires_at: state.expires_at.map(rfc3339),
+        expires_in: state.expires_at.map(|at| at - now_secs()),
+        scope: state.scope.as_deref(),
+        generation: state.generation,
+        extra: crate::sink::extra_value(state),
+    };
+    json(StatusCode::OK, &answer)
 }
 
 fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
@@ -341,8 +364,10 @@ fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
     response
 }
 
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut bytes = serde_json::to_vec(value).unwrap_or_default();
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let mut bytes = Vec::with_capacity(512);
+    // Serializing plain values and strings into memory cannot fail.
+    let _ = serde_json::to_writer(&mut bytes, value);
     bytes.push(b'\n');
     let mut response = Response::new(Full::new(Bytes::from(bytes)));
     *response.status_mut() = status;

@@ -2,7 +2,8 @@
 //! `[daemon] credential_socket` (README "Tokens on demand").
 //!
 //! The servers run beside the daemon's loop and never block it. They read tokens from the store
-//! with their own connections; the only thing they ask the daemon is to *replace* a token (a
+//! with their own connections, and keep what they read in a [`TokenSnapshot`] that the daemon
+//! empties of a credential whenever its stored token changes; the only thing they ask the daemon is to *replace* a token (a
 //! caller reported it rejected, or it has less time left than the caller needs). That request, an
 //! [`Ask`], goes through a bounded channel and enters the daemon's refresh path by the same door
 //! as a `.refresh` trigger file, with the same per-credential floor; every caller asking about
@@ -12,15 +13,18 @@
 //!   number of connections;
 //! - `peer` says who the caller is, from the kernel, and whether it may read a credential;
 //! - `api` is the HTTP/1.1 API; `load_credential` systemd's credential protocol;
-//! - `client` is `tokend token`'s side of the API.
+//! - `client` is `tokend token`'s side of the API;
+//! - `snapshot` the API's memory of stored tokens, forgotten by the daemon on every change.
 
 mod api;
 pub mod client;
 mod listen;
 mod load_credential;
 pub mod peer;
+mod snapshot;
 
 use crate::config::{Config, Credential, SocketAccess};
+use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
 use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +33,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub use listen::SocketFile;
+pub(crate) use snapshot::Lookup;
+pub use snapshot::TokenSnapshot;
 
 /// Connections served at once on each socket; more are closed as soon as they are accepted. Each
 /// costs a task and hyper's buffers (BENCHMARKS.md, "RSS per idle connection").
@@ -85,6 +91,7 @@ impl Policy {
 /// arrive.
 pub struct Sockets {
     policy: Arc<RwLock<Arc<Policy>>>,
+    snapshot: Arc<TokenSnapshot>,
     /// Taken by the daemon's loop, which receives from it.
     pub asks: Option<mpsc::Receiver<Ask>>,
     _files: Vec<SocketFile>,
@@ -94,6 +101,8 @@ impl Sockets {
     pub fn install(&self, config: &Config) {
         let policy = Arc::new(Policy::of(config));
         *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+        // A credential removed and added again may have another store row meanwhile.
+        self.snapshot.forget_all();
     }
 }
 
@@ -102,6 +111,7 @@ pub(crate) struct Shared {
     policy: Arc<RwLock<Arc<Policy>>>,
     asks: mpsc::Sender<Ask>,
     stores: Arc<StorePool>,
+    snapshot: Arc<TokenSnapshot>,
     /// How long a caller waits for a refresh it asked for (the provider's request timeout, the
     /// trigger floor, and a margin).
     refresh_wait: Duration,
@@ -116,7 +126,14 @@ impl Shared {
 }
 
 /// Binds the sockets `config` names and starts serving them; `None` when it names none.
-pub fn start(config: &Config, refresh_wait: Duration) -> Result<Option<Sockets>, String> {
+/// Tokens are read with `sealer` (the store's keys) and kept in `snapshot`, which the daemon
+/// empties of what it changes.
+pub fn start(
+    config: &Config,
+    refresh_wait: Duration,
+    sealer: &Sealer,
+    snapshot: Arc<TokenSnapshot>,
+) -> Result<Option<Sockets>, String> {
     let daemon = &config.daemon;
     if daemon.socket.is_none() && daemon.credential_socket.is_none() {
         return Ok(None);
@@ -130,7 +147,8 @@ pub fn start(config: &Config, refresh_wait: Duration) -> Result<Option<Sockets>,
         let shared = Arc::new(Shared {
             policy: policy.clone(),
             asks: tx.clone(),
-            stores: Arc::new(StorePool::new(&daemon.database)),
+            stores: Arc::new(StorePool::new(&daemon.database, sealer)),
+            snapshot: snapshot.clone(),
             refresh_wait,
             socket_gid: file.gid,
             daemon_uid: nix::unistd::geteuid().as_raw(),
@@ -143,10 +161,14 @@ pub fn start(config: &Config, refresh_wait: Duration) -> Result<Option<Sockets>,
         // Only the service manager (root) is served; nobody else needs to connect.
         let (listener, file) = listen::bind(path, 0o600)?;
         tracing::info!(socket = %path.display(), "serving systemd credentials (LoadCredential=)");
-        tokio::spawn(load_credential::serve(listener, policy.clone(), Arc::new(StorePool::new(&daemon.database))));
+        tokio::spawn(load_credential::serve(
+            listener,
+            policy.clone(),
+            Arc::new(StorePool::new(&daemon.database, sealer)),
+        ));
         files.push(file);
     }
-    Ok(Some(Sockets { policy, asks: Some(asks), _files: files }))
+    Ok(Some(Sockets { policy, snapshot, asks: Some(asks), _files: files }))
 }
 
 /// Store connections for the servers' reads, opened on demand and kept for the next request.
@@ -155,6 +177,7 @@ pub fn start(config: &Config, refresh_wait: Duration) -> Result<Option<Sockets>,
 /// checks the schema in a write transaction: not something to do per request).
 pub(crate) struct StorePool {
     path: PathBuf,
+    sealer: Sealer,
     idle: Mutex<Vec<Store>>,
     readers: tokio::sync::Semaphore,
 }
@@ -166,9 +189,15 @@ impl StorePool {
     /// The pool with its connections opened now, at start-up, while nothing else writes: opened
     /// on first use they would be opened under load, each waiting behind the committer for the
     /// write lock that opening takes (the schema check is an immediate transaction).
-    fn new(path: &Path) -> Self {
-        let idle: Vec<Store> = (0..READERS).map_while(|_| Store::open(path).ok()).collect();
-        Self { path: path.to_path_buf(), idle: Mutex::new(idle), readers: tokio::sync::Semaphore::new(READERS) }
+    /// Opened with `sealer`, the daemon's keys: a sealed store's tokens are opened on the way out.
+    fn new(path: &Path, sealer: &Sealer) -> Self {
+        let idle: Vec<Store> = (0..READERS).map_while(|_| Store::open_sealed(path, sealer.clone()).ok()).collect();
+        Self {
+            path: path.to_path_buf(),
+            sealer: sealer.clone(),
+            idle: Mutex::new(idle),
+            readers: tokio::sync::Semaphore::new(READERS),
+        }
     }
 
     /// Runs `read` on a pooled connection, off the async runtime.
@@ -182,7 +211,7 @@ impl StorePool {
             let taken = pool.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
             let store = match taken {
                 Some(store) => store,
-                None => Store::open(&pool.path)?,
+                None => Store::open_sealed(&pool.path, pool.sealer.clone())?,
             };
             let result = read(&store);
             pool.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(store);

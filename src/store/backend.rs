@@ -55,6 +55,15 @@ impl AnyStore {
         PgStore::open(target, &daemon.database)
     }
 
+    /// What seals values in this store (the configured key on SQLite; PostgreSQL stores are not
+    /// sealed yet and refuse a key).
+    pub fn sealer(&self) -> crate::seal::Sealer {
+        match self {
+            AnyStore::Sqlite(s) => s.sealer().clone(),
+            AnyStore::Postgres(_) => crate::seal::Sealer::plaintext(),
+        }
+    }
+
     /// The refresh path's handle on the same store: SQLite's group committer (with the store's
     /// key), or a clone of the PostgreSQL handle.
     pub fn refresh_store(&self) -> Result<AnyRefreshStore, StoreError> {
@@ -174,6 +183,17 @@ impl AnyStore {
 pub enum AnyRefreshStore {
     Sqlite(Committer),
     Postgres(PgStore),
+}
+
+impl AnyRefreshStore {
+    /// Every commit and failure recorded through this handle empties the socket API's memory of
+    /// that credential (SQLite; the socket API is not offered on a PostgreSQL store yet).
+    pub fn forgetting_in(self, snapshot: std::sync::Arc<crate::socket::TokenSnapshot>) -> AnyRefreshStore {
+        match self {
+            AnyRefreshStore::Sqlite(c) => AnyRefreshStore::Sqlite(c.forgetting_in(snapshot)),
+            postgres => postgres,
+        }
+    }
 }
 
 impl RefreshStore for AnyRefreshStore {
