@@ -41,10 +41,13 @@ async fn with_a_reuse_grace_period_sigkills_lose_no_chain() {
         "a chain died although the provider honours a spent token for 10 s\n{}",
         run.figures
     );
+    assert!(run.grace_reuses >= 1, "no interrupted attempt was retried within the grace\n{}", run.figures);
 }
 
 struct Churn {
     kills: usize,
+    /// Spent refresh tokens the provider honoured within its grace: interrupted attempts retried.
+    grace_reuses: u64,
     intact: usize,
     lost_in_crash_window: usize,
     silently_lost: Vec<String>,
@@ -73,17 +76,33 @@ async fn churn(label: &str, reuse_grace: Duration) -> Churn {
     let mut lives: Vec<(i64, i64)> = Vec::new();
     let churn_until = tokio::time::Instant::now() + MAX_CHURN;
     while lives.len() < MAX_KILLS && tokio::time::Instant::now() < churn_until {
+        // With a grace, the first life dies exactly in the crash window (after the provider's
+        // answer, before the commit: the debug build's abort), so the run cannot pass without the
+        // start-up retry having been needed at least once; random kills add more such windows.
+        let abort_in_window = !reuse_grace.is_zero() && lives.is_empty();
         let started = now_ms();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokend"));
+        command
             .args(["--log-level", "warn", "run"])
             .env("TOKEND_CONFIG", w.config_path())
             .env_remove("RUST_LOG")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(w.path("crash.log")).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            .kill_on_drop(true);
+        if abort_in_window {
+            command.env("TOKEND_TEST_ABORT_BEFORE_COMMIT", "c0");
+        }
+        let mut child = command.spawn().unwrap();
+        if abort_in_window {
+            let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .expect("aborted in the window")
+                .unwrap();
+            assert!(status.code().is_none(), "the first life should have aborted before its commit: {status:?}");
+            lives.push((started, now_ms()));
+            continue;
+        }
         tokio::time::sleep(Duration::from_millis(rng.random_range(20..700))).await;
         let killed_at = now_ms();
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), Signal::SIGKILL);
@@ -144,5 +163,12 @@ async fn churn(label: &str, reuse_grace: Duration) -> Churn {
     println!("{figures}");
     support::record_figures(label, &figures);
     assert!(!log.contains("panicked"), "a daemon panicked:\n{log}");
-    Churn { kills: lives.len(), intact, lost_in_crash_window, silently_lost, figures }
+    Churn {
+        kills: lives.len(),
+        grace_reuses: w.mock.grace_reuses(),
+        intact,
+        lost_in_crash_window,
+        silently_lost,
+        figures,
+    }
 }
