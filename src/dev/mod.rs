@@ -53,10 +53,16 @@ pub async fn run(lifetime: Duration, keep: bool) -> Result<(), DevError> {
         root.join("triggers").display()
     );
     for (name, provider, path, created_at, sink, format) in DEMO {
+        // Wild Apricot's answers carry the accounts a token may act on: the demo's json sink shows
+        // them under "extra" (README, "What answers carry").
+        let answer_extras = (provider == "wildapricot").then(|| {
+            serde_json::json!({"permissions": [{"accountId": 123456, "availableScopes": ["contacts_view", "events_view"]}]})
+        });
         let settings = MockSettings {
             expires_in,
             send_created_at: created_at,
             keep_requests: Some(DEV_KEPT_REQUESTS),
+            answer_extras,
             ..MockSettings::default()
         };
         let mock = MockProvider::start(settings).await.map_err(|e| fail("cannot start the demo provider", e))?;
