@@ -276,20 +276,7 @@ impl SkipReason {
 /// With a key configured the file holds the JSON sealed like a stored value (bound to the
 /// credential's name), which `tokend import` opens with the same key.
 fn write_rescue(db: &std::path::Path, sealer: &crate::seal::Sealer, name: &str, token: &NewToken) -> String {
-    // The kept extras go back in as the answer fields they came from, so an import restores them;
-    // the token's own fields are written over them.
-    let mut json: serde_json::Map<String, serde_json::Value> =
-        token.extra.as_deref().and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
-    json.extend([
-        ("access_token".to_string(), token.access_token.expose().into()),
-        ("refresh_token".to_string(), token.refresh_token.as_ref().map(|t| t.expose()).into()),
-        ("token_type".to_string(), token.token_type.clone().into()),
-        ("scope".to_string(), token.scope.clone().into()),
-        ("expires_in".to_string(), token.expires_in.into()),
-        ("created_at".to_string(), token.created_at.into()),
-        ("refresh_token_expires_in".to_string(), token.refresh_token_expires_at.map(|t| t - token.created_at).into()),
-    ]);
-    let json = serde_json::Value::Object(json);
+    let json = token.answer_json();
     let text = match sealer.seal(name, crate::seal::Column::Rescue, 0, &json.to_string()) {
         Ok(text) => text,
         // Cannot happen with a working cipher; the token must not be lost either way.

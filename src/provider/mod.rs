@@ -285,14 +285,6 @@ impl Endpoint {
             RateLimitScope::Provider => origin,
         }
     }
-
-    /// The environment variables the kept extras `extra` (JSON text) become, by the preset.
-    pub fn extra_env(&self, extra: &str) -> Vec<(String, String)> {
-        match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(extra) {
-            Ok(map) => (self.kind.preset().extra_env)(&map),
-            Err(_) => Vec::new(),
-        }
-    }
 }
 
 /// Settings for the authorization-code flow.

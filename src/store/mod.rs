@@ -193,6 +193,24 @@ pub struct NewToken {
 }
 
 impl NewToken {
+    /// The token as a token-endpoint answer (what `tokend import` reads), for rescue files and
+    /// rescue rows. The kept extras go back in as the answer fields they came from, so an import
+    /// restores them; the token's own fields are written over them.
+    pub fn answer_json(&self) -> serde_json::Value {
+        let mut json: serde_json::Map<String, serde_json::Value> =
+            self.extra.as_deref().and_then(|e| serde_json::from_str(e).ok()).unwrap_or_default();
+        json.extend([
+            ("access_token".to_string(), self.access_token.expose().into()),
+            ("refresh_token".to_string(), self.refresh_token.as_ref().map(|t| t.expose()).into()),
+            ("token_type".to_string(), self.token_type.clone().into()),
+            ("scope".to_string(), self.scope.clone().into()),
+            ("expires_in".to_string(), self.expires_in.into()),
+            ("created_at".to_string(), self.created_at.into()),
+            ("refresh_token_expires_in".to_string(), self.refresh_token_expires_at.map(|t| t - self.created_at).into()),
+        ]);
+        serde_json::Value::Object(json)
+    }
+
     pub fn expires_at(&self) -> Option<i64> {
         self.expires_in.map(|e| self.created_at.saturating_add(e))
     }

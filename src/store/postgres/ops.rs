@@ -244,14 +244,7 @@ pub async fn commit(
             .await?
             .map(|r| r.try_get(0))
             .transpose()?;
-        let answer = serde_json::json!({
-            "access_token": token.access_token.expose(),
-            "refresh_token": refresh,
-            "token_type": token.token_type,
-            "scope": token.scope,
-            "expires_in": token.expires_in,
-            "created_at": token.created_at,
-        });
+        let answer = token.answer_json();
         let rescue_id: i64 = tx
             .query_one(
                 "INSERT INTO tokend_rescue (credential, from_generation, found_generation, node, answer)
