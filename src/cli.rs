@@ -235,7 +235,7 @@ impl From<StoreError> for CliError {
 impl From<RefreshError> for CliError {
     fn from(e: RefreshError) -> Self {
         let code = match e {
-            RefreshError::Busy { .. } => exit::TEMPORARY,
+            RefreshError::Busy { .. } | RefreshError::LeaseRanOut { .. } => exit::TEMPORARY,
             _ => exit::FAILURE,
         };
         CliError::new(code, e.to_string())

@@ -32,9 +32,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A lease outlives the longest exchange by this margin, so that it is never reclaimed from a
-/// holder still waiting on a (timed-out-but-not-yet-noticed) answer.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
 /// How often a waiter polls for a busy lease.
 const LEASE_POLL: Duration = Duration::from_millis(50);
 
@@ -68,7 +65,12 @@ pub enum RefreshError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("credential {name} is being refreshed by process {pid}; gave up waiting")]
-    Busy { name: String, pid: u32 },
+    Busy { name: String, pid: u32, lease_left_ms: i64 },
+    /// Too much of the lease was gone before the request could leave; nothing was sent.
+    #[error(
+        "credential {name}: {waited_ms} ms passed between taking the lease and sending, more than lease_margin; nothing was sent"
+    )]
+    LeaseRanOut { name: String, waited_ms: u128 },
     #[error(
         "credential {name}: the provider issued a new token but it could not be stored ({source}); \
          the answer was saved to {rescue} — run `tokend import {name} < {rescue}` once the database is writable"
@@ -94,16 +96,20 @@ pub async fn refresh(
 ) -> Result<Outcome, RefreshError> {
     let name = &*credential.name;
     let holder = LeaseHolder::new();
-    let lease_ttl = http.limits().total_timeout + LEASE_MARGIN;
+    let lease_ttl = http.limits().lease_length();
 
     // Steps 1 + 2: lease and attempt record, one durable transaction.
     let give_up = tokio::time::Instant::now() + lease_wait;
-    let (state, attempt_id) = loop {
+    let (state, attempt_id, asked_for_lease) = loop {
+        // Before the store is asked: the lease's deadline is counted from a later moment, so the
+        // lease ends no earlier than `asked_for_lease + lease_ttl`, on a clock that keeps running
+        // while the process is stopped.
+        let asked_for_lease = std::time::Instant::now();
         let begin = store.begin_refresh(name, &holder, lease_ttl, now_ms()).await?;
         match begin {
-            Begin::Leased { state, attempt_id } => break (state, attempt_id),
-            Begin::Busy { pid, .. } if tokio::time::Instant::now() >= give_up => {
-                return Err(RefreshError::Busy { name: name.to_string(), pid });
+            Begin::Leased { state, attempt_id } => break (state, attempt_id, asked_for_lease),
+            Begin::Busy { pid, lease_left_ms } if tokio::time::Instant::now() >= give_up => {
+                return Err(RefreshError::Busy { name: name.to_string(), pid, lease_left_ms });
             }
             Begin::Busy { .. } => tokio::time::sleep(LEASE_POLL).await,
         }
@@ -130,6 +136,31 @@ pub async fn refresh(
             });
         }
     };
+
+    // Debug builds only: the tests' way to be stopped exactly between taking the lease and
+    // sending, for as long as they like (they send SIGCONT); once per process.
+    #[cfg(debug_assertions)]
+    if std::env::var_os("TOKEND_TEST_STOP_AFTER_LEASE").is_some_and(|n| n == name) {
+        static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !STOPPED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+    // A holder stopped (SIGSTOP, a frozen VM) or starved between taking the lease and this line
+    // may have lost its lease to another node, which then spent this very refresh token: sending
+    // it again would present a spent token. The request, bounded by `total_timeout`, must end
+    // inside the lease. Nothing was sent, so the attempt is simply cancelled.
+    if asked_for_lease.elapsed() >= http.limits().send_within() {
+        let waited = asked_for_lease.elapsed();
+        tracing::warn!(
+            credential = name,
+            "not sending: {:.1} s passed between asking for the lease and sending, so too little of the lease is left for the request (the process was paused or starved?); refreshing again",
+            waited.as_secs_f64()
+        );
+        store.cancel_attempt(attempt_id, "the lease ran out before the request was sent", now_ms()).await?;
+        let _ = store.release_lease(name, &holder).await;
+        return Err(RefreshError::LeaseRanOut { name: name.to_string(), waited_ms: waited.as_millis() });
+    }
 
     // Step 3: the request. The lease is released whatever happens below, even if the commit fails.
     let scrubber = request.scrubber();

@@ -336,10 +336,15 @@ async fn invalid_grant_waits_for_an_unresolved_rival_and_its_answer_still_lands(
     let state = b.get("c").unwrap().unwrap();
     assert_eq!(state.status, Status::Active);
     assert!(state.last_error.as_deref().unwrap().contains("needs_reauth deferred"), "{:?}", state.last_error);
+    // One probe was enough: while A may still land its answer, nobody presents r1 again.
+    b.release_lease("c", &holder("b")).await.unwrap();
+    assert!(
+        matches!(b.begin_refresh("c", &holder("b"), Duration::from_secs(60), now).await.unwrap(), Begin::Busy { .. }),
+        "r1 would be presented again while A's attempt is unresolved"
+    );
     // A wakes: nobody advanced the generation, so its answer — the only live token — lands.
     let state = a.commit_rotation("c", "oauth2", a_attempt, 1, &token("a2", "r2"), now).await.unwrap();
     assert_eq!((state.generation, state.status, state.refresh_token.unwrap().expose()), (2, Status::Active, "r2"));
-    b.release_lease("c", &holder("b")).await.unwrap();
 
     // Once the rival is provably dead (its session gone), the rejection is final.
     let a_attempt = leased(&a, "c", &holder("a3"), Duration::from_millis(1), now).await;
@@ -372,9 +377,22 @@ async fn invalid_grant_waits_for_an_unresolved_rival_and_its_answer_still_lands(
 
 /// One node's configuration: the shared store, its own state and sink directories.
 fn node_config(w: &World, pg: &PgServer, db: &str, node: usize, names: &[String]) -> std::path::PathBuf {
+    node_config_with(w, pg, db, node, names, "")
+}
+
+/// A node's configuration with more `[daemon]` lines (`daemon_extra`).
+fn node_config_with(
+    w: &World,
+    pg: &PgServer,
+    db: &str,
+    node: usize,
+    names: &[String],
+    daemon_extra: &str,
+) -> std::path::PathBuf {
     let dir = w.path(&format!("node{node}"));
     std::fs::create_dir_all(dir.join("out")).unwrap();
-    let mut text = format!("[daemon]\n{}", daemon_lines(pg, db, w.dir.path(), &format!("node{node}/state")));
+    let mut text =
+        format!("[daemon]\n{}{daemon_extra}", daemon_lines(pg, db, w.dir.path(), &format!("node{node}/state")));
     for name in names {
         text.push_str(&format!(
             "\n[[credential]]\nname = \"{name}\"\nprovider = \"nudge\"\nbase_url = \"{}\"\nclient_id = \"nid\"\nclient_secret_file = \"{}\"\n[[credential.sink]]\npath = \"node{node}/out/{name}.json\"\nformat = \"json\"\n",
@@ -517,93 +535,6 @@ async fn three_nodes_share_the_work_and_every_sink_follows_each_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_ride_out_postgres_restarts_killed_backends_and_killed_nodes() {
-    const NODES: usize = 3;
-    let mut pg = PgServer::start();
-    let db = pg.create_database("chaos").await;
-    let w = World::new(MockSettings { expires_in: 3, ..MockSettings::default() }).await;
-    std::fs::write(w.path("client-secret"), "ns\n").unwrap();
-    std::fs::set_permissions(w.path("client-secret"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let names: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
-    let configs: Vec<_> = (0..NODES).map(|n| node_config(&w, &pg, &db, n, &names)).collect();
-    assert_eq!(w.tokend_env(&["migrate"], None, &[("TOKEND_CONFIG", configs[0].to_str().unwrap())]).await.code, 0);
-    for name in &names {
-        let answer = w.mock.authorize(name).to_string();
-        let run =
-            w.tokend_env(&["import", name], Some(&answer), &[("TOKEND_CONFIG", configs[0].to_str().unwrap())]).await;
-        assert_eq!(run.code, 0, "{}", run.stderr);
-    }
-    let mut nodes = Vec::new();
-    for config in &configs {
-        nodes.push(w.start_daemon_with(config, &[]).await);
-    }
-    let rotations = || w.mock.refreshes();
-    let step = |what: &str| eprintln!("chaos: {what} after {} rotations", rotations());
-
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    step("PostgreSQL restart");
-    pg.restart();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    step("pg_terminate_backend of every tokend session");
-    let admin = pg.client(&db).await;
-    let killed: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tokend') t",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(killed >= NODES as i64 * 2, "only {killed} tokend sessions (each node has a store and a listener)");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    step("SIGKILL of node 1, restarted");
-    nodes[1].signal(Signal::SIGKILL);
-    let _ = nodes[1].wait_exit(Duration::from_secs(5)).await;
-    nodes[1] = w.start_daemon_with(&configs[1], &[]).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    step("second PostgreSQL restart");
-    pg.restart();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let before_end = rotations();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(rotations() >= before_end + 4, "the fleet stopped refreshing after the chaos");
-    for node in &mut nodes {
-        node.signal(Signal::SIGTERM);
-    }
-    for node in &mut nodes {
-        assert_eq!(node.wait_exit(Duration::from_secs(15)).await, 0, "{}", node.log_text());
-    }
-
-    // Every chain intact (the store holds the provider's live refresh token), or loudly dead.
-    let client = pg.client(&db).await;
-    let mut silent = Vec::new();
-    for name in &names {
-        let row = client
-            .query_one("SELECT refresh_token, status FROM tokend_credential WHERE name = $1", &[name])
-            .await
-            .unwrap();
-        let (stored, status): (Option<String>, String) = (row.get(0), row.get(1));
-        let live = w.mock.live_refresh_token(name);
-        if status == "active" && stored != live {
-            silent.push(format!("{name}: stored refresh token is not the provider's live one"));
-        }
-        assert!(status == "active" || status == "needs_reauth", "{name}: {status}");
-    }
-    assert!(silent.is_empty(), "silent losses: {silent:?}");
-    let dead: i64 =
-        client.query_one("SELECT count(*) FROM tokend_credential WHERE status <> 'active'", &[]).await.unwrap().get(0);
-    // A spent token presented again is only possible for the one node killed mid-flight.
-    assert!(w.mock.reuses() <= 1, "{} reuses", w.mock.reuses());
-    let figures = format!(
-        "fleet chaos, {NODES} nodes, 4 credentials, 3 s tokens: 2 PostgreSQL restarts, {killed} backends terminated, 1 SIGKILL; {} rotations, {} reuses, {dead} needs_reauth, 0 silent losses",
-        rotations(),
-        w.mock.reuses()
-    );
-    support::record_figures("fleet_chaos", &figures);
-    eprintln!("{figures}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_failed_while_the_server_was_down_is_retried_fenced() {
     let mut pg = PgServer::start();
     let db = pg.create_database("retry").await;
@@ -728,4 +659,489 @@ async fn a_single_node_sqlite_store_moves_into_postgres_verified() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stdout.starts_with("refreshed n: generation 5"), "{}", run.stdout);
     assert_eq!(w.mock.reuses(), 0);
+}
+
+/// The `[daemon]` lines of the tests that pause nodes past their lease: a 3 s lease.
+const SHORT_LEASE: &str = "request_timeout = \"2s\"\nlease_margin = \"1s\"\n";
+const SHORT_LEASE_MS: i64 = 3000;
+
+/// The state letter of a process in /proc (`T`: stopped).
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_between_lease_and_request_sends_nothing_and_is_replaced_within_its_lease() {
+    holder_stopped_before_sending(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_holding_a_lease_is_replaced_within_its_lease() {
+    holder_stopped_before_sending(true).await;
+}
+
+/// Node 0 takes credential c's lease and stops right before sending; node 1 must take over —
+/// after the lease if node 0 is stopped, at once if it is killed (same machine: its pid is
+/// gone) — and node 0, woken, must not present the refresh token node 1 spent.
+async fn holder_stopped_before_sending(kill: bool) {
+    let pg = PgServer::start();
+    let db = pg.create_database("stopped").await;
+    let w = World::new(MockSettings { expires_in: 3, ..MockSettings::default() }).await;
+    std::fs::write(w.path("client-secret"), "ns\n").unwrap();
+    std::fs::set_permissions(w.path("client-secret"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let names = vec!["c".to_string()];
+    let configs: Vec<_> = (0..2).map(|n| node_config_with(&w, &pg, &db, n, &names, SHORT_LEASE)).collect();
+    let as_node = |n: usize| [("TOKEND_CONFIG", configs[n].to_str().unwrap())];
+    assert_eq!(w.tokend_env(&["migrate"], None, &as_node(0)).await.code, 0);
+    let answer = w.mock.authorize("c").to_string();
+    assert_eq!(w.tokend_env(&["import", "c"], Some(&answer), &as_node(0)).await.code, 0);
+
+    // Node 0 takes c's lease when it is due and stops itself right there, before sending.
+    let mut stopped = w.start_daemon_with(&configs[0], &[("TOKEND_TEST_STOP_AFTER_LEASE", "c")]).await;
+    assert!(
+        wait_for(Duration::from_secs(10), || process_state(stopped.pid()) == Some('T')).await,
+        "node 0 never reached the refresh: {}",
+        stopped.log_text()
+    );
+    let client = pg.client(&db).await;
+    let lease = client
+        .query_one(
+            "SELECT pid, (extract(epoch FROM deadline) * 1000)::bigint FROM tokend_lease WHERE credential = 'c'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (holder_pid, lease_end_ms): (i32, i64) = (lease.get(0), lease.get(1));
+    assert_eq!(holder_pid, stopped.pid());
+    assert_eq!(w.mock.refreshes(), 0);
+
+    // Node 1 finds the lease taken and replaces node 0 once it ends, or once node 0 is killed.
+    let mut other = w.start_daemon_with(&configs[1], &[]).await;
+    let other_pid = other.pid().to_string();
+    let killed_at_ms = if kill {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stopped.signal(Signal::SIGKILL);
+        let _ = stopped.wait_exit(Duration::from_secs(5)).await;
+        Some(tokend::clock::now_ms())
+    } else {
+        None
+    };
+    let takeover = async {
+        for _ in 0..200 {
+            let row = client
+                .query_opt(
+                    "SELECT started_at_ms FROM tokend_attempt WHERE credential = 'c' AND split_part(holder, '-', 1) = $1 AND result = 'refreshed' ORDER BY id LIMIT 1",
+                    &[&other_pid],
+                )
+                .await
+                .unwrap();
+            if let Some(row) = row {
+                return Some(row.get::<_, i64>(0));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    };
+    let started = takeover.await.expect("node 1 never refreshed c");
+    assert_eq!(w.mock.refreshes(), 1);
+    if let Some(killed_at_ms) = killed_at_ms {
+        let failover_ms = started - killed_at_ms;
+        // Node 1 looks again at most 2 s after its last try; the bound is the lease + 1 s.
+        assert!(failover_ms <= SHORT_LEASE_MS + 1000, "node 1 took over {failover_ms} ms after node 0 was killed");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(w.mock.reuses(), 0);
+        other.signal(Signal::SIGTERM);
+        assert_eq!(other.wait_exit(Duration::from_secs(15)).await, 0, "{}", other.log_text());
+        let figures = format!(
+            "fleet, node killed holding a 3 s lease: replaced {failover_ms} ms after the kill (bound {} ms), 0 spent tokens presented",
+            SHORT_LEASE_MS + 1000
+        );
+        support::record_figures("fleet_killed_holder", &figures);
+        eprintln!("{figures}");
+        return;
+    }
+    let failover_ms = started - lease_end_ms;
+    assert!(failover_ms >= -20, "node 1 started {} ms before node 0's lease ended", -failover_ms);
+    assert!(failover_ms <= 1000, "node 1 took over {failover_ms} ms after the lease ended");
+
+    // Node 0 wakes holding a lease that is gone and a refresh token node 1 spent: it sends nothing.
+    stopped.signal(Signal::SIGCONT);
+    assert!(
+        wait_for(Duration::from_secs(10), || stopped.log_text().contains("not sending")).await,
+        "{}",
+        stopped.log_text()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(w.mock.reuses(), 0, "the stopped node presented a spent refresh token");
+    let generation: i64 =
+        client.query_one("SELECT generation FROM tokend_credential WHERE name = 'c'", &[]).await.unwrap().get(0);
+    assert!(generation >= 3, "the fleet stopped refreshing c after node 0 woke (generation {generation})");
+    for node in [&mut stopped, &mut other] {
+        node.signal(Signal::SIGTERM);
+        assert_eq!(node.wait_exit(Duration::from_secs(15)).await, 0, "{}", node.log_text());
+    }
+    assert_eq!(w.mock.reuses(), 0);
+    let figures = format!(
+        "fleet, node stopped after taking a 3 s lease: replaced {failover_ms} ms after the lease ended (bound 1000), 0 spent tokens presented"
+    );
+    support::record_figures("fleet_stopped_holder", &figures);
+    eprintln!("{figures}");
+}
+
+/// Starts `tokend run` on `config` as systemd's `Restart=` would: a start that finds the store
+/// unreachable (exit 9, the server restarting) is tried again.
+async fn start_node(w: &World, config: &std::path::Path) -> support::DaemonProcess {
+    for _ in 0..100 {
+        let log = w.path(&format!("daemon-{}.log", rand::random::<u32>()));
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
+            .args(["--log-level", "debug", "run"])
+            .env("TOKEND_CONFIG", config)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .current_dir(w.dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut node = support::DaemonProcess { child, log };
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < until {
+            if node.log_text().contains("tokend running") {
+                return node;
+            }
+            if let Some(status) = node.child.try_wait().unwrap() {
+                assert_eq!(status.code(), Some(9), "node failed to start: {}", node.log_text());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("a node never came up");
+}
+
+/// A client of `db`, once the server accepts connections again after a restart.
+async fn client_once_up(pg: &PgServer, db: &str) -> tokio_postgres::Client {
+    let config: tokio_postgres::Config = format!("{} password={PG_PASSWORD}", pg.conninfo(db)).parse().unwrap();
+    for _ in 0..200 {
+        if let Ok((client, connection)) = config.connect(tokio_postgres::NoTls).await {
+            tokio::spawn(connection);
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("PostgreSQL did not come back");
+}
+
+/// A node stopped while it had an attempt open, until its lease had ended.
+struct Pause {
+    pid: i32,
+    stopped_ms: i64,
+    lease_end_ms: i64,
+    open: Vec<String>,
+    /// Another node was killed, or the server restarted, before the takeover was due: the
+    /// failover time then measures the restart, not the lease.
+    disturbed: bool,
+}
+
+/// A node killed; `open` are the credentials it had an attempt open on.
+struct Kill {
+    pid: i32,
+    at_ms: i64,
+    open: Vec<String>,
+    disturbed: bool,
+}
+
+/// The refreshes the process `pid` has in flight: an open attempt under a lease it holds, with
+/// the lease's end. (An attempt whose result could not be recorded while the server was away
+/// stays open without a lease.)
+async fn open_attempts(client: &tokio_postgres::Client, pid: i32) -> Option<Vec<(String, i64)>> {
+    let rows = client
+        .query(
+            "SELECT a.credential, (extract(epoch FROM l.deadline) * 1000)::bigint
+             FROM tokend_attempt a JOIN tokend_lease l ON l.credential = a.credential AND l.holder = a.holder
+             WHERE a.finished_at_ms IS NULL AND split_part(a.holder, '-', 1) = $1 AND l.deadline > now()",
+            &[&pid.to_string()],
+        )
+        .await
+        .ok()?;
+    Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// When another process than `pid` first began an attempt on `name` at or after `since_ms`.
+async fn taken_over_at(client: &tokio_postgres::Client, name: &str, pid: i32, since_ms: i64) -> Option<i64> {
+    client
+        .query_one(
+            "SELECT min(started_at_ms) FROM tokend_attempt
+             WHERE credential = $1 AND split_part(holder, '-', 1) <> $2 AND started_at_ms >= $3",
+            &[&name, &pid.to_string(), &since_ms],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_of_kills_pauses_and_server_restarts_loses_no_chain_and_fails_over_within_a_lease() {
+    use rand::{Rng, SeedableRng};
+    const NODES: usize = 3;
+    const CREDENTIALS: usize = 6;
+    const KILLS: usize = 100;
+    const PAUSES: usize = 20;
+    let seed: u64 = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut pg = PgServer::start();
+    let db = pg.create_database("chaos").await;
+    let w = World::new(MockSettings { expires_in: 3, ..MockSettings::default() }).await;
+    std::fs::write(w.path("client-secret"), "ns\n").unwrap();
+    std::fs::set_permissions(w.path("client-secret"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let names: Vec<String> = (0..CREDENTIALS).map(|i| format!("c{i}")).collect();
+    let configs: Vec<_> = (0..NODES).map(|n| node_config_with(&w, &pg, &db, n, &names, SHORT_LEASE)).collect();
+    let as_node0 = [("TOKEND_CONFIG", configs[0].to_str().unwrap())];
+    assert_eq!(w.tokend_env(&["migrate"], None, &as_node0).await.code, 0);
+    for name in &names {
+        let answer = w.mock.authorize(name).to_string();
+        assert_eq!(w.tokend_env(&["import", name], Some(&answer), &as_node0).await.code, 0);
+    }
+    let mut nodes = Vec::new();
+    for config in &configs {
+        nodes.push(start_node(&w, config).await);
+    }
+    let mut admin = pg.client(&db).await;
+    let (mut pauses, mut kills): (Vec<Pause>, Vec<Kill>) = (Vec::new(), Vec::new());
+    let mut disturbances: Vec<i64> = Vec::new();
+    let mut paused: Option<(usize, i64)> = None;
+    let mut next_delay = 0;
+    let mut next_kill = tokend::clock::now_ms() + 500;
+    let (mut server_restarts, mut backends_terminated) = (0, 0i64);
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(300);
+    while (kills.len() < KILLS || pauses.len() < PAUSES || paused.is_some()) && tokio::time::Instant::now() < give_up {
+        let now = tokend::clock::now_ms();
+        if let Some((n, resume_at)) = paused
+            && now >= resume_at
+        {
+            nodes[n].signal(Signal::SIGCONT);
+            paused = None;
+        }
+        // Stop a node that has an attempt open (mid-refresh) until past its lease. The next
+        // request is held at the provider for a moment, so that one is open long enough to be
+        // seen; it is answered (and rotated) while its node is stopped.
+        if paused.is_none() && pauses.len() < PAUSES && now >= next_delay {
+            w.mock.push_fault(tokend::dev::mock::Fault::Delay(Duration::from_millis(400)));
+            next_delay = now + 1000;
+        }
+        if paused.is_none() && pauses.len() < PAUSES {
+            let pids: Vec<i32> = nodes.iter().map(|n| n.pid()).collect();
+            let busy = admin
+                .query(
+                    "SELECT split_part(a.holder, '-', 1) FROM tokend_attempt a
+                     JOIN tokend_lease l ON l.credential = a.credential AND l.holder = a.holder
+                     WHERE a.finished_at_ms IS NULL AND l.deadline > now()",
+                    &[],
+                )
+                .await
+                .unwrap_or_default();
+            let candidate = busy
+                .iter()
+                .filter_map(|r| r.get::<_, String>(0).parse::<i32>().ok())
+                .find_map(|pid| pids.iter().position(|p| *p == pid));
+            if let Some(n) = candidate {
+                nodes[n].signal(Signal::SIGSTOP);
+                let stopped_ms = tokend::clock::now_ms();
+                let open = open_attempts(&admin, nodes[n].pid()).await.unwrap_or_default();
+                let lease_end_ms = open.iter().map(|(_, end)| *end).max().unwrap_or(0);
+                if open.is_empty() || lease_end_ms == 0 {
+                    nodes[n].signal(Signal::SIGCONT); // it finished before it stopped
+                } else {
+                    paused = Some((n, lease_end_ms + 500));
+                    pauses.push(Pause {
+                        pid: nodes[n].pid(),
+                        stopped_ms,
+                        lease_end_ms,
+                        open: open.into_iter().map(|(name, _)| name).collect(),
+                        disturbed: false,
+                    });
+                }
+            }
+        }
+        if kills.len() < KILLS && now >= next_kill {
+            let victims: Vec<usize> = (0..NODES).filter(|n| paused.is_none_or(|(p, _)| p != *n)).collect();
+            let n = victims[rng.random_range(0..victims.len())];
+            let pid = nodes[n].pid();
+            nodes[n].signal(Signal::SIGKILL);
+            let _ = nodes[n].wait_exit(Duration::from_secs(5)).await;
+            let at_ms = tokend::clock::now_ms();
+            disturbances.push(at_ms);
+            let open = open_attempts(&admin, pid).await.unwrap_or_default().into_iter().map(|(name, _)| name).collect();
+            kills.push(Kill { pid, at_ms, open, disturbed: false });
+            match kills.len() {
+                30 | 70 => {
+                    eprintln!("chaos: PostgreSQL restart after {} kills", kills.len());
+                    disturbances.push(tokend::clock::now_ms());
+                    pg.restart();
+                    server_restarts += 1;
+                    admin = client_once_up(&pg, &db).await;
+                    disturbances.push(tokend::clock::now_ms());
+                }
+                50 => {
+                    disturbances.push(tokend::clock::now_ms());
+                    backends_terminated += admin
+                        .query_one(
+                            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tokend') t",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get::<_, i64>(0);
+                }
+                _ => {}
+            }
+            nodes[n] = start_node(&w, &configs[n]).await;
+            disturbances.push(tokend::clock::now_ms());
+            next_kill = tokend::clock::now_ms() + rng.random_range(100..500);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if (kills.len(), pauses.len()) != (KILLS, PAUSES) {
+        let rows =
+            admin.query("SELECT name, status, generation, last_error FROM tokend_credential", &[]).await.unwrap();
+        let states: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} g{} {:?}",
+                    r.get::<_, String>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, i64>(2),
+                    r.get::<_, Option<String>>(3)
+                )
+            })
+            .collect();
+        panic!(
+            "the chaos did not finish in time (seed {seed}): {} kills, {} pauses, {} rotations, {} reuses; {states:?}",
+            kills.len(),
+            pauses.len(),
+            w.mock.refreshes(),
+            w.mock.reuses()
+        );
+    }
+    assert!(paused.is_none());
+    let before_end = w.mock.refreshes();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(w.mock.refreshes() > before_end, "the fleet stopped refreshing after the chaos (seed {seed})");
+    for node in &mut nodes {
+        node.signal(Signal::SIGTERM);
+    }
+    for node in &mut nodes {
+        assert_eq!(node.wait_exit(Duration::from_secs(15)).await, 0, "{}", node.log_text());
+    }
+
+    // Failover: every credential a stopped or killed node was refreshing was taken up by another
+    // process within the lease + 1 s (a stopped node holds its lease to the end; a killed one is
+    // seen gone at once on this machine, and on another would be after its lease).
+    let disturbed_between = |from: i64, to: i64| disturbances.iter().any(|t| (from..=to).contains(t));
+    let mut failover_ms = Vec::new();
+    let mut late = Vec::new();
+    for p in &mut pauses {
+        p.disturbed = disturbed_between(p.stopped_ms, p.lease_end_ms + 1000);
+        for name in &p.open {
+            let at = taken_over_at(&admin, name, p.pid, p.stopped_ms).await;
+            match at {
+                Some(at) if !p.disturbed => {
+                    failover_ms.push(at - p.lease_end_ms);
+                    if at - p.lease_end_ms > 1000 {
+                        late.push(format!(
+                            "{name}: taken over {} ms after the stopped node's lease",
+                            at - p.lease_end_ms
+                        ));
+                    }
+                }
+                None => late.push(format!("{name}: never taken over after pid {} stopped", p.pid)),
+                Some(_) => {}
+            }
+        }
+    }
+    let mut kill_failover_ms = Vec::new();
+    for k in &mut kills {
+        k.disturbed = disturbed_between(k.at_ms + 1, k.at_ms + SHORT_LEASE_MS + 1000)
+            && disturbances.iter().filter(|t| (k.at_ms + 1..=k.at_ms + SHORT_LEASE_MS + 1000).contains(*t)).count() > 1;
+        for name in &k.open {
+            match taken_over_at(&admin, name, k.pid, k.at_ms).await {
+                Some(at) => {
+                    kill_failover_ms.push(at - k.at_ms);
+                    if at - k.at_ms > SHORT_LEASE_MS + 1000 && !k.disturbed {
+                        late.push(format!("{name}: taken over {} ms after pid {} was killed", at - k.at_ms, k.pid));
+                    }
+                }
+                None => late.push(format!("{name}: never taken over after pid {} was killed", k.pid)),
+            }
+        }
+    }
+
+    // Every chain intact, or loudly dead with the provider confirming it rotated the stored token
+    // for an answer that never came back.
+    let (mut intact, mut dead, mut silent) = (0u64, 0u64, Vec::new());
+    let mut generations = 0i64;
+    for name in &names {
+        let row = admin
+            .query_one("SELECT refresh_token, status, generation FROM tokend_credential WHERE name = $1", &[name])
+            .await
+            .unwrap();
+        let (stored, status, generation): (String, String, i64) = (row.get(0), row.get(1), row.get(2));
+        generations += generation - 1;
+        let live = w.mock.live_refresh_token(name);
+        match status.as_str() {
+            "active" if live.as_deref() == Some(stored.as_str()) => intact += 1,
+            // The provider rotated the stored token for a request whose node was killed before it
+            // could commit the answer (the request may wait 400 ms at the provider).
+            "needs_reauth"
+                if w.mock.is_revoked(&stored)
+                    && w.mock
+                        .rotated_at(&stored)
+                        .is_some_and(|r| kills.iter().any(|k| (k.at_ms - 3000..=k.at_ms + 1000).contains(&r))) =>
+            {
+                dead += 1
+            }
+            _ => silent
+                .push(format!("{name}: {status}, stored token live: {}", live.as_deref() == Some(stored.as_str()))),
+        }
+    }
+    let reuses = w.mock.reuses();
+    failover_ms.sort_unstable();
+    kill_failover_ms.sort_unstable();
+    let figures = format!(
+        "fleet chaos (seed {seed}), {NODES} nodes, {CREDENTIALS} credentials, 3 s tokens, 3 s lease: {KILLS} SIGKILLs, \
+         {PAUSES} SIGSTOPs mid-refresh past the lease, {server_restarts} PostgreSQL restarts, {backends_terminated} backends terminated; \
+         {} rotations at the provider = {generations} committed + {dead} lost in the crash window; \
+         chains: {intact} intact, {dead} needs_reauth (provider confirms), {} silent; {reuses} spent tokens presented (refused); \
+         takeover after a stopped holder's lease: {} (ms, {} undisturbed); after a kill: {} (ms)",
+        w.mock.refreshes(),
+        silent.len(),
+        if failover_ms.is_empty() {
+            "-".to_string()
+        } else {
+            format!("median {} max {}", percentile(&failover_ms, 0.5), failover_ms.last().unwrap())
+        },
+        failover_ms.len(),
+        if kill_failover_ms.is_empty() {
+            "-".to_string()
+        } else {
+            format!("median {} max {}", percentile(&kill_failover_ms, 0.5), kill_failover_ms.last().unwrap())
+        },
+    );
+    support::record_figures("fleet_chaos", &figures);
+    eprintln!("{figures}");
+    assert!(silent.is_empty(), "silent losses: {silent:?} — {figures}");
+    assert_eq!(w.mock.refreshes(), generations as u64 + dead, "a rotation neither committed nor flagged: {figures}");
+    assert!(late.is_empty(), "{late:?} — {figures}");
+    assert!(!failover_ms.is_empty(), "no stopped holder was measured: {figures}");
+    // A spent token is presented once to learn that a stopped holder's request got through, and
+    // once or twice for a chain lost in the crash window; never in a loop.
+    assert!(reuses <= PAUSES as u64 + 2 * dead, "{figures}");
+    for node in &nodes {
+        assert!(!node.log_text().contains("panicked"), "{}", node.log_text());
+    }
 }

@@ -120,7 +120,7 @@ async fn from_store(path: &Path, name: &str, need: i64) -> Result<TokenState, Cl
     let store = crate::committer::Committer::open(&config.daemon.database)?;
     let sinks = sink::SinkWriter::start()
         .map_err(|e| CliError::new(exit::FAILURE, format!("cannot start the sink writer: {e}")))?;
-    let lease_wait = config.daemon.http.total_timeout + Duration::from_secs(35);
+    let lease_wait = config.daemon.http.lease_length() + Duration::from_secs(5);
     let outcome = refresh::refresh(&store, &http, &sinks, cred, Some(stored.generation), lease_wait).await;
     crate::daemon::notify_store_changed(&config.daemon.database);
     let state = match outcome? {

@@ -24,6 +24,7 @@ pub(super) struct RawDaemon {
     pub(super) concurrency: Option<i64>,
     pub(super) connect_timeout: Option<String>,
     pub(super) request_timeout: Option<String>,
+    pub(super) lease_margin: Option<String>,
     pub(super) max_answer_bytes: Option<i64>,
     pub(super) metrics_file: Option<PathBuf>,
     pub(super) trigger_dir: Option<PathBuf>,

@@ -124,7 +124,7 @@ impl<'a> Validator<'a> {
 
     fn daemon(&mut self, mut raw: RawDaemon) -> DaemonConfig {
         let place = "[daemon]";
-        let (database, postgres) = self.database(place, &mut raw);
+        let (database, mut postgres) = self.database(place, &mut raw);
         let concurrency =
             raw.concurrency.and_then(|n| self.positive(place, "concurrency", n, 10_000)).unwrap_or(DEFAULT_CONCURRENCY);
         let mut http = provider::HttpLimits::default();
@@ -133,6 +133,16 @@ impl<'a> Validator<'a> {
         }
         if let Some(t) = raw.request_timeout {
             http.total_timeout = self.duration(place, "request_timeout", &t).unwrap_or(http.total_timeout);
+        }
+        if let Some(t) = raw.lease_margin {
+            match self.duration(place, "lease_margin", &t) {
+                Some(d) if d >= Duration::from_secs(1) => http.lease_margin = d,
+                Some(_) => self.report(place, Some("lease_margin"), format!("\"{t}\" is too short: at least 1s")),
+                None => {}
+            }
+        }
+        if let Some(target) = postgres.as_mut() {
+            target.end_idle_transactions_after(http.lease_margin.min(Duration::from_secs(5)));
         }
         if let Some(n) = raw.max_answer_bytes {
             http.max_answer_bytes =

@@ -66,6 +66,9 @@ const FS_DEBOUNCE: Duration = Duration::from_millis(100);
 const CONFIG_DEBOUNCE: Duration = Duration::from_millis(300);
 /// When another process (`tokend refresh`) holds a credential's lease, look again after this.
 const LEASE_BUSY_RETRY_MS: i64 = 2000;
+/// How long after a busy lease's end it is looked at again (the store's clock and ours differ by
+/// the round trip that reported it).
+const LEASE_END_SLACK_MS: i64 = 100;
 /// `.refresh` triggers for one credential are honoured at most this often; a script stuck in a
 /// 401 loop must not hammer the provider.
 const TRIGGER_MIN_INTERVAL: Duration = Duration::from_secs(5);

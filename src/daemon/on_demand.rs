@@ -104,7 +104,7 @@ impl Daemon {
                 Err(Refusal::new(409, "needs_reauth", "the credential needs re-authorization"))
             }
             Ok(Outcome::Skipped { reason, .. }) => Err(Refusal::new(503, "not_refreshable", reason.text())),
-            Err(RefreshError::Busy { .. }) => return,
+            Err(RefreshError::Busy { .. } | RefreshError::LeaseRanOut { .. }) => return,
             Err(_) => {
                 Err(Refusal::new(503, "refresh_failed", "the refresh failed; see the daemon's log").retry_after(5))
             }

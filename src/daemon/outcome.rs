@@ -105,15 +105,21 @@ pub(super) fn decide(
             event: None,
             recovered: false,
         },
-        // Another process holds the lease: nothing was attempted; look again soon.
-        Err(RefreshError::Busy { .. }) => Decision {
+        // Another process holds the lease, or ours ran out before the request left: nothing was
+        // attempted; look again soon — and right after a lease ends, so that a holder that died
+        // or stopped on another machine is replaced within its lease.
+        Err(busy @ (RefreshError::Busy { .. } | RefreshError::LeaseRanOut { .. })) => Decision {
             failures: held.failures,
             // The holder already committed (a fleet node, `tokend refresh`): the new token is
             // planned like any other. Looking again in 2 s would spend it at once.
             retry_at: if fresh.is_some_and(|f| Some(f.generation) != held.lifetime.map(|l| l.generation)) {
                 None
             } else {
-                Some(now + LEASE_BUSY_RETRY_MS)
+                let lease_left_ms = match busy {
+                    RefreshError::Busy { lease_left_ms, .. } => *lease_left_ms,
+                    _ => 0,
+                };
+                Some(now + LEASE_BUSY_RETRY_MS.min(lease_left_ms.max(0) + LEASE_END_SLACK_MS))
             },
             lifetime,
             pause_until: None,
@@ -254,7 +260,7 @@ impl Daemon {
                     entry.pending = Some(Box::new((*token, rescue)));
                 }
             }
-            Err(RefreshError::Busy { .. }) => {}
+            Err(RefreshError::Busy { .. } | RefreshError::LeaseRanOut { .. }) => {}
             Err(e) => tracing::error!(credential = %name, "{e}"),
         }
         // A busy lease or a failure re-read the store. If another holder (another fleet node,
@@ -471,14 +477,24 @@ mod tests {
         let skipped = Ok(Outcome::Skipped { reason: SkipReason::NoToken, state: None });
         let d = decide(held(1), &skipped, None, NOW, 0.5);
         assert_eq!((d.retry_at, d.lifetime, d.counted_as, d.event), (None, None, None, None));
-        let busy = Err(RefreshError::Busy { name: "c".into(), pid: 7 });
+        let busy = Err(RefreshError::Busy { name: "c".into(), pid: 7, lease_left_ms: 30_000 });
         let d = decide(held(1), &busy, None, NOW, 0.5);
         assert_eq!((d.failures, d.retry_at, d.counted_as), (1, Some(NOW + LEASE_BUSY_RETRY_MS), None));
     }
 
     #[test]
+    fn a_lease_about_to_end_is_looked_at_right_after_its_end() {
+        let ending = Err(RefreshError::Busy { name: "c".into(), pid: 7, lease_left_ms: 700 });
+        let d = decide(held(0), &ending, None, NOW, 0.5);
+        assert_eq!(d.retry_at, Some(NOW + 700 + LEASE_END_SLACK_MS));
+        let ran_out = Err(RefreshError::LeaseRanOut { name: "c".into(), waited_ms: 31_000 });
+        let d = decide(held(0), &ran_out, None, NOW, 0.5);
+        assert_eq!((d.retry_at, d.counted_as), (Some(NOW + LEASE_END_SLACK_MS), None));
+    }
+
+    #[test]
     fn a_busy_lease_whose_holder_already_committed_plans_the_new_token() {
-        let busy = Err(RefreshError::Busy { name: "c".into(), pid: 7 });
+        let busy = Err(RefreshError::Busy { name: "c".into(), pid: 7, lease_left_ms: 30_000 });
         // Still the generation we meant to refresh: look again soon.
         let d = decide(held(0), &busy, Some(state(3, 3600).lifetime()), NOW, 0.5);
         assert_eq!(d.retry_at, Some(NOW + LEASE_BUSY_RETRY_MS));

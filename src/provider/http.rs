@@ -15,6 +15,24 @@ pub struct HttpLimits {
     /// Whole exchange, body included, so a slow-loris answer cannot hold a lease forever.
     pub total_timeout: Duration,
     pub max_answer_bytes: usize,
+    /// How long a refresh lease outlives the longest exchange: a request is sent only while at
+    /// least `total_timeout` of the lease is left, and this much time passes at most between
+    /// taking the lease and sending (a begin transaction on a slow database, a paused process).
+    pub lease_margin: Duration,
+}
+
+impl HttpLimits {
+    /// The length of a refresh lease: no exchange started under it can still be running when it
+    /// ends, so another holder may then take over without ever racing this one's request.
+    pub fn lease_length(&self) -> Duration {
+        self.total_timeout + self.lease_margin
+    }
+
+    /// How long after asking for a lease its request may still be sent: the whole exchange,
+    /// late answers included ([`HttpClient::send`]), then ends inside the lease.
+    pub fn send_within(&self) -> Duration {
+        self.lease_margin.saturating_sub(LATE_ANSWER_GRACE)
+    }
 }
 
 impl Default for HttpLimits {
@@ -25,6 +43,7 @@ impl Default for HttpLimits {
             // Token answers are a few hundred bytes; Wild Apricot's permission lists can grow, 64 KiB
             // leaves room for those and nothing pathological.
             max_answer_bytes: 64 * 1024,
+            lease_margin: Duration::from_secs(30),
         }
     }
 }
@@ -53,7 +72,6 @@ impl HttpClient {
     pub fn new(limits: HttpLimits, proxy: Option<&url::Url>) -> Result<Self, String> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(limits.connect_timeout)
-            .timeout(limits.total_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
             .no_proxy();
@@ -71,9 +89,30 @@ impl HttpClient {
         self.limits
     }
 
-    /// Sends the request and reads at most `max_answer_bytes` of the answer. Transport problems
-    /// (connect, timeout, reset) come back as [`Failure::Transient`].
+    /// Sends the request and reads at most `max_answer_bytes` of the answer within
+    /// `total_timeout`. Transport problems (connect, timeout, reset) come back as
+    /// [`Failure::Transient`].
+    ///
+    /// An answer that already arrived wins over the timeout. A process that was stopped
+    /// (SIGSTOP, a frozen VM) while waiting wakes with the timer expired and the provider's answer
+    /// — a rotated refresh token, the only live one — in its socket; reqwest's own timeout would
+    /// discard it. So the exchange gets [`LATE_ANSWER_GRACE`] more to be read out before it is
+    /// given up: within the lease, whose margin is at least a second.
     pub async fn send(&self, request: &TokenRequest) -> Result<RawAnswer, Failure> {
+        let exchange = std::pin::pin!(self.exchange(request));
+        let mut exchange = exchange;
+        if let Ok(answer) = tokio::time::timeout(self.limits.total_timeout, &mut exchange).await {
+            return answer;
+        }
+        tokio::time::timeout(LATE_ANSWER_GRACE, exchange).await.unwrap_or_else(|_| {
+            Err(Failure::Transient {
+                reason: format!("timed out: no complete answer within {:?}", self.limits.total_timeout),
+                retry_after: None,
+            })
+        })
+    }
+
+    async fn exchange(&self, request: &TokenRequest) -> Result<RawAnswer, Failure> {
         let mut builder = self.client.post(request.url.clone()).header(reqwest::header::ACCEPT, "application/json");
         if let Some((user, pass)) = &request.basic_auth {
             builder = builder.basic_auth(user, Some(pass.expose()));
@@ -105,6 +144,10 @@ impl HttpClient {
         Ok(answer)
     }
 }
+
+/// How long an exchange whose timeout fired may still deliver an answer that is already on its
+/// way (see [`HttpClient::send`]).
+const LATE_ANSWER_GRACE: Duration = Duration::from_millis(250);
 
 fn too_large(cap: usize) -> Failure {
     Failure::Rejected { reason: format!("token endpoint answered with more than {cap} bytes; answer discarded") }

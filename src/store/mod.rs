@@ -243,8 +243,9 @@ pub enum Begin {
     /// The lease is ours and the attempt is recorded. `state` is `None` when nothing is stored
     /// yet (an API-key credential's first token).
     Leased { state: Option<TokenState>, attempt_id: i64 },
-    /// Another live holder is refreshing this credential.
-    Busy { pid: u32, deadline_ms: i64 },
+    /// Another live holder is refreshing this credential. `lease_left_ms` is how long its lease
+    /// still runs, by the store's clock (the database server's, for a fleet).
+    Busy { pid: u32, lease_left_ms: i64 },
 }
 
 /// An attempt that never got a result (its process died mid-refresh).

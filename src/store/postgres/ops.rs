@@ -107,19 +107,19 @@ pub async fn begin(
     // SKIP LOCKED: a lease row another node is taking right now is busy, not waited for.
     let current = tx
         .query_opt(
-            "SELECT holder, node, pid, deadline > now(), (extract(epoch FROM deadline) * 1000)::bigint
+            "SELECT holder, node, pid, deadline > now(), (extract(epoch FROM deadline - now()) * 1000)::bigint
              FROM tokend_lease WHERE credential = $1 FOR UPDATE SKIP LOCKED",
             &[&name],
         )
         .await?;
     match current {
         Some(row) => {
-            let (other, other_node, other_pid, live, deadline_ms): (String, String, i32, bool, i64) =
+            let (other, other_node, other_pid, live, lease_left_ms): (String, String, i32, bool, i64) =
                 (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
             let ours = other == holder.id;
             let dead_here = other_node == node && !super::pid_alive(other_pid.unsigned_abs());
             if !ours && live && !dead_here {
-                return Ok(Begin::Busy { pid: other_pid.unsigned_abs(), deadline_ms });
+                return Ok(Begin::Busy { pid: other_pid.unsigned_abs(), lease_left_ms });
             }
             if !ours {
                 tracing::warn!(credential = name, stale_holder = %other, stale_node = %other_node, "reclaiming a stale lease (holder gone or past its deadline on the database's clock)");
@@ -141,12 +141,17 @@ pub async fn begin(
                 .await?;
             if taken == 0 {
                 // Another node holds the row locked this very moment: busy, look again soon.
-                return Ok(Begin::Busy { pid: 0, deadline_ms: now_ms });
+                return Ok(Begin::Busy { pid: 0, lease_left_ms: 0 });
             }
         }
     }
     let state = tx.query_opt(STATE_BY_NAME, &[&name]).await?.as_ref().map(state_from_row).transpose()?;
     let generation = state.as_ref().map_or(0, |s| s.generation);
+    if let Some(rival) = probed_rival(&tx, name, generation).await? {
+        tx.rollback().await?;
+        tracing::debug!(credential = name, rival_holder = %rival, "not sending: the grant was already probed while this holder's attempt is unresolved");
+        return Ok(Begin::Busy { pid: 0, lease_left_ms: PROBED_RIVAL_RECHECK_MS });
+    }
     let spent = state.as_ref().and_then(|s| s.refresh_token.as_ref()).map(|t| fingerprint(t.expose()));
     let attempt_id: i64 = tx
         .query_one(
@@ -275,6 +280,34 @@ pub async fn commit(
 /// Tells every listening node (after the transaction commits) that `name` is at `generation`.
 async fn notify(tx: &tokio_postgres::Transaction<'_>, name: &str, generation: i64) -> Result<(), Error> {
     tx.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{generation} {name}")]).await.map(|_| ())
+}
+
+/// How soon a credential held back by [`probed_rival`] is looked at again.
+const PROBED_RIVAL_RECHECK_MS: i64 = 2000;
+
+/// Another holder's unresolved attempt on `generation` (see [`unresolved_rival`]) after which
+/// someone already presented the same refresh token and got a rejection whose `needs_reauth` was
+/// deferred. That one probe showed the token spent; presenting it again while the rival may
+/// still land the only live answer would only show it again — and a provider that revokes a
+/// whole grant on reuse would take that answer with it.
+async fn probed_rival(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+    generation: i64,
+) -> Result<Option<String>, Error> {
+    let row = tx
+        .query_opt(
+            "SELECT r.holder FROM tokend_attempt r
+             WHERE r.credential = $1 AND r.finished_at_ms IS NULL AND r.from_generation = $2
+               AND r.backend_pid <> pg_backend_pid()
+               AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = r.backend_pid)
+               AND EXISTS (SELECT 1 FROM tokend_attempt d
+                           WHERE d.credential = $1 AND d.from_generation = $2 AND d.result = 'rejected, deferred')
+             LIMIT 1",
+            &[&name, &generation],
+        )
+        .await?;
+    row.map(|r| r.try_get(0)).transpose()
 }
 
 /// An open attempt of another holder on the same generation whose database session still

@@ -79,6 +79,19 @@ impl PgTarget {
         Ok(PgTarget { config, shown, password_unavailable: None })
     }
 
+    /// A node stopped in the middle of a transaction (SIGSTOP, a frozen VM) would hold that
+    /// transaction's row locks — a lease row among them — for as long as it is stopped. The server
+    /// ends such a transaction after `limit`, which the configuration keeps within a lease's
+    /// margin, so a stopped node is replaced within its lease. A limit in the connection string's
+    /// own `options` is kept.
+    pub fn end_idle_transactions_after(&mut self, limit: std::time::Duration) {
+        let options = self.config.get_options().unwrap_or_default();
+        if !options.contains("idle_in_transaction_session_timeout") {
+            let joined = format!("{options} -c idle_in_transaction_session_timeout={}", limit.as_millis());
+            self.config.options(joined.trim());
+        }
+    }
+
     /// Records that the password source could not be read (see the field).
     pub fn with_password_unavailable(mut self, why: String) -> Self {
         self.password_unavailable = Some(why);

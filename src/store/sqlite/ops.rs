@@ -32,7 +32,7 @@ pub(crate) fn begin(
     if let Some((other, pid, deadline_ms)) = current {
         let ours = other == holder.id;
         if !ours && deadline_ms > now_ms && process_alive(pid) {
-            return Ok(Begin::Busy { pid, deadline_ms });
+            return Ok(Begin::Busy { pid, lease_left_ms: deadline_ms - now_ms });
         }
         if !ours {
             tracing::warn!(
