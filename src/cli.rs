@@ -556,6 +556,7 @@ fn check(path: &std::path::Path) -> Result<(), CliError> {
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
+    fleet_agreement(&config)?;
     println!(
         "{}: ok, {} credential(s), database {}",
         path.display(),
@@ -581,6 +582,37 @@ fn check(path: &std::path::Path) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// A fleet node's check also compares its provider settings with the other nodes' records:
+/// a node that would spend a shared refresh token differently is a configuration error. A store
+/// that cannot be reached only leaves the comparison undone.
+fn fleet_agreement(config: &Config) -> Result<(), CliError> {
+    if config.daemon.postgres.is_none() {
+        return Ok(());
+    }
+    let compared = AnyStore::open(config)
+        .and_then(|store| store.settings_agreement(crate::daemon::shared_settings(config), false));
+    match compared {
+        Ok(found) if found.is_empty() => Ok(()),
+        Ok(found) => {
+            for disagreement in &found {
+                eprintln!("{}: {disagreement}", config.path.display());
+            }
+            Err(CliError::new(
+                exit::CONFIG,
+                format!(
+                    "{}: provider settings differ from other fleet nodes' ({} difference(s) above); every node must send the same",
+                    config.path.display(),
+                    found.len()
+                ),
+            ))
+        }
+        Err(e) => {
+            eprintln!("warning: provider settings not compared with the other fleet nodes: {e}");
+            Ok(())
+        }
+    }
 }
 
 fn credential<'a>(config: &'a Config, name: &str) -> Result<&'a Credential, CliError> {

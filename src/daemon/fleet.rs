@@ -17,6 +17,17 @@ pub(super) struct Fleet {
     /// the race for the lease, or is about to find the new generation): looked at again as soon
     /// as that refresh is over, rather than when its busy-retry comes round.
     heard_in_flight: FxHashMap<Arc<str>, i64>,
+    /// Credentials whose provider settings differ from another node's, at the last comparison.
+    disagreeing: usize,
+}
+
+/// Every credential's provider settings as recorded for the fleet (settings.rs).
+pub(crate) fn shared_settings(config: &Config) -> Vec<(String, String)> {
+    config
+        .credentials
+        .iter()
+        .map(|c| (c.name.to_string(), crate::store::postgres::settings::encode(&c.endpoint.shared_settings())))
+        .collect()
 }
 
 /// The next store event, or never for a store without notifications.
@@ -36,6 +47,7 @@ impl Daemon {
                 }
                 self.fleet.listening = Some(true);
                 self.fleet.lost_since = None;
+                self.check_settings_agree();
                 self.sync_from_store();
                 self.publish_soon();
             }
@@ -51,6 +63,37 @@ impl Daemon {
         }
     }
 
+    /// Records this node's provider settings and says, one ERROR line per credential and node,
+    /// where another node's differ: a refresh by either spends the refresh token both depend on.
+    /// Run whenever the listener (re)connects and after every reload.
+    pub(super) fn check_settings_agree(&mut self) {
+        if self.fleet.listening.is_none() {
+            return;
+        }
+        let settings = shared_settings(&self.config);
+        let compared = self.store().settings_agreement(settings, true);
+        match compared {
+            Ok(found) => {
+                for disagreement in &found {
+                    tracing::error!("{disagreement}; every node must send the same (sinks and hooks may differ)");
+                }
+                let mut names: Vec<&str> = found.iter().map(|d| d.credential.as_str()).collect();
+                names.dedup();
+                self.fleet.disagreeing = names.len();
+            }
+            Err(e) => tracing::warn!("cannot compare provider settings with the other nodes: {e}"),
+        }
+    }
+
+    /// Takes this node's settings record away as it stops cleanly.
+    pub(super) fn forget_settings(&self) {
+        if self.fleet.listening.is_some()
+            && let Err(e) = self.store().forget_settings()
+        {
+            tracing::warn!("cannot remove this node's settings record: {e}");
+        }
+    }
+
     /// The fleet's part of STATUS=: the store, whether it answers, the leases this node holds
     /// (one per refresh in flight). Empty on SQLite.
     pub(super) fn fleet_status(&self) -> String {
@@ -61,10 +104,15 @@ impl Daemon {
             };
         };
         let store = self.config.daemon.postgres.as_ref().map_or("?", |t| t.shown());
+        let disagreeing = match self.fleet.disagreeing {
+            0 => String::new(),
+            n => format!("; PROVIDER SETTINGS DIFFER from another node's for {n} credential(s) (see the log)"),
+        };
         match (listening, self.fleet.lost_since) {
-            (true, _) => {
-                format!("; store {store}: reachable, {} lease(s) held by this node", self.admission.running.len())
-            }
+            (true, _) => format!(
+                "; store {store}: reachable, {} lease(s) held by this node{disagreeing}",
+                self.admission.running.len()
+            ),
             (false, since) => format!(
                 "; store {store}: UNREACHABLE since {} (reconnecting; sinks keep their tokens, nothing is refreshed until it answers)",
                 since.map_or("?".into(), rfc3339)
@@ -80,9 +128,12 @@ impl Daemon {
             "# HELP tokend_store_reachable Whether the fleet's PostgreSQL store answers (its notification connection is up).\n\
              # TYPE tokend_store_reachable gauge\ntokend_store_reachable {}\n\
              # HELP tokend_leases_held Credential leases this node holds (refreshes in flight).\n\
-             # TYPE tokend_leases_held gauge\ntokend_leases_held {}\n",
+             # TYPE tokend_leases_held gauge\ntokend_leases_held {}\n\
+             # HELP tokend_fleet_settings_disagreeing Credentials whose provider settings differ from another node's.\n\
+             # TYPE tokend_fleet_settings_disagreeing gauge\ntokend_fleet_settings_disagreeing {}\n",
             u8::from(listening),
-            self.admission.running.len()
+            self.admission.running.len(),
+            self.fleet.disagreeing
         )
     }
 

@@ -30,6 +30,7 @@ mod systemd;
 mod watch;
 
 use events::TriggerFloor;
+pub(crate) use fleet::shared_settings;
 use instance::lock_database;
 pub use instance::{
     ReloadOutcome, notify_store_changed, publish_imported, reload_outcome_path, running_daemon, store_changed_path,
@@ -341,6 +342,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
             }
         }
     }
+    daemon.forget_settings();
     daemon.publish();
     tracing::info!("stopped");
     Ok(())

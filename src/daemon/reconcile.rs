@@ -104,7 +104,10 @@ impl Daemon {
         self.reloads += 1;
         let outcome = self.try_reload();
         match &outcome {
-            Ok(()) => tracing::info!("configuration reloaded: {}", self.summary().describe()),
+            Ok(()) => {
+                tracing::info!("configuration reloaded: {}", self.summary().describe());
+                self.check_settings_agree();
+            }
             Err(why) => {
                 for line in why.lines() {
                     tracing::error!("reload rejected, the running configuration stays: {line}");

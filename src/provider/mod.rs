@@ -267,6 +267,30 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// What every fleet node refreshing one credential must agree on: everything that shapes the
+    /// request a refresh token is spent in, and how its answer is read. Secrets by fingerprint.
+    pub fn shared_settings(&self) -> Vec<(&'static str, String)> {
+        let secret = |s: Option<&Secret>| s.map_or_else(|| "none".to_string(), Secret::fingerprint);
+        vec![
+            ("provider", self.kind.as_str().to_string()),
+            ("token_url", self.token_url.to_string()),
+            ("client_id", self.client_id.clone()),
+            ("client_secret", secret(self.client_secret.as_ref())),
+            ("client_auth", format!("{:?}", self.auth).to_lowercase()),
+            ("scope", self.scope.clone().unwrap_or_else(|| "none".into())),
+            (
+                "grant",
+                match &self.grant {
+                    GrantKind::RefreshToken => "refresh_token".to_string(),
+                    GrantKind::ApiKey(key) => format!("api_key {}", secret(Some(key))),
+                },
+            ),
+            ("revocation_url", self.revocation_url.as_ref().map_or_else(|| "none".into(), Url::to_string)),
+            ("extra_fields", self.extra_fields.join(",")),
+            ("rate_limit", format!("{:?}", self.rate_limit).to_lowercase()),
+        ]
+    }
+
     /// The key of the budget a rate-limit answer for `credential` speaks for, by
     /// [`Endpoint::rate_limit`]: the credential itself, or the token endpoint's origin and the
     /// client (the API key's fingerprint for key credentials), or the origin alone. A `429` from

@@ -147,6 +147,29 @@ impl AnyStore {
         }
     }
 
+    /// Records this node's provider settings per credential (name, encoded) and returns where
+    /// other fleet nodes' differ; `record: false` only compares (`tokend check`). One machine has
+    /// no one to disagree with.
+    pub fn settings_agreement(
+        &self,
+        settings: Vec<(String, String)>,
+        record: bool,
+    ) -> Result<Vec<super::postgres::settings::Disagreement>, StoreError> {
+        match self {
+            AnyStore::Sqlite(_) => Ok(Vec::new()),
+            AnyStore::Postgres(p) if record => p.record_settings(settings),
+            AnyStore::Postgres(p) => p.compare_settings(settings),
+        }
+    }
+
+    /// Takes this node's settings record away (a clean stop).
+    pub fn forget_settings(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(_) => Ok(()),
+            AnyStore::Postgres(p) => p.forget_settings(),
+        }
+    }
+
     /// A fleet store's leases; SQLite's are not reported (one machine: `tokend list` shows the
     /// attempts in flight).
     pub fn leases(&self) -> Result<Vec<super::postgres::Lease>, StoreError> {

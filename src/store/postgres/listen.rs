@@ -72,6 +72,14 @@ async fn session(target: &PgTarget, tx: &UnboundedSender<StoreEvent>) -> Result<
         driver.abort();
         return Err(describe(&e));
     }
+    let backend = match client.query_one("SELECT pg_backend_pid()", &[]).await.and_then(|r| r.try_get::<_, i32>(0)) {
+        Ok(pid) => pid,
+        Err(e) => {
+            driver.abort();
+            return Err(describe(&e));
+        }
+    };
+    super::LISTENER_BACKEND.store(backend, std::sync::atomic::Ordering::SeqCst);
     if tx.send(StoreEvent::Listening).is_err() {
         driver.abort();
         return Ok("stopped".into());
@@ -84,6 +92,7 @@ async fn session(target: &PgTarget, tx: &UnboundedSender<StoreEvent>) -> Result<
             return Ok("stopped".into());
         }
     }
+    super::LISTENER_BACKEND.store(0, std::sync::atomic::Ordering::SeqCst);
     drop(client);
     Ok(driver.await.unwrap_or_else(|e| e.to_string()))
 }

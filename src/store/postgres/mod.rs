@@ -14,6 +14,7 @@
 
 pub mod listen;
 mod ops;
+pub mod settings;
 mod target;
 
 pub use ops::COMMIT_CHANNEL;
@@ -38,7 +39,23 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE tokend_credential ADD COLUMN dead_since bigint;
      UPDATE tokend_credential SET refresh_token_issued_at = created_at WHERE refresh_token IS NOT NULL;
      UPDATE tokend_credential SET dead_since = updated_at WHERE status <> 'active';",
+    // v3: what each node would send for each credential, so that nodes can tell when they
+    // disagree (settings.rs).
+    "CREATE TABLE tokend_node_settings (
+         node        text NOT NULL,
+         credential  text NOT NULL,
+         settings    text NOT NULL,
+         recorded_at timestamptz NOT NULL DEFAULT now(),
+         PRIMARY KEY (node, credential)
+     );",
 ];
+/// The server process of this node's listening connection (0: none). Attempts record it as
+/// the session whose existence says the attempt may still land: that connection is never inside a
+/// transaction, so the server never ends it for idling in one (see
+/// [`PgTarget::end_idle_transactions_after`]), and it lives exactly as long as the node does.
+/// Without a listener (the CLI) the attempt's own session is used, which lives through its refresh.
+pub(crate) static LISTENER_BACKEND: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 /// Serialises concurrent `tokend migrate` runs (an arbitrary constant: "tokend" in ASCII).
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e64;
 /// One store operation (a transaction or a read) must finish within this.
@@ -460,6 +477,32 @@ impl PgStore {
     pub fn cancel_attempt_now(&self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {
         let why = why.to_string();
         self.call(move |c| Box::pin(async move { ops::cancel(c, attempt_id, &why, now_ms).await }))
+    }
+
+    /// This node's name in the settings records: the host and the node's own directory, which
+    /// stay the same across its restarts (several nodes may share a host).
+    pub fn node_name(&self) -> String {
+        let host = node_identity().split('/').next().unwrap_or_default();
+        format!("{host}:{}", self.local.display())
+    }
+
+    /// Records this node's provider settings per credential and returns where other nodes'
+    /// differ (settings.rs).
+    pub fn record_settings(&self, settings: Vec<(String, String)>) -> Result<Vec<settings::Disagreement>, StoreError> {
+        let node = self.node_name();
+        self.call(move |c| Box::pin(async move { settings::record(c, &node, &settings).await }))
+    }
+
+    /// Where other nodes' settings differ from `settings`, recording nothing.
+    pub fn compare_settings(&self, settings: Vec<(String, String)>) -> Result<Vec<settings::Disagreement>, StoreError> {
+        let node = self.node_name();
+        self.call(move |c| Box::pin(async move { settings::compare(c, &node, &settings).await }))
+    }
+
+    /// Removes this node's settings record (a clean stop).
+    pub fn forget_settings(&self) -> Result<(), StoreError> {
+        let node = self.node_name();
+        self.call(move |c| Box::pin(async move { settings::forget(c, &node).await }))
     }
 
     pub fn maintenance(&self, now_ms: i64, keep: Duration) -> Result<usize, StoreError> {

@@ -156,8 +156,8 @@ pub async fn begin(
     let attempt_id: i64 = tx
         .query_one(
             "INSERT INTO tokend_attempt (credential, from_generation, spent_fp, holder, node, backend_pid, started_at_ms)
-             VALUES ($1, $2, $3, $4, $5, pg_backend_pid(), $6) RETURNING id",
-            &[&name, &generation, &spent, &holder.id, &node, &now_ms],
+             VALUES ($1, $2, $3, $4, $5, coalesce(nullif($7, 0), pg_backend_pid()), $6) RETURNING id",
+            &[&name, &generation, &spent, &holder.id, &node, &now_ms, &super::LISTENER_BACKEND.load(std::sync::atomic::Ordering::SeqCst)],
         )
         .await?
         .try_get(0)?;
@@ -299,12 +299,12 @@ async fn probed_rival(
         .query_opt(
             "SELECT r.holder FROM tokend_attempt r
              WHERE r.credential = $1 AND r.finished_at_ms IS NULL AND r.from_generation = $2
-               AND r.backend_pid <> pg_backend_pid()
+               AND r.backend_pid <> coalesce(nullif($3, 0), pg_backend_pid())
                AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = r.backend_pid)
                AND EXISTS (SELECT 1 FROM tokend_attempt d
                            WHERE d.credential = $1 AND d.from_generation = $2 AND d.result = 'rejected, deferred')
              LIMIT 1",
-            &[&name, &generation],
+            &[&name, &generation, &super::LISTENER_BACKEND.load(std::sync::atomic::Ordering::SeqCst)],
         )
         .await?;
     row.map(|r| r.try_get(0)).transpose()
@@ -322,6 +322,7 @@ async fn unresolved_rival(
             "SELECT r.id, r.holder FROM tokend_attempt a JOIN tokend_attempt r
                ON r.credential = a.credential AND r.from_generation = a.from_generation AND r.id <> a.id
              WHERE a.id = $1 AND r.finished_at_ms IS NULL
+               AND r.backend_pid <> a.backend_pid
                AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = r.backend_pid)
              ORDER BY r.id LIMIT 1",
             &[&attempt_id],
