@@ -22,10 +22,12 @@ pub fn init(level: &str, format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // tokio-postgres logs every statement's parameters — tokens among them — at debug level:
     // whatever the filter asks for, that crate speaks at info at most.
-    let filter = match "tokio_postgres=info".parse() {
-        Ok(quiet) => filter.add_directive(quiet),
-        Err(_) => filter,
-    };
+    // The certificate verifier logs each rejected certificate as an ERROR of its own; the error
+    // it returns reaches the operator already, in tokend's one line (exit 9, README "Fleet").
+    let filter = ["tokio_postgres=info", "rustls_platform_verifier=off"]
+        .into_iter()
+        .filter_map(|directive| directive.parse().ok())
+        .fold(filter, EnvFilter::add_directive);
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -1223,3 +1223,112 @@ async fn nodes_whose_provider_settings_differ_say_so_and_sinks_may_differ() {
     second.signal(Signal::SIGTERM);
     assert_eq!(second.wait_exit(Duration::from_secs(15)).await, 0);
 }
+
+/// A CA and a server certificate for `localhost` / 127.0.0.1 it signed, made with the openssl
+/// command: (CA certificate, server certificate, server key), PEM.
+fn test_certificates(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tokend test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    (read("ca.crt"), read("server.crt"), read("server.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_speaks_tls_and_checks_the_servers_certificate() {
+    let mut pg = PgServer::start();
+    let db = pg.create_database("tls").await;
+    let w = World::new(MockSettings::default()).await;
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(certs.path());
+    pg.enable_tls(&cert, &key);
+    let ca_file = w.path("ca.crt");
+    std::fs::write(&ca_file, ca).unwrap();
+    let lines = daemon_lines(&pg, &db, w.dir.path(), "state");
+    let over_tls = lines.replace(
+        &format!("database = \"{}\"", pg.conninfo(&db)),
+        &format!("database = \"postgres://tokend@localhost:{}/{db}?sslmode=require\"", support::postgres::PG_PORT),
+    );
+    assert_ne!(lines, over_tls);
+    std::fs::create_dir(w.path("out")).unwrap();
+    w.write_config_daemon_only(&over_tls, &NUDGE_AND_NB.replace("{mock}", &w.mock.url("")));
+    let trusting = [("SSL_CERT_FILE", ca_file.to_str().unwrap())];
+
+    // The CA is not among the system's roots: refused, one line, exit 9.
+    let run = w.tokend(&["migrate"], None).await;
+    assert_eq!(run.code, 9, "{}", run.stderr);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.to_lowercase().contains("certificate"), "{}", run.stderr);
+
+    // Trusted (as an operator adds a private CA to the system's roots): it works, over TLS.
+    let run = w.tokend_env(&["migrate"], None, &trusting).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let answer = w.mock.authorize("n").to_string();
+    assert_eq!(w.tokend_env(&["import", "n"], Some(&answer), &trusting).await.code, 0);
+    let mut node = w.start_daemon_env(&trusting).await;
+    let admin = pg.client(&db).await;
+    let sessions = admin
+        .query(
+            "SELECT s.ssl, s.version FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'tokend'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(sessions.len() >= 2, "the node's store and listener connections: {}", sessions.len());
+    for row in &sessions {
+        let (ssl, version): (bool, Option<String>) = (row.get(0), row.get(1));
+        assert!(ssl && version.as_deref() == Some("TLSv1.3"), "a session without TLS 1.3: {version:?}");
+    }
+    node.signal(Signal::SIGTERM);
+    assert_eq!(node.wait_exit(Duration::from_secs(15)).await, 0, "{}", node.log_text());
+}

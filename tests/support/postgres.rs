@@ -11,13 +11,15 @@ use tempfile::TempDir;
 
 pub const PG_USER: &str = "tokend";
 pub const PG_PASSWORD: &str = "pg-test-password";
-/// Only names the socket file (`.s.PGSQL.<port>`): nothing listens on TCP.
+/// Names the socket file (`.s.PGSQL.<port>`); nothing listens on TCP unless a test enables TLS.
 pub const PG_PORT: u16 = 5432;
 const NOBODY: u32 = 65534;
 
 pub struct PgServer {
     dir: TempDir,
     child: Option<Child>,
+    /// Server options beyond the Unix-socket defaults (TLS on a loopback port).
+    extra: Vec<String>,
 }
 
 /// The directory holding `initdb` and `postgres`: on PATH, else Debian's versioned directory.
@@ -66,9 +68,35 @@ impl PgServer {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut server = PgServer { dir, child: None };
+        let mut server = PgServer { dir, child: None, extra: Vec::new() };
         server.launch();
         server
+    }
+
+    /// Restarts the server with TLS on 127.0.0.1:[`PG_PORT`] (besides its socket: one port
+    /// names both), with this certificate chain and key (PEM), copied where the server user can
+    /// read them. Only one test at a time may do this.
+    pub fn enable_tls(&mut self, cert_pem: &[u8], key_pem: &[u8]) {
+        let (cert, key) = (self.dir.path().join("server.crt"), self.dir.path().join("server.key"));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            for file in [&cert, &key] {
+                nix::unistd::chown(file, Some(NOBODY.into()), Some(NOBODY.into())).unwrap();
+            }
+        }
+        self.extra = vec![
+            "-c".into(),
+            "ssl=on".into(),
+            "-c".into(),
+            format!("ssl_cert_file={}", cert.display()),
+            "-c".into(),
+            format!("ssl_key_file={}", key.display()),
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+        ];
+        self.restart();
     }
 
     pub fn socket_dir(&self) -> &Path {
@@ -89,6 +117,7 @@ impl PgServer {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.path().display()))
             .args(["-c", "max_connections=200", "-c", "shared_buffers=32MB"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
