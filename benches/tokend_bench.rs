@@ -7,7 +7,7 @@
 //!   cargo bench --bench tokend_bench -- smoke   small and quick, for CI; no time assertions
 //!   TOKEND_BENCH_BIN=path/to/old/tokend cargo bench --bench tokend_bench -- catchup n=10000
 //!                                               another build through the same harness
-//!   cargo bench --bench tokend_bench -- fleet n=10000
+//!   cargo bench --bench tokend_bench -- fleet n=10000 [nodes=3]
 //!                                               catch-up on SQLite, then on PostgreSQL with 1
 //!                                               and 3 nodes (only when asked: needs PostgreSQL)
 //!
@@ -777,7 +777,9 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     if args.iter().any(|a| a == "fleet") {
         let n = args.iter().find_map(|a| a.strip_prefix("n=")).map_or(10_000, |n| n.parse().expect("n=NUMBER"));
-        fleet_report(&rt, n);
+        let nodes: Option<usize> =
+            args.iter().find_map(|a| a.strip_prefix("nodes=")).map(|n| n.parse().expect("nodes=NUMBER"));
+        fleet_report(&rt, n, nodes);
         return;
     }
     let mut report = String::new();
@@ -1040,12 +1042,36 @@ fn fleet_catch_up(rt: &tokio::runtime::Runtime, n: usize, nodes: usize) -> Fleet
         stop(r);
     }
     let cpu_secs = children_cpu_secs() - cpu_before;
+    if mock.refreshes() as usize != n {
+        // What the store says of the credentials refreshed more than once, for the failure.
+        let rows = rt
+            .block_on(client.query(
+                "SELECT a.credential, a.from_generation, a.holder, a.started_at_ms, a.finished_at_ms, a.result
+                 FROM tokend_attempt a JOIN tokend_credential c ON c.name = a.credential
+                 WHERE c.generation > 2 ORDER BY a.credential, a.id LIMIT 30",
+                &[],
+            ))
+            .unwrap();
+        for r in rows {
+            let (name, from, holder, started, finished, result): (
+                String,
+                i64,
+                String,
+                i64,
+                Option<i64>,
+                Option<String>,
+            ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
+            eprintln!("{name} from generation {from} by {holder}: {started} .. {finished:?} {result:?}");
+        }
+        eprintln!("reuses of a spent refresh token: {}", mock.reuses());
+    }
     assert_eq!(mock.refreshes() as usize, n, "exactly one rotation per credential");
     assert_eq!(mock.reuses(), 0, "a spent refresh token was presented again");
     FleetCatchUp { nodes, committed_secs, sinks_secs, per_sec: n as f64 / sinks_secs, cpu_secs, by_node }
 }
 
-fn fleet_report(rt: &tokio::runtime::Runtime, n: usize) {
+/// `only_nodes`: just the PostgreSQL row with that many nodes (a quicker look while working on it).
+fn fleet_report(rt: &tokio::runtime::Runtime, n: usize, only_nodes: Option<usize>) {
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     println!(
         "## fleet catch-up, N = {n} (all due at once; every rotation committed and every node's every sink written)\n"
@@ -1055,9 +1081,11 @@ fn fleet_report(rt: &tokio::runtime::Runtime, n: usize) {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let before = load();
-    let c = catch_up(rt, n);
-    println!("| SQLite | 1 | - | {:.2} | {:.0} | {:.2} | {n} | {before} |", c.secs, c.per_sec, c.cpu_secs);
-    for nodes in [1, 3] {
+    if only_nodes.is_none() {
+        let c = catch_up(rt, n);
+        println!("| SQLite | 1 | - | {:.2} | {:.0} | {:.2} | {n} | {before} |", c.secs, c.per_sec, c.cpu_secs);
+    }
+    for nodes in only_nodes.map_or(vec![1, 3], |n| vec![n]) {
         let before = load();
         let f = fleet_catch_up(rt, n, nodes);
         println!(
