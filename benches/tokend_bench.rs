@@ -9,7 +9,9 @@
 //!                                               another build through the same harness
 //!   cargo bench --bench tokend_bench -- fleet n=10000 [nodes=3]
 //!                                               catch-up on SQLite, then on PostgreSQL with 1
-//!                                               and 3 nodes (only when asked: needs PostgreSQL)
+//!                                               and 3 nodes, then a fleet node's idle wake-ups
+//!                                               (only when asked: needs PostgreSQL);
+//!                                               `fleet idle`: the idle part alone
 //!
 //! Measured: catch-up (N credentials all due at once → every rotation committed and every sink
 //! written), steady-state lateness (request received at the provider − due time), start-up (exec →
@@ -779,7 +781,11 @@ fn main() {
         let n = args.iter().find_map(|a| a.strip_prefix("n=")).map_or(10_000, |n| n.parse().expect("n=NUMBER"));
         let nodes: Option<usize> =
             args.iter().find_map(|a| a.strip_prefix("nodes=")).map(|n| n.parse().expect("nodes=NUMBER"));
-        fleet_report(&rt, n, nodes);
+        if args.iter().any(|a| a == "idle") {
+            fleet_idle_report(&rt);
+        } else {
+            fleet_report(&rt, n, nodes);
+        }
         return;
     }
     let mut report = String::new();
@@ -1070,6 +1076,69 @@ fn fleet_catch_up(rt: &tokio::runtime::Runtime, n: usize, nodes: usize) -> Fleet
     FleetCatchUp { nodes, committed_secs, sinks_secs, per_sec: n as f64 / sinks_secs, cpu_secs, by_node }
 }
 
+/// Idle wake-ups of one fleet node: `n` credentials in a PostgreSQL store, none due for the
+/// next hour; after `settle` (start-up's sink writes done, tokio's blocking threads idled out),
+/// context switches of the node's threads over `window`, and of its server backends (the
+/// writer's, the reader's and the listener's connections).
+fn fleet_idle(rt: &tokio::runtime::Runtime, n: usize, settle: Duration, window: Duration) -> (f64, String, f64, usize) {
+    let mock = rt.block_on(MockProvider::start(MockSettings::default())).unwrap();
+    let server = pg::PgServer::start();
+    let db = rt.block_on(server.create_database("idle"));
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_secs();
+    let target = tokend::store::postgres::PgTarget::parse(
+        &server.conninfo(&db),
+        Some(&tokend::redact::Secret::new(pg::PG_PASSWORD)),
+    )
+    .unwrap();
+    let store = tokend::store::postgres::PgStore::start(&target, &dir.path().join("fleet")).unwrap();
+    store.migrate().unwrap();
+    let tokens: Vec<_> = (0..n)
+        .map(|i| {
+            let answer = parse_token_json(mock.authorize(&format!("c{i}")).to_string().as_bytes()).unwrap();
+            new_token(&answer, IssueTime { created_at: now, distrusted_skew: None }, &format!("c{i}"), &[])
+        })
+        .collect();
+    let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    let rows: Vec<(&str, &str, &tokend::store::NewToken)> =
+        names.iter().zip(&tokens).map(|(n, t)| (n.as_str(), "oauth2", t)).collect();
+    store.import_many(&rows, now).unwrap();
+    drop(store);
+    let node_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(node_dir.path().join("sinks")).unwrap();
+    let mut config = format!("[daemon]\n{}\n", pg::daemon_lines(&server, &db, node_dir.path(), "state"));
+    for i in 0..n {
+        config.push_str(&format!(
+            "[[credential]]\nname = \"c{i}\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n[[credential.sink]]\npath = \"sinks/c{i}.token\"\n",
+            mock.url("/token")
+        ));
+    }
+    std::fs::write(node_dir.path().join("tokend.toml"), config).unwrap();
+    let fixture = Fixture { dir: node_dir };
+    let running = start_tokend(&fixture);
+    let pid = running.child.id();
+    std::thread::sleep(settle);
+    let client = rt.block_on(server.client(&db));
+    let backends: Vec<u32> = rt
+        .block_on(
+            client.query("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", &[&db]),
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i32>(0).unsigned_abs())
+        .collect();
+    let server_switches = || -> u64 { backends.iter().map(|b| context_switches(*b)).sum() };
+    let (cs0, srv0) = (context_switches_by_task(pid), server_switches());
+    std::thread::sleep(window);
+    let (cs1, srv1) = (context_switches_by_task(pid), server_switches());
+    let minutes = window.as_secs_f64() / 60.0;
+    let woken = who_switched(pid, &cs0, &cs1);
+    let per_min = switches_between(&cs0, &cs1) as f64 / minutes;
+    stop(running);
+    assert_eq!(mock.refreshes(), 0, "nothing was due");
+    (per_min, woken, srv1.saturating_sub(srv0) as f64 / minutes, backends.len())
+}
+
 /// `only_nodes`: just the PostgreSQL row with that many nodes (a quicker look while working on it).
 fn fleet_report(rt: &tokio::runtime::Runtime, n: usize, only_nodes: Option<usize>) {
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
@@ -1094,4 +1163,17 @@ fn fleet_report(rt: &tokio::runtime::Runtime, n: usize, only_nodes: Option<usize
         );
     }
     println!("\nloadavg after: {}", load());
+    if only_nodes.is_none() {
+        fleet_idle_report(rt);
+    }
+}
+
+fn fleet_idle_report(rt: &tokio::runtime::Runtime) {
+    let before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
+    let (per_min, woken, server_per_min, backends) =
+        fleet_idle(rt, 100, Duration::from_secs(15), Duration::from_secs(60));
+    println!(
+        "\n| idle fleet node (PostgreSQL, 100 credentials, nothing due), 60 s | context switches per minute |\n| --- | --- |\n\
+         | the node's threads ({woken}) | {per_min:.1} |\n| its {backends} server backends | {server_per_min:.1} |\n\nloadavg before: {before}"
+    );
 }
