@@ -348,6 +348,10 @@ async fn notify(tx: &tokio_postgres::Transaction<'_>, name: &str, generation: i6
 /// exists: it may yet land its answer (ARCHITECTURE.md, "Fleet: invalid_grant and the other
 /// node's attempt").
 async fn unresolved_rival(c: &Client, attempt_id: i64) -> Result<Option<(i64, String)>, Error> {
+    // A session reads pg_stat_activity once per transaction and keeps that picture; inside a
+    // group commit's transaction it could be as old as the batch. Which sessions exist must be
+    // read now.
+    c.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
     let row = c
         .query_opt(
             "SELECT r.id, r.holder FROM tokend_attempt a JOIN tokend_attempt r
