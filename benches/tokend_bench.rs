@@ -946,6 +946,8 @@ struct FleetCatchUp {
     per_sec: f64,
     cpu_secs: f64,
     by_node: Vec<i64>,
+    /// Attempts by node (pid) and result: what the nodes that lost the race spent.
+    attempts: String,
 }
 
 /// N credentials all due at once in a PostgreSQL store, `nodes` daemons on it, each with its own
@@ -1044,6 +1046,17 @@ fn fleet_catch_up(rt: &tokio::runtime::Runtime, n: usize, nodes: usize) -> Fleet
             .get(0)
         })
         .collect();
+    let attempts = rt
+        .block_on(client.query(
+            "SELECT split_part(holder, '-', 1), coalesce(result, 'open'), count(*) FROM tokend_attempt
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        ))
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}: {}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i64>(2)))
+        .collect::<Vec<_>>()
+        .join("; ");
     for r in running {
         stop(r);
     }
@@ -1073,7 +1086,7 @@ fn fleet_catch_up(rt: &tokio::runtime::Runtime, n: usize, nodes: usize) -> Fleet
     }
     assert_eq!(mock.refreshes() as usize, n, "exactly one rotation per credential");
     assert_eq!(mock.reuses(), 0, "a spent refresh token was presented again");
-    FleetCatchUp { nodes, committed_secs, sinks_secs, per_sec: n as f64 / sinks_secs, cpu_secs, by_node }
+    FleetCatchUp { nodes, committed_secs, sinks_secs, per_sec: n as f64 / sinks_secs, cpu_secs, by_node, attempts }
 }
 
 /// Idle wake-ups of one fleet node: `n` credentials in a PostgreSQL store, none due for the
@@ -1154,6 +1167,7 @@ fn fleet_report(rt: &tokio::runtime::Runtime, n: usize, only_nodes: Option<usize
         let c = catch_up(rt, n);
         println!("| SQLite | 1 | - | {:.2} | {:.0} | {:.2} | {n} | {before} |", c.secs, c.per_sec, c.cpu_secs);
     }
+    let mut attempts = Vec::new();
     for nodes in only_nodes.map_or(vec![1, 3], |n| vec![n]) {
         let before = load();
         let f = fleet_catch_up(rt, n, nodes);
@@ -1161,7 +1175,9 @@ fn fleet_report(rt: &tokio::runtime::Runtime, n: usize, only_nodes: Option<usize
             "| PostgreSQL 15 | {} | {:.2} | {:.2} | {:.0} | {:.2} | {:?} | {before} |",
             f.nodes, f.committed_secs, f.sinks_secs, f.per_sec, f.cpu_secs, f.by_node
         );
+        attempts.push(format!("{} node(s), attempts by node and result: {}", f.nodes, f.attempts));
     }
+    println!("\n{}", attempts.join("\n"));
     println!("\nloadavg after: {}", load());
     if only_nodes.is_none() {
         fleet_idle_report(rt);
