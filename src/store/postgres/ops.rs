@@ -604,3 +604,14 @@ pub async fn copy_in(
     tx.commit().await?;
     Ok(Ok((count, generations)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_one_statement_commit_notifies_on_the_channel_nodes_listen_to() {
+        // SQL literals cannot take the constant: a renamed channel must fail here, not in a fleet.
+        assert!(COMMIT_FENCED.contains(&format!("pg_notify('{COMMIT_CHANNEL}', u.generation || ' ' || u.name)")));
+    }
+}
