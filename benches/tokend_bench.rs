@@ -7,9 +7,11 @@
 //!   cargo bench --bench tokend_bench -- smoke   small and quick, for CI; no time assertions
 //!   TOKEND_BENCH_BIN=path/to/old/tokend cargo bench --bench tokend_bench -- catchup n=10000
 //!                                               another build through the same harness
-//!   cargo bench --bench tokend_bench -- fleet n=10000
+//!   cargo bench --bench tokend_bench -- fleet n=10000 [nodes=3]
 //!                                               catch-up on SQLite, then on PostgreSQL with 1
-//!                                               and 3 nodes (only when asked: needs PostgreSQL)
+//!                                               and 3 nodes, then a fleet node's idle wake-ups
+//!                                               (only when asked: needs PostgreSQL);
+//!                                               `fleet idle`: the idle part alone
 //!
 //! Measured: catch-up (N credentials all due at once → every rotation committed and every sink
 //! written), steady-state lateness (request received at the provider − due time), start-up (exec →
@@ -777,7 +779,13 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     if args.iter().any(|a| a == "fleet") {
         let n = args.iter().find_map(|a| a.strip_prefix("n=")).map_or(10_000, |n| n.parse().expect("n=NUMBER"));
-        fleet_report(&rt, n);
+        let nodes: Option<usize> =
+            args.iter().find_map(|a| a.strip_prefix("nodes=")).map(|n| n.parse().expect("nodes=NUMBER"));
+        if args.iter().any(|a| a == "idle") {
+            fleet_idle_report(&rt);
+        } else {
+            fleet_report(&rt, n, nodes);
+        }
         return;
     }
     let mut report = String::new();
@@ -938,6 +946,8 @@ struct FleetCatchUp {
     per_sec: f64,
     cpu_secs: f64,
     by_node: Vec<i64>,
+    /// Attempts by node (pid) and result: what the nodes that lost the race spent.
+    attempts: String,
 }
 
 /// N credentials all due at once in a PostgreSQL store, `nodes` daemons on it, each with its own
@@ -1036,16 +1046,114 @@ fn fleet_catch_up(rt: &tokio::runtime::Runtime, n: usize, nodes: usize) -> Fleet
             .get(0)
         })
         .collect();
+    let attempts = rt
+        .block_on(client.query(
+            "SELECT split_part(holder, '-', 1), coalesce(result, 'open'), count(*) FROM tokend_attempt
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        ))
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}: {}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i64>(2)))
+        .collect::<Vec<_>>()
+        .join("; ");
     for r in running {
         stop(r);
     }
     let cpu_secs = children_cpu_secs() - cpu_before;
+    if mock.refreshes() as usize != n {
+        // What the store says of the credentials refreshed more than once, for the failure.
+        let rows = rt
+            .block_on(client.query(
+                "SELECT a.credential, a.from_generation, a.holder, a.started_at_ms, a.finished_at_ms, a.result
+                 FROM tokend_attempt a JOIN tokend_credential c ON c.name = a.credential
+                 WHERE c.generation > 2 ORDER BY a.credential, a.id LIMIT 30",
+                &[],
+            ))
+            .unwrap();
+        for r in rows {
+            let (name, from, holder, started, finished, result): (
+                String,
+                i64,
+                String,
+                i64,
+                Option<i64>,
+                Option<String>,
+            ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
+            eprintln!("{name} from generation {from} by {holder}: {started} .. {finished:?} {result:?}");
+        }
+        eprintln!("reuses of a spent refresh token: {}", mock.reuses());
+    }
     assert_eq!(mock.refreshes() as usize, n, "exactly one rotation per credential");
     assert_eq!(mock.reuses(), 0, "a spent refresh token was presented again");
-    FleetCatchUp { nodes, committed_secs, sinks_secs, per_sec: n as f64 / sinks_secs, cpu_secs, by_node }
+    FleetCatchUp { nodes, committed_secs, sinks_secs, per_sec: n as f64 / sinks_secs, cpu_secs, by_node, attempts }
 }
 
-fn fleet_report(rt: &tokio::runtime::Runtime, n: usize) {
+/// Idle wake-ups of one fleet node: `n` credentials in a PostgreSQL store, none due for the
+/// next hour; after `settle` (start-up's sink writes done, tokio's blocking threads idled out),
+/// context switches of the node's threads over `window`, and of its server backends (the
+/// writer's, the reader's and the listener's connections).
+fn fleet_idle(rt: &tokio::runtime::Runtime, n: usize, settle: Duration, window: Duration) -> (f64, String, f64, usize) {
+    let mock = rt.block_on(MockProvider::start(MockSettings::default())).unwrap();
+    let server = pg::PgServer::start();
+    let db = rt.block_on(server.create_database("idle"));
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_secs();
+    let target = tokend::store::postgres::PgTarget::parse(
+        &server.conninfo(&db),
+        Some(&tokend::redact::Secret::new(pg::PG_PASSWORD)),
+    )
+    .unwrap();
+    let store = tokend::store::postgres::PgStore::start(&target, &dir.path().join("fleet")).unwrap();
+    store.migrate().unwrap();
+    let tokens: Vec<_> = (0..n)
+        .map(|i| {
+            let answer = parse_token_json(mock.authorize(&format!("c{i}")).to_string().as_bytes()).unwrap();
+            new_token(&answer, IssueTime { created_at: now, distrusted_skew: None }, &format!("c{i}"), &[])
+        })
+        .collect();
+    let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    let rows: Vec<(&str, &str, &tokend::store::NewToken)> =
+        names.iter().zip(&tokens).map(|(n, t)| (n.as_str(), "oauth2", t)).collect();
+    store.import_many(&rows, now).unwrap();
+    drop(store);
+    let node_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(node_dir.path().join("sinks")).unwrap();
+    let mut config = format!("[daemon]\n{}\n", pg::daemon_lines(&server, &db, node_dir.path(), "state"));
+    for i in 0..n {
+        config.push_str(&format!(
+            "[[credential]]\nname = \"c{i}\"\nprovider = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n[[credential.sink]]\npath = \"sinks/c{i}.token\"\n",
+            mock.url("/token")
+        ));
+    }
+    std::fs::write(node_dir.path().join("tokend.toml"), config).unwrap();
+    let fixture = Fixture { dir: node_dir };
+    let running = start_tokend(&fixture);
+    let pid = running.child.id();
+    std::thread::sleep(settle);
+    let client = rt.block_on(server.client(&db));
+    let backends: Vec<u32> = rt
+        .block_on(
+            client.query("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", &[&db]),
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i32>(0).unsigned_abs())
+        .collect();
+    let server_switches = || -> u64 { backends.iter().map(|b| context_switches(*b)).sum() };
+    let (cs0, srv0) = (context_switches_by_task(pid), server_switches());
+    std::thread::sleep(window);
+    let (cs1, srv1) = (context_switches_by_task(pid), server_switches());
+    let minutes = window.as_secs_f64() / 60.0;
+    let woken = who_switched(pid, &cs0, &cs1);
+    let per_min = switches_between(&cs0, &cs1) as f64 / minutes;
+    stop(running);
+    assert_eq!(mock.refreshes(), 0, "nothing was due");
+    (per_min, woken, srv1.saturating_sub(srv0) as f64 / minutes, backends.len())
+}
+
+/// `only_nodes`: just the PostgreSQL row with that many nodes (a quicker look while working on it).
+fn fleet_report(rt: &tokio::runtime::Runtime, n: usize, only_nodes: Option<usize>) {
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     println!(
         "## fleet catch-up, N = {n} (all due at once; every rotation committed and every node's every sink written)\n"
@@ -1055,15 +1163,33 @@ fn fleet_report(rt: &tokio::runtime::Runtime, n: usize) {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let before = load();
-    let c = catch_up(rt, n);
-    println!("| SQLite | 1 | - | {:.2} | {:.0} | {:.2} | {n} | {before} |", c.secs, c.per_sec, c.cpu_secs);
-    for nodes in [1, 3] {
+    if only_nodes.is_none() {
+        let c = catch_up(rt, n);
+        println!("| SQLite | 1 | - | {:.2} | {:.0} | {:.2} | {n} | {before} |", c.secs, c.per_sec, c.cpu_secs);
+    }
+    let mut attempts = Vec::new();
+    for nodes in only_nodes.map_or(vec![1, 3], |n| vec![n]) {
         let before = load();
         let f = fleet_catch_up(rt, n, nodes);
         println!(
             "| PostgreSQL 15 | {} | {:.2} | {:.2} | {:.0} | {:.2} | {:?} | {before} |",
             f.nodes, f.committed_secs, f.sinks_secs, f.per_sec, f.cpu_secs, f.by_node
         );
+        attempts.push(format!("{} node(s), attempts by node and result: {}", f.nodes, f.attempts));
     }
+    println!("\n{}", attempts.join("\n"));
     println!("\nloadavg after: {}", load());
+    if only_nodes.is_none() {
+        fleet_idle_report(rt);
+    }
+}
+
+fn fleet_idle_report(rt: &tokio::runtime::Runtime) {
+    let before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
+    let (per_min, woken, server_per_min, backends) =
+        fleet_idle(rt, 100, Duration::from_secs(15), Duration::from_secs(60));
+    println!(
+        "\n| idle fleet node (PostgreSQL, 100 credentials, nothing due), 60 s | context switches per minute |\n| --- | --- |\n\
+         | the node's threads ({woken}) | {per_min:.1} |\n| its {backends} server backends | {server_per_min:.1} |\n\nloadavg before: {before}"
+    );
 }

@@ -533,3 +533,35 @@ async fn a_refresh_point_already_past_does_not_refresh_in_a_loop() {
     assert!(refreshes >= 2, "it still refreshes: {refreshes}: {}", daemon.log_text());
     assert!(refreshes <= 6, "{refreshes} refreshes in 4 s with 6 s tokens");
 }
+
+/// A credential waiting for a refresh slot whose token is replaced meanwhile (an import here; in
+/// a fleet, another node's commit picked up by a store re-read) is taken out of the line: its
+/// turn would otherwise refresh the token just stored a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_replaced_while_waiting_for_a_refresh_slot_is_not_refreshed_again() {
+    let w = World::new(MockSettings { delay: Duration::from_millis(1500), ..MockSettings::default() }).await;
+    std::fs::create_dir(w.path("out")).unwrap();
+    let three: String = ["a", "b", "c"]
+        .iter()
+        .map(|n| ONE.replace("\"a\"", &format!("\"{n}\"")).replace("a.token", &format!("{n}.token")))
+        .collect();
+    w.write_config_with_daemon("concurrency = 1", &three);
+    // All three due at start; one refresh slot: "a" goes first, "b" and "c" wait in line.
+    for name in ["a", "b", "c"] {
+        let mut answer = w.mock.authorize(name);
+        answer["created_at"] = serde_json::json!(tokend::clock::now_secs() - 3590);
+        let run = w.tokend(&["import", name], Some(&answer.to_string())).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    let mut daemon = w.start_daemon().await;
+    assert!(wait_for(Duration::from_secs(5), || w.mock.requests().len() == 1).await, "{}", daemon.log_text());
+    // While "c" waits, an operator imports a fresh grant for it (generation 2, due in an hour).
+    w.authorize_and_import("c").await;
+    assert!(wait_for(Duration::from_secs(10), || w.generation("b") == 2).await, "{}", daemon.log_text());
+    // "c"'s turn would have come right after "b"'s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(w.generation("c"), 2, "the imported token was refreshed again: {}", daemon.log_text());
+    assert_eq!(w.mock.requests().len(), 2, "requests: {:?}", w.mock.requests());
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await, 0);
+}

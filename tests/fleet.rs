@@ -871,6 +871,10 @@ async fn open_attempts(client: &tokio_postgres::Client, pid: i32) -> Option<Vec<
     Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+async fn status_of(client: &tokio_postgres::Client, name: &str) -> String {
+    client.query_one("SELECT status FROM tokend_credential WHERE name = $1", &[&name]).await.unwrap().get(0)
+}
+
 /// When another process than `pid` first began an attempt on `name` at or after `since_ms`.
 async fn taken_over_at(client: &tokio_postgres::Client, name: &str, pid: i32, since_ms: i64) -> Option<i64> {
     client
@@ -1054,6 +1058,8 @@ async fn chaos_of_kills_pauses_and_server_restarts_loses_no_chain_and_fails_over
                         ));
                     }
                 }
+                // A credential already dead is refreshed by nobody (its attempt only found it dead).
+                None if status_of(&admin, name).await == "needs_reauth" => {}
                 None => late.push(format!("{name}: never taken over after pid {} stopped", p.pid)),
                 Some(_) => {}
             }
@@ -1071,6 +1077,7 @@ async fn chaos_of_kills_pauses_and_server_restarts_loses_no_chain_and_fails_over
                         late.push(format!("{name}: taken over {} ms after pid {} was killed", at - k.at_ms, k.pid));
                     }
                 }
+                None if status_of(&admin, name).await == "needs_reauth" => {}
                 None => late.push(format!("{name}: never taken over after pid {} was killed", k.pid)),
             }
         }
@@ -1163,9 +1170,10 @@ async fn chaos_of_kills_pauses_and_server_restarts_loses_no_chain_and_fails_over
     assert_eq!(w.mock.refreshes(), generations as u64 + dead, "a rotation neither committed nor flagged: {figures}");
     assert!(late.is_empty(), "{late:?} — {figures}");
     assert!(!failover_ms.is_empty(), "no stopped holder was measured: {figures}");
-    // A spent token is presented once to learn that a stopped holder's request got through, and
-    // once or twice for a chain lost in the crash window; never in a loop.
-    assert!(reuses <= PAUSES as u64 + 2 * dead, "{figures}");
+    // A spent token is presented by each other node at most once to learn that a stopped holder's
+    // request got through (two may race to it before the first rejection is recorded), and once
+    // or twice for a chain lost in the crash window; never in a loop.
+    assert!(reuses <= (NODES as u64 - 1) * PAUSES as u64 + 2 * dead, "{figures}");
     for node in &nodes {
         assert!(!node.log_text().contains("panicked"), "{}", node.log_text());
     }

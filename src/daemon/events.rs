@@ -169,6 +169,10 @@ impl Daemon {
                 entry.lifetime = new;
                 entry.failures = 0;
                 entry.retry_at = None.into();
+                // In the line for a refresh slot, it would be refreshed again when its turn came
+                // (a fleet node starting while another catches up: a second rotation of a token
+                // committed a moment ago).
+                entry.waiting = false;
                 if revived || was_failing {
                     // A human re-authorized (or another process refreshed a failing credential).
                     self.recovered(&name);

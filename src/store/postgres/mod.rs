@@ -1,17 +1,21 @@
 //! The PostgreSQL store, for fleets of nodes sharing one credential set (README "Fleet",
 //! ARCHITECTURE.md "Fleet"). SQL lives in `ops.rs`, the schema in `schema.sql`.
 //!
-//! One thread per [`PgStore`] owns the connection, on a runtime of its own: the daemon's loop
-//! and the CLI call it synchronously (like the SQLite store, whose calls also block for a
-//! transaction), the refresh path asynchronously through [`crate::store::RefreshStore`]. A
-//! connection that broke is opened again by the next operation; an operation that does not
-//! finish within [`OPERATION_TIMEOUT`] drops the connection and fails, so a server that stopped
-//! answering cannot wedge a node.
+//! Two threads per [`PgStore`] own a connection each, on runtimes of their own: the daemon's
+//! loop and the CLI call them synchronously (like the SQLite store, whose calls also block for a
+//! transaction), the refresh path asynchronously through [`crate::store::RefreshStore`]. The
+//! writer (`tokend-pg`) runs the refresh path's operations in group commits (`batch.rs`) and
+//! everything else that writes one at a time; the reader (`tokend-pg-read`) answers reads
+//! (`get`, `list`, leases), so that a read never waits for a batch, and never sees a batch's
+//! uncommitted writes. A connection that broke is opened again by the next operation; an
+//! operation (or a batch) that does not finish within [`OPERATION_TIMEOUT`] drops the connection
+//! and fails, so a server that stopped answering cannot wedge a node.
 //!
 //! Unlike SQLite, the schema is not migrated by every start: `tokend migrate` does it, and every
 //! other command refuses a database without tokend's tables or with a schema this tokend does
 //! not know, before anything is sent to a provider.
 
+mod batch;
 pub mod listen;
 mod ops;
 pub mod settings;
@@ -62,7 +66,14 @@ const MIGRATION_LOCK: i64 = 0x746f_6b65_6e64;
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 type PgFuture<'c> = Pin<Box<dyn Future<Output = ()> + Send + 'c>>;
-type Job = Box<dyn for<'c> FnOnce(&'c mut Session) -> PgFuture<'c> + Send>;
+type PlainJob = Box<dyn for<'c> FnOnce(&'c mut Session) -> PgFuture<'c> + Send>;
+
+/// Work for a store thread: an operation on its own, or one of the refresh path's, which the
+/// writer commits in batches.
+enum Job {
+    Plain(PlainJob),
+    Batched(Box<dyn batch::BatchOp>),
+}
 
 /// This node, for lease and attempt rows: the host name and the boot id, so that a pid is
 /// compared only with pids of the same boot of the same machine.
@@ -85,20 +96,105 @@ fn pid_alive(pid: u32) -> bool {
         )
 }
 
-/// The worker thread's side: the target and the connection, if one is open.
+/// A store thread's side: the target, the connection if one is open, and the statements
+/// prepared on it.
 struct Session {
     target: PgTarget,
     client: Option<Client>,
+    statements: ops::Statements,
 }
 
 impl Session {
     async fn client(&mut self) -> Result<&mut Client, String> {
+        self.connection().await.map(|(client, _)| client)
+    }
+
+    async fn connection(&mut self) -> Result<(&mut Client, &mut ops::Statements), String> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = None;
+            self.drop_connection();
             self.client = Some(connect(&self.target).await?);
         }
-        self.client.as_mut().ok_or_else(|| "no connection".to_string())
+        match self.client.as_mut() {
+            Some(client) => Ok((client, &mut self.statements)),
+            None => Err("no connection".to_string()),
+        }
     }
+
+    fn drop_connection(&mut self) {
+        self.client = None;
+        self.statements.clear();
+    }
+
+    /// The refresh path's operations that arrived together, in one transaction; each is told the
+    /// outcome once it is settled.
+    async fn commit_batch(&mut self, mut ops: Vec<Box<dyn batch::BatchOp>>, stats: &batch::BatchStats) {
+        let outcome = tokio::time::timeout(OPERATION_TIMEOUT, async {
+            let (client, statements) = self.connection().await.map_err(|why| (why, false))?;
+            let committed = batch::run(client, statements, &mut ops, stats).await;
+            if committed.is_err() && !client.is_closed() && client.batch_execute("ROLLBACK").await.is_err() {
+                return Err((committed.err().unwrap_or_default(), true));
+            }
+            committed.map_err(|why| (why, false))
+        })
+        .await;
+        let outcome = match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((why, unusable))) => {
+                if unusable || self.client.as_ref().is_some_and(Client::is_closed) {
+                    self.drop_connection();
+                }
+                Err(why)
+            }
+            Err(_) => {
+                // Whatever the server is doing with this connection, it is not ours any more.
+                self.drop_connection();
+                Err(format!("no answer within {}s", OPERATION_TIMEOUT.as_secs()))
+            }
+        };
+        for op in ops {
+            op.settle(outcome.clone());
+        }
+    }
+}
+
+/// Starts a store thread: it takes jobs in arrival order; the batched ones that wait together
+/// (up to [`batch::MAX_BATCH`]) are committed in one transaction.
+fn spawn_worker(
+    name: &str,
+    target: &PgTarget,
+    stats: Arc<batch::BatchStats>,
+) -> std::io::Result<tokio::sync::mpsc::UnboundedSender<Job>> {
+    let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+    let mut session = Session { target: target.clone(), client: None, statements: ops::Statements::new() };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        runtime.block_on(async move {
+            let mut next = None;
+            while let Some(job) = match next.take() {
+                Some(job) => Some(job),
+                None => rx.recv().await,
+            } {
+                match job {
+                    Job::Plain(job) => job(&mut session).await,
+                    Job::Batched(first) => {
+                        let mut ops = vec![first];
+                        while ops.len() < batch::MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(Job::Batched(op)) => ops.push(op),
+                                Ok(plain) => {
+                                    next = Some(plain);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        session.commit_batch(ops, &stats).await;
+                    }
+                }
+            }
+        });
+    })?;
+    Ok(jobs)
 }
 
 /// TLS through rustls (never OpenSSL), the server's certificate checked against the system's
@@ -152,7 +248,11 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
 /// A handle on the store's worker thread; clones share it, and it ends with the last one.
 #[derive(Clone)]
 pub struct PgStore {
+    /// The writer: the refresh path's operations (batched) and every other write.
     jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+    /// The reader, on a connection of its own.
+    reads: tokio::sync::mpsc::UnboundedSender<Job>,
+    stats: Arc<batch::BatchStats>,
     shown: Arc<str>,
     /// This node's directory for local files (rescue files, the daemon's lock).
     local: Arc<PathBuf>,
@@ -190,28 +290,22 @@ pub enum SchemaState {
 }
 
 impl PgStore {
-    /// Starts the worker (no connection yet: the first operation opens it).
+    /// Starts the store's threads (no connection yet: the first operation opens it).
     pub fn start(target: &PgTarget, local: &Path) -> Result<PgStore, StoreError> {
-        let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
         let shown: Arc<str> = target.shown().into();
-        let mut session = Session { target: target.clone(), client: None };
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
-            StoreError::Postgres { target: shown.to_string(), message: format!("cannot start its runtime: {e}") }
+        let stats = Arc::new(batch::BatchStats::default());
+        let started = spawn_worker("tokend-pg", target, stats.clone())
+            .and_then(|jobs| Ok((jobs, spawn_worker("tokend-pg-read", target, stats.clone())?)));
+        let (jobs, reads) = started.map_err(|e| StoreError::Postgres {
+            target: shown.to_string(),
+            message: format!("cannot start its threads: {e}"),
         })?;
-        std::thread::Builder::new()
-            .name("tokend-pg".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    while let Some(job) = rx.recv().await {
-                        job(&mut session).await;
-                    }
-                });
-            })
-            .map_err(|e| StoreError::Postgres {
-                target: shown.to_string(),
-                message: format!("cannot start its thread: {e}"),
-            })?;
-        Ok(PgStore { jobs, shown, local: Arc::new(local.to_path_buf()), unsettled: Arc::default() })
+        Ok(PgStore { jobs, reads, stats, shown, local: Arc::new(local.to_path_buf()), unsettled: Arc::default() })
+    }
+
+    /// Batches committed so far and the operations in them (the refresh path's group commits).
+    pub fn batch_stats(&self) -> (u64, u64) {
+        self.stats.get()
     }
 
     /// Starts the worker and checks the schema: the start of every command but `tokend migrate`.
@@ -246,9 +340,9 @@ impl PgStore {
         StoreError::Postgres { target: self.shown.to_string(), message }
     }
 
-    /// Runs `op` on the worker's connection, within [`OPERATION_TIMEOUT`], and hands its result
-    /// to `reply`.
-    fn submit<T, F>(&self, op: F, reply: impl FnOnce(Result<T, StoreError>) + Send + 'static)
+    /// Runs `op` on the writer's (or with `read`, the reader's) connection, within
+    /// [`OPERATION_TIMEOUT`], and hands its result to `reply`.
+    fn submit<T, F>(&self, read: bool, op: F, reply: impl FnOnce(Result<T, StoreError>) + Send + 'static)
     where
         T: Send + 'static,
         F: for<'c> FnOnce(
@@ -259,7 +353,7 @@ impl PgStore {
     {
         let shown = self.shown.clone();
         let fail = move |message: String| StoreError::Postgres { target: shown.to_string(), message };
-        let job: Job = Box::new(move |session: &mut Session| {
+        let job: PlainJob = Box::new(move |session: &mut Session| {
             Box::pin(async move {
                 let outcome = tokio::time::timeout(OPERATION_TIMEOUT, async {
                     let client = session.client().await?;
@@ -270,23 +364,55 @@ impl PgStore {
                     Ok(Ok(value)) => Ok(value),
                     Ok(Err(message)) => {
                         if session.client.as_ref().is_some_and(Client::is_closed) {
-                            session.client = None;
+                            session.drop_connection();
                         }
                         Err(fail(message))
                     }
                     Err(_) => {
                         // Whatever the server is doing with this connection, it is not ours any more.
-                        session.client = None;
+                        session.drop_connection();
                         Err(fail(format!("no answer within {}s", OPERATION_TIMEOUT.as_secs())))
                     }
                 };
                 reply(result);
             })
         });
-        if let Err(tokio::sync::mpsc::error::SendError(job)) = self.jobs.send(job) {
-            // The worker is gone (its runtime panicked): run nothing, say so.
+        let queue = if read { &self.reads } else { &self.jobs };
+        if let Err(tokio::sync::mpsc::error::SendError(job)) = queue.send(Job::Plain(job)) {
+            // The worker is gone (its runtime panicked): run nothing; `reply` is dropped unsent,
+            // which the caller reports as the thread being gone.
             drop(job);
         }
+    }
+
+    /// Runs `op` in the writer's next group commit and returns its value once that committed.
+    async fn batched<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(ops::Db<'c>) -> batch::OpFuture<'c, (T, bool)> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reply = move |r: Result<T, String>| {
+            let _ = tx.send(r);
+        };
+        let gone = || self.error("the database thread is gone".into());
+        self.jobs.send(Job::Batched(Box::new(batch::Pending::new(op, reply)))).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?.map_err(|message| self.error(message))
+    }
+
+    /// [`PgStore::batched`], waited for synchronously (the CLI, the daemon's loop).
+    fn batched_blocking<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(ops::Db<'c>) -> batch::OpFuture<'c, (T, bool)> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let reply = move |r: Result<T, String>| {
+            let _ = tx.send(r);
+        };
+        let gone = || self.error("the database thread is gone".into());
+        self.jobs.send(Job::Batched(Box::new(batch::Pending::new(op, reply)))).map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?.map_err(|message| self.error(message))
     }
 
     fn call<T, F>(&self, op: F) -> Result<T, StoreError>
@@ -298,14 +424,40 @@ impl PgStore {
             + Send
             + 'static,
     {
+        self.call_on(false, op)
+    }
+
+    /// A read, on the reader's connection: it sees only what is committed.
+    fn read<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(
+                &'c mut Client,
+            ) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
+            + Send
+            + 'static,
+    {
+        self.call_on(true, op)
+    }
+
+    fn call_on<T, F>(&self, read: bool, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(
+                &'c mut Client,
+            ) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
+            + Send
+            + 'static,
+    {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.submit(op, move |r| {
+        self.submit(read, op, move |r| {
             let _ = tx.send(r);
         });
         rx.recv().unwrap_or_else(|_| Err(self.error("the database thread is gone".into())))
     }
 
-    async fn call_async<T, F>(&self, op: F) -> Result<T, StoreError>
+    /// A read from the refresh path, on the reader's connection.
+    async fn read_async<T, F>(&self, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(
@@ -315,7 +467,7 @@ impl PgStore {
             + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(op, move |r| {
+        self.submit(true, op, move |r| {
             let _ = tx.send(r);
         });
         rx.await.unwrap_or_else(|_| Err(self.error("the database thread is gone".into())))
@@ -380,15 +532,15 @@ impl PgStore {
 
     pub fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
         let name = name.to_string();
-        self.call(move |c| Box::pin(async move { ops::get(c, &name).await }))
+        self.read(move |c| Box::pin(async move { ops::get(c, &name).await }))
     }
 
     pub fn list(&self) -> Result<Vec<TokenState>, StoreError> {
-        self.call(|c| Box::pin(async move { ops::list(c).await }))
+        self.read(|c| Box::pin(async move { ops::list(c).await }))
     }
 
     pub fn list_lifetimes(&self) -> Result<Vec<(String, Lifetime)>, StoreError> {
-        self.call(|c| Box::pin(async move { ops::list_lifetimes(c).await }))
+        self.read(|c| Box::pin(async move { ops::list_lifetimes(c).await }))
     }
 
     pub fn import_many(&self, tokens: &[(&str, &str, &NewToken)], now_secs: i64) -> Result<(), StoreError> {
@@ -414,10 +566,10 @@ impl PgStore {
         let retry = self.unsettled().get(name).filter(|u| u.access_token == token.access_token.expose()).cloned();
         if let Some(u) = retry {
             let (owned, provider_owned, token_owned) = (name.to_string(), provider.to_string(), token.clone());
-            let committed = self.call(move |c| {
+            let committed = self.batched_blocking(move |mut db| {
                 Box::pin(async move {
-                    ops::commit(
-                        c,
+                    let committed = ops::commit(
+                        &mut db,
                         &owned,
                         &provider_owned,
                         u.attempt_id,
@@ -425,7 +577,8 @@ impl PgStore {
                         &token_owned,
                         now_secs * 1000,
                     )
-                    .await
+                    .await?;
+                    Ok((committed, true))
                 })
             })?;
             return match committed {
@@ -467,7 +620,7 @@ impl PgStore {
     }
 
     pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
-        self.call(|c| Box::pin(async move { ops::leases(c).await }))
+        self.read(|c| Box::pin(async move { ops::leases(c).await }))
     }
 
     pub fn abandoned_attempts(&self) -> Result<Vec<OpenAttempt>, StoreError> {
@@ -476,7 +629,9 @@ impl PgStore {
 
     pub fn cancel_attempt_now(&self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {
         let why = why.to_string();
-        self.call(move |c| Box::pin(async move { ops::cancel(c, attempt_id, &why, now_ms).await }))
+        self.batched_blocking(move |mut db| {
+            Box::pin(async move { ops::cancel(&mut db, attempt_id, &why, now_ms).await.map(|()| ((), true)) })
+        })
     }
 
     /// This node's name in the settings records: the host and the node's own directory, which
@@ -524,7 +679,10 @@ impl super::RefreshStore for PgStore {
         now_ms: i64,
     ) -> Result<Begin, StoreError> {
         let (name, holder) = (name.to_string(), holder.clone());
-        self.call_async(move |c| Box::pin(async move { ops::begin(c, &name, &holder, lease_ttl, now_ms).await })).await
+        self.batched(move |mut db| {
+            Box::pin(async move { ops::begin(&mut db, &name, &holder, lease_ttl, now_ms).await })
+        })
+        .await
     }
 
     async fn commit_rotation(
@@ -538,9 +696,12 @@ impl super::RefreshStore for PgStore {
     ) -> Result<TokenState, StoreError> {
         let (owned_name, provider, owned_token) = (name.to_string(), provider.to_string(), token.clone());
         let committed = self
-            .call_async(move |c| {
+            .batched(move |mut db| {
                 Box::pin(async move {
-                    ops::commit(c, &owned_name, &provider, attempt_id, from_generation, &owned_token, now_ms).await
+                    let committed =
+                        ops::commit(&mut db, &owned_name, &provider, attempt_id, from_generation, &owned_token, now_ms)
+                            .await?;
+                    Ok((committed, true))
                 })
             })
             .await;
@@ -572,24 +733,32 @@ impl super::RefreshStore for PgStore {
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let (name, reason) = (name.to_string(), reason.to_string());
-        self.call_async(move |c| {
-            Box::pin(async move { ops::failure(c, &name, attempt_id, &reason, needs_reauth, now_ms).await })
+        self.batched(move |db| {
+            Box::pin(async move {
+                ops::failure(db.client, &name, attempt_id, &reason, needs_reauth, now_ms).await.map(|mark| (mark, true))
+            })
         })
         .await
     }
 
     async fn cancel_attempt(&self, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), StoreError> {
         let why = why.to_string();
-        self.call_async(move |c| Box::pin(async move { ops::cancel(c, attempt_id, &why, now_ms).await })).await
+        self.batched(move |mut db| {
+            Box::pin(async move { ops::cancel(&mut db, attempt_id, &why, now_ms).await.map(|()| ((), true)) })
+        })
+        .await
     }
 
     async fn release_lease(&self, name: &str, holder: &LeaseHolder) -> Result<(), StoreError> {
         let (name, holder) = (name.to_string(), holder.clone());
-        self.call_async(move |c| Box::pin(async move { ops::release(c, &name, &holder).await })).await
+        self.batched(move |mut db| {
+            Box::pin(async move { ops::release(&mut db, &name, &holder).await.map(|()| ((), true)) })
+        })
+        .await
     }
 
     async fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
         let name = name.to_string();
-        self.call_async(move |c| Box::pin(async move { ops::get(c, &name).await })).await
+        self.read_async(move |c| Box::pin(async move { ops::get(c, &name).await })).await
     }
 }

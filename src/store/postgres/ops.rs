@@ -1,11 +1,84 @@
-//! The PostgreSQL store's SQL, one async function per operation, each in a transaction of its
-//! own (READ COMMITTED; every decision that two nodes could race on is a row lock or a
-//! compare-and-set, never a read followed by a blind write).
+//! The PostgreSQL store's SQL, one async function per operation (READ COMMITTED; every decision
+//! that two nodes could race on is a row lock or a compare-and-set, never a read followed by a
+//! blind write). The refresh path's operations (`begin`, `commit`, `failure`, `cancel`,
+//! `release`) run inside a group commit's transaction, each in a savepoint of its own
+//! (`batch.rs`), with statements prepared once per connection ([`Db`]); the others open their
+//! own transaction.
 
 use super::node_identity;
 use crate::redact::fingerprint;
 use crate::store::{Begin, LeaseHolder, Lifetime, NewToken, OpenAttempt, Status, TokenState};
-use tokio_postgres::{Client, Error, Row};
+use std::collections::HashMap;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Error, Row, Statement};
+
+/// Statements prepared on one connection, by their SQL; emptied when the connection is replaced.
+pub type Statements = HashMap<&'static str, Statement>;
+
+/// A connection inside a group commit's transaction, with the refresh path's statements
+/// prepared once (one round trip per statement afterwards instead of two).
+pub struct Db<'c> {
+    pub client: &'c Client,
+    pub statements: &'c mut Statements,
+}
+
+impl Db<'_> {
+    async fn prepared(&mut self, sql: &'static str) -> Result<Statement, Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    async fn query_opt(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error> {
+        let statement = self.prepared(sql).await?;
+        self.client.query_opt(&statement, params).await
+    }
+
+    async fn query_one(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+        let statement = self.prepared(sql).await?;
+        self.client.query_one(&statement, params).await
+    }
+
+    async fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error> {
+        let statement = self.prepared(sql).await?;
+        self.client.execute(&statement, params).await
+    }
+}
+
+// Lease writes and advisory locks: every write of a lease row holds the advisory lock
+// `(1953459045, hashtext(name))` ("toke" in ASCII, in the two-key space, which never overlaps
+// the one-key space other applications tend to use) until its batch commits. A `begin` that
+// cannot take it at once is busy (a hash collision costs a look again, nothing more), so inside
+// a batch's transaction a `begin` never waits for another node's batch, and the nodes' batches
+// cannot deadlock on leases. A `release` waits for it (a `begin` holds it only for its batch).
+
+const LEASE_OF: &str =
+    "SELECT holder, node, pid, deadline > now(), (extract(epoch FROM deadline - now()) * 1000)::bigint
+     FROM tokend_lease WHERE credential = $1 FOR UPDATE SKIP LOCKED";
+const LEASE_TAKE_OVER: &str =
+    "UPDATE tokend_lease SET holder = $2, node = $3, pid = $4, deadline = now() + make_interval(secs => $5)
+     WHERE credential = $1 AND pg_try_advisory_xact_lock(1953459045, hashtext($1))";
+const LEASE_TAKE: &str = "INSERT INTO tokend_lease (credential, holder, node, pid, deadline)
+     SELECT $1, $2, $3, $4, now() + make_interval(secs => $5) WHERE pg_try_advisory_xact_lock(1953459045, hashtext($1))
+     ON CONFLICT (credential) DO NOTHING";
+const LEASE_RELEASE: &str = "DELETE FROM tokend_lease WHERE credential = $1 AND holder = $2
+     AND pg_advisory_xact_lock(1953459045, hashtext($1)) IS NOT NULL";
+const ATTEMPT_OPEN: &str =
+    "INSERT INTO tokend_attempt (credential, from_generation, spent_fp, holder, node, backend_pid, started_at_ms)
+     VALUES ($1, $2, $3, $4, $5, coalesce(nullif($7, 0), pg_backend_pid()), $6) RETURNING id";
+/// See [`probed_rival`]; this process's own attempts (its listener's session) are no rivals.
+const PROBED_RIVAL: &str = "SELECT r.holder FROM tokend_attempt r
+     WHERE r.credential = $1 AND r.finished_at_ms IS NULL AND r.from_generation = $2
+       AND r.backend_pid <> coalesce(nullif($3, 0), pg_backend_pid())
+       AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = r.backend_pid)
+       AND EXISTS (SELECT 1 FROM tokend_attempt d
+                   WHERE d.credential = $1 AND d.from_generation = $2 AND d.result = 'rejected, deferred')
+     LIMIT 1";
+const ATTEMPT_CANCEL: &str =
+    "UPDATE tokend_attempt SET finished_at_ms = $2, result = $3 WHERE id = $1 AND finished_at_ms IS NULL";
 
 /// The notification channel of every commit: the payload is `<generation> <name>`.
 pub const COMMIT_CHANNEL: &str = "tokend_commit";
@@ -91,27 +164,23 @@ fn millis(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
 }
 
-/// Steps 1 and 2 in one transaction. The lease's deadline is the server's `now()` plus the
-/// lease's length, and a lease is taken over only when the server's clock says it is past, or
-/// its holder is a process of this very node that no longer exists.
+/// Steps 1 and 2, in the caller's transaction (a group commit's savepoint). The lease's deadline
+/// is the server's `now()` plus the lease's length, and a lease is taken over only when the
+/// server's clock says it is past, or its holder is a process of this very node that no longer
+/// exists. Returns whether to keep what it did: a busy lease keeps nothing, not even the row
+/// locks it took (the caller rolls back to its savepoint).
 pub async fn begin(
-    c: &mut Client,
+    db: &mut Db<'_>,
     name: &str,
     holder: &LeaseHolder,
     lease_ttl: std::time::Duration,
     now_ms: i64,
-) -> Result<Begin, Error> {
+) -> Result<(Begin, bool), Error> {
     let node = node_identity();
     let pid = i32::try_from(holder.pid).unwrap_or(i32::MAX);
-    let tx = c.transaction().await?;
+    let ttl = millis(lease_ttl);
     // SKIP LOCKED: a lease row another node is taking right now is busy, not waited for.
-    let current = tx
-        .query_opt(
-            "SELECT holder, node, pid, deadline > now(), (extract(epoch FROM deadline - now()) * 1000)::bigint
-             FROM tokend_lease WHERE credential = $1 FOR UPDATE SKIP LOCKED",
-            &[&name],
-        )
-        .await?;
+    let current = db.query_opt(LEASE_OF, &[&name]).await?;
     match current {
         Some(row) => {
             let (other, other_node, other_pid, live, lease_left_ms): (String, String, i32, bool, i64) =
@@ -119,50 +188,37 @@ pub async fn begin(
             let ours = other == holder.id;
             let dead_here = other_node == node && !super::pid_alive(other_pid.unsigned_abs());
             if !ours && live && !dead_here {
-                return Ok(Begin::Busy { pid: other_pid.unsigned_abs(), lease_left_ms });
+                return Ok((Begin::Busy { pid: other_pid.unsigned_abs(), lease_left_ms }, false));
+            }
+            let taken = db.execute(LEASE_TAKE_OVER, &[&name, &holder.id, &node, &pid, &ttl]).await?;
+            if taken == 0 {
+                return Ok((Begin::Busy { pid: other_pid.unsigned_abs(), lease_left_ms }, false));
             }
             if !ours {
                 tracing::warn!(credential = name, stale_holder = %other, stale_node = %other_node, "reclaiming a stale lease (holder gone or past its deadline on the database's clock)");
             }
-            tx.execute(
-                "UPDATE tokend_lease SET holder = $2, node = $3, pid = $4, deadline = now() + make_interval(secs => $5)
-                 WHERE credential = $1",
-                &[&name, &holder.id, &node, &pid, &millis(lease_ttl)],
-            )
-            .await?;
         }
         None => {
-            let taken = tx
-                .execute(
-                    "INSERT INTO tokend_lease (credential, holder, node, pid, deadline)
-                     VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) ON CONFLICT (credential) DO NOTHING",
-                    &[&name, &holder.id, &node, &pid, &millis(lease_ttl)],
-                )
-                .await?;
+            let taken = db.execute(LEASE_TAKE, &[&name, &holder.id, &node, &pid, &ttl]).await?;
             if taken == 0 {
                 // Another node holds the row locked this very moment: busy, look again soon.
-                return Ok(Begin::Busy { pid: 0, lease_left_ms: 0 });
+                return Ok((Begin::Busy { pid: 0, lease_left_ms: 0 }, false));
             }
         }
     }
-    let state = tx.query_opt(STATE_BY_NAME, &[&name]).await?.as_ref().map(state_from_row).transpose()?;
+    let state = db.query_opt(STATE_BY_NAME, &[&name]).await?.as_ref().map(state_from_row).transpose()?;
     let generation = state.as_ref().map_or(0, |s| s.generation);
-    if let Some(rival) = probed_rival(&tx, name, generation).await? {
-        tx.rollback().await?;
+    if let Some(rival) = probed_rival(db, name, generation).await? {
         tracing::debug!(credential = name, rival_holder = %rival, "not sending: the grant was already probed while this holder's attempt is unresolved");
-        return Ok(Begin::Busy { pid: 0, lease_left_ms: PROBED_RIVAL_RECHECK_MS });
+        return Ok((Begin::Busy { pid: 0, lease_left_ms: PROBED_RIVAL_RECHECK_MS }, false));
     }
     let spent = state.as_ref().and_then(|s| s.refresh_token.as_ref()).map(|t| fingerprint(t.expose()));
-    let attempt_id: i64 = tx
-        .query_one(
-            "INSERT INTO tokend_attempt (credential, from_generation, spent_fp, holder, node, backend_pid, started_at_ms)
-             VALUES ($1, $2, $3, $4, $5, coalesce(nullif($7, 0), pg_backend_pid()), $6) RETURNING id",
-            &[&name, &generation, &spent, &holder.id, &node, &now_ms, &super::LISTENER_BACKEND.load(std::sync::atomic::Ordering::SeqCst)],
-        )
+    let listener = super::LISTENER_BACKEND.load(std::sync::atomic::Ordering::SeqCst);
+    let attempt_id: i64 = db
+        .query_one(ATTEMPT_OPEN, &[&name, &generation, &spent, &holder.id, &node, &now_ms, &listener])
         .await?
         .try_get(0)?;
-    tx.commit().await?;
-    Ok(Begin::Leased { state, attempt_id })
+    Ok((Begin::Leased { state, attempt_id }, true))
 }
 
 /// What the fenced rotation commit found.
@@ -177,9 +233,34 @@ pub enum Committed {
     },
 }
 
-/// Step 4, fenced: the new token lands only on the generation that was spent.
+/// Step 4's common case in one statement (one round trip): the fenced update, the attempt
+/// closed, the notification queued (sent when the transaction commits), the new state returned
+/// in `state_from_row`'s columns. No row: the fence did not match (or there is no row yet).
+const COMMIT_FENCED: &str = "WITH updated AS (
+     UPDATE tokend_credential SET access_token = $2, refresh_token = COALESCE($3, refresh_token), token_type = $4,
+         scope = COALESCE($5, scope), expires_in = $6, created_at = $7, expires_at = $8,
+         generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = $9, updated_at = $9,
+         extra = COALESCE($11, extra),
+         refresh_token_expires_at = CASE WHEN $3::text IS NULL THEN COALESCE($12::bigint, refresh_token_expires_at) ELSE $12::bigint END,
+         refresh_token_issued_at = CASE WHEN $3::text IS NULL THEN refresh_token_issued_at ELSE $7::bigint END,
+         dead_since = NULL
+     WHERE name = $1 AND generation = $10
+     RETURNING name, provider, access_token, refresh_token, token_type, scope, expires_in, created_at, expires_at,
+         generation, status, last_error, last_refresh_at, extra, refresh_token_expires_at, refresh_token_issued_at,
+         dead_since),
+   closed AS (
+     UPDATE tokend_attempt SET finished_at_ms = $14, result = 'refreshed' WHERE id = $13 AND EXISTS (SELECT 1 FROM updated))
+ SELECT u.name, u.provider, u.access_token, u.refresh_token, u.token_type, u.scope, u.expires_in, u.created_at,
+     u.expires_at, u.generation, u.status, u.last_error, u.last_refresh_at,
+     (SELECT count(*) FROM tokend_attempt a WHERE a.credential = u.name AND a.finished_at_ms IS NULL AND a.id <> $13),
+     u.extra, u.refresh_token_expires_at, u.refresh_token_issued_at, u.dead_since,
+     pg_notify('tokend_commit', u.generation || ' ' || u.name)::text
+ FROM updated u";
+
+/// Step 4, fenced: the new token lands only on the generation that was spent. Runs in the
+/// caller's transaction (a group commit's savepoint).
 pub async fn commit(
-    c: &mut Client,
+    db: &mut Db<'_>,
     name: &str,
     provider: &str,
     attempt_id: i64,
@@ -190,17 +271,9 @@ pub async fn commit(
     let now_secs = now_ms.div_euclid(1000);
     let refresh = token.refresh_token.as_ref().map(crate::redact::Secret::expose);
     let expires_at = token.expires_at();
-    let tx = c.transaction().await?;
-    let mut changed = tx
-        .execute(
-            "UPDATE tokend_credential SET access_token = $2, refresh_token = COALESCE($3, refresh_token), token_type = $4,
-                 scope = COALESCE($5, scope), expires_in = $6, created_at = $7, expires_at = $8,
-                 generation = generation + 1, status = 'active', last_error = NULL, last_refresh_at = $9, updated_at = $9,
-                 extra = COALESCE($11, extra),
-                 refresh_token_expires_at = CASE WHEN $3::text IS NULL THEN COALESCE($12::bigint, refresh_token_expires_at) ELSE $12::bigint END,
-                 refresh_token_issued_at = CASE WHEN $3::text IS NULL THEN refresh_token_issued_at ELSE $7::bigint END,
-                 dead_since = NULL
-             WHERE name = $1 AND generation = $10",
+    let stored = db
+        .query_opt(
+            COMMIT_FENCED,
             &[
                 &name,
                 &token.access_token.expose(),
@@ -214,12 +287,19 @@ pub async fn commit(
                 &from_generation,
                 &token.extra,
                 &token.refresh_token_expires_at,
+                &attempt_id,
+                &now_ms,
             ],
         )
         .await?;
-    if changed == 0 && from_generation == 0 {
+    if let Some(row) = stored {
+        return Ok(Committed::Stored(state_from_row(&row)?));
+    }
+    let c = db.client;
+    let mut changed = 0;
+    if from_generation == 0 {
         // The first token of an API-key credential: nobody else may have created the row.
-        changed = tx
+        changed = c
             .execute(
                 "INSERT INTO tokend_credential (name, provider, access_token, refresh_token, token_type, scope, expires_in,
                      created_at, expires_at, generation, status, last_refresh_at, updated_at,
@@ -244,13 +324,13 @@ pub async fn commit(
             .await?;
     }
     if changed == 0 {
-        let found: Option<i64> = tx
+        let found: Option<i64> = c
             .query_opt("SELECT generation FROM tokend_credential WHERE name = $1", &[&name])
             .await?
             .map(|r| r.try_get(0))
             .transpose()?;
         let answer = token.answer_json();
-        let rescue_id: i64 = tx
+        let rescue_id: i64 = c
             .query_one(
                 "INSERT INTO tokend_rescue (credential, from_generation, found_generation, node, answer)
                  VALUES ($1, $2, $3, $4, ($5::text)::jsonb) RETURNING id",
@@ -258,22 +338,20 @@ pub async fn commit(
             )
             .await?
             .try_get(0)?;
-        tx.execute(
+        c.execute(
             "UPDATE tokend_attempt SET finished_at_ms = $2, result = 'superseded: answer kept in tokend_rescue' WHERE id = $1",
             &[&attempt_id, &now_ms],
         )
         .await?;
-        tx.commit().await?;
         return Ok(Committed::Superseded { found: found.unwrap_or(0), rescue_id });
     }
-    tx.execute(
+    c.execute(
         "UPDATE tokend_attempt SET finished_at_ms = $2, result = 'refreshed' WHERE id = $1",
         &[&attempt_id, &now_ms],
     )
     .await?;
-    let state = tx.query_one(STATE_BY_NAME, &[&name]).await.and_then(|r| state_from_row(&r))?;
-    notify(&tx, name, state.generation).await?;
-    tx.commit().await?;
+    let state = c.query_one(STATE_BY_NAME, &[&name]).await.and_then(|r| state_from_row(&r))?;
+    c.execute("SELECT pg_notify($1, $2)", &[&COMMIT_CHANNEL, &format!("{} {name}", state.generation)]).await?;
     Ok(Committed::Stored(state))
 }
 
@@ -290,34 +368,23 @@ const PROBED_RIVAL_RECHECK_MS: i64 = 2000;
 /// deferred. That one probe showed the token spent; presenting it again while the rival may
 /// still land the only live answer would only show it again — and a provider that revokes a
 /// whole grant on reuse would take that answer with it.
-async fn probed_rival(
-    tx: &tokio_postgres::Transaction<'_>,
-    name: &str,
-    generation: i64,
-) -> Result<Option<String>, Error> {
-    let row = tx
-        .query_opt(
-            "SELECT r.holder FROM tokend_attempt r
-             WHERE r.credential = $1 AND r.finished_at_ms IS NULL AND r.from_generation = $2
-               AND r.backend_pid <> coalesce(nullif($3, 0), pg_backend_pid())
-               AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = r.backend_pid)
-               AND EXISTS (SELECT 1 FROM tokend_attempt d
-                           WHERE d.credential = $1 AND d.from_generation = $2 AND d.result = 'rejected, deferred')
-             LIMIT 1",
-            &[&name, &generation, &super::LISTENER_BACKEND.load(std::sync::atomic::Ordering::SeqCst)],
-        )
-        .await?;
+async fn probed_rival(db: &mut Db<'_>, name: &str, generation: i64) -> Result<Option<String>, Error> {
+    // Within a batch, pg_stat_activity may be as old as the batch's transaction: a rival seen
+    // alive that just died only delays this credential by one recheck.
+    let listener = super::LISTENER_BACKEND.load(std::sync::atomic::Ordering::SeqCst);
+    let row = db.query_opt(PROBED_RIVAL, &[&name, &generation, &listener]).await?;
     row.map(|r| r.try_get(0)).transpose()
 }
 
 /// An open attempt of another holder on the same generation whose database session still
 /// exists: it may yet land its answer (ARCHITECTURE.md, "Fleet: invalid_grant and the other
 /// node's attempt").
-async fn unresolved_rival(
-    tx: &tokio_postgres::Transaction<'_>,
-    attempt_id: i64,
-) -> Result<Option<(i64, String)>, Error> {
-    let row = tx
+async fn unresolved_rival(c: &Client, attempt_id: i64) -> Result<Option<(i64, String)>, Error> {
+    // A session reads pg_stat_activity once per transaction and keeps that picture; inside a
+    // group commit's transaction it could be as old as the batch. Which sessions exist must be
+    // read now.
+    c.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
+    let row = c
         .query_opt(
             "SELECT r.id, r.holder FROM tokend_attempt a JOIN tokend_attempt r
                ON r.credential = a.credential AND r.from_generation = a.from_generation AND r.id <> a.id
@@ -333,17 +400,16 @@ async fn unresolved_rival(
 
 /// Closes an attempt that produced no token. Returns whether the credential was marked
 /// `needs_reauth`: a rejection is not final while a rival attempt on the same generation is
-/// unresolved — that attempt may hold the only live token.
+/// unresolved — that attempt may hold the only live token. Runs in the caller's transaction.
 pub async fn failure(
-    c: &mut Client,
+    c: &Client,
     name: &str,
     attempt_id: i64,
     reason: &str,
     needs_reauth: bool,
     now_ms: i64,
 ) -> Result<bool, Error> {
-    let tx = c.transaction().await?;
-    let rival = if needs_reauth { unresolved_rival(&tx, attempt_id).await? } else { None };
+    let rival = if needs_reauth { unresolved_rival(c, attempt_id).await? } else { None };
     let (mark, error) = match &rival {
         Some((id, holder)) => {
             tracing::warn!(credential = name, rival_attempt = id, rival_holder = %holder, "grant rejected while another holder's attempt on the same generation is unresolved; needs_reauth deferred until it settles");
@@ -354,7 +420,7 @@ pub async fn failure(
         }
         None => (needs_reauth, reason.to_string()),
     };
-    tx.execute(
+    c.execute(
         "UPDATE tokend_credential SET last_error = $2, updated_at = $3,
              status = CASE WHEN $4 THEN 'needs_reauth' ELSE status END,
              dead_since = CASE WHEN $4 THEN COALESCE(dead_since, $3) ELSE dead_since END
@@ -367,26 +433,20 @@ pub async fn failure(
         (false, true) => "rejected, deferred",
         (false, false) => "failed",
     };
-    tx.execute(
+    c.execute(
         "UPDATE tokend_attempt SET finished_at_ms = $2, result = $3 WHERE id = $1",
         &[&attempt_id, &now_ms, &result],
     )
     .await?;
-    tx.commit().await?;
     Ok(mark)
 }
 
-pub async fn cancel(c: &Client, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), Error> {
-    c.execute(
-        "UPDATE tokend_attempt SET finished_at_ms = $2, result = $3 WHERE id = $1 AND finished_at_ms IS NULL",
-        &[&attempt_id, &now_ms, &why],
-    )
-    .await
-    .map(|_| ())
+pub async fn cancel(db: &mut Db<'_>, attempt_id: i64, why: &str, now_ms: i64) -> Result<(), Error> {
+    db.execute(ATTEMPT_CANCEL, &[&attempt_id, &now_ms, &why]).await.map(|_| ())
 }
 
-pub async fn release(c: &Client, name: &str, holder: &LeaseHolder) -> Result<(), Error> {
-    c.execute("DELETE FROM tokend_lease WHERE credential = $1 AND holder = $2", &[&name, &holder.id]).await.map(|_| ())
+pub async fn release(db: &mut Db<'_>, name: &str, holder: &LeaseHolder) -> Result<(), Error> {
+    db.execute(LEASE_RELEASE, &[&name, &holder.id]).await.map(|_| ())
 }
 
 /// Stores tokens obtained outside a refresh: generation + 1, open attempts closed as superseded.
@@ -576,4 +636,15 @@ pub async fn copy_in(
     }
     tx.commit().await?;
     Ok(Ok((count, generations)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_one_statement_commit_notifies_on_the_channel_nodes_listen_to() {
+        // SQL literals cannot take the constant: a renamed channel must fail here, not in a fleet.
+        assert!(COMMIT_FENCED.contains(&format!("pg_notify('{COMMIT_CHANNEL}', u.generation || ' ' || u.name)")));
+    }
 }
