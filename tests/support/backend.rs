@@ -66,6 +66,9 @@ impl World {
         };
         let w = World { dir, mock, backend, pg };
         if backend == Backend::Postgres {
+            // As the unit's StateDirectory= makes it: a CLI command's rescue file goes there
+            // (without it, to the temp dir).
+            std::fs::create_dir(w.path(PG_STATE_DIR)).unwrap();
             // Any valid configuration will do; the test writes its own afterwards.
             w.write_config(
                 "[[credential]]\nname = \"migrate\"\nprovider = \"oauth2\"\ntoken_url = \"{mock}/token\"\nclient_id = \"id\"\n",
