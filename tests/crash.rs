@@ -154,8 +154,12 @@ async fn churn(backend: Backend, label: &str, reuse_grace: Duration) -> Churn {
             continue;
         }
         let rotated = w.mock.rotated_at(&held);
+        // The life the rotation happened in; failing that, one it may have been in flight at the
+        // end of (lives follow each other closely, so the slack overlaps the next one's start).
         let in_window = rotated.and_then(|r| {
-            lives.iter().find(|(start, kill)| *start <= r && r <= kill + IN_FLIGHT_SLACK_MS).map(|(_, kill)| kill - r)
+            let life = lives.iter().find(|(start, kill)| *start <= r && r <= *kill);
+            life.or_else(|| lives.iter().find(|(start, kill)| *start <= r && r <= kill + IN_FLIGHT_SLACK_MS))
+                .map(|(_, kill)| kill - r)
         });
         match (state.status, in_window) {
             (tokend::store::Status::NeedsReauth, Some(gap)) => {
