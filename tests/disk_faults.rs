@@ -1,7 +1,7 @@
 //! Store and disk faults on real file systems and a real PostgreSQL server, each body on both
 //! backends where the fault has a PostgreSQL twin: a store that stops taking writes after the
-//! provider rotated (SQLite: its 1 MiB tmpfs fills up; PostgreSQL: the server stops) and comes
-//! back, a read-only store (a read-only mount; `default_transaction_read_only`), a store that is
+//! provider rotated (SQLite: its 1 MiB tmpfs fills up; PostgreSQL: the node's role loses its
+//! right to update, or the server stops) and comes back, a read-only store (a read-only mount; `default_transaction_read_only`), a store that is
 //! not tokend's (a file that is not SQLite; another application's database), and a read-only sink
 //! directory. The sealed rescue file stays SQLite-only: encryption at rest is refused on a
 //! PostgreSQL store. Needs mount(2) (root in CI); without it each test says it was skipped and why.
@@ -12,6 +12,7 @@ use nix::sys::signal::Signal;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use support::postgres::{PG_PASSWORD, PG_USER};
 use support::{Backend, World, wait_for};
 use tokend::dev::mock::MockSettings;
 
@@ -69,17 +70,25 @@ fn fill(dir: &Path) {
     let _ = f.sync_all();
 }
 
-/// A store that stops taking writes on cue, and takes them again: the SQLite file's disk fills
-/// up (a 1 MiB tmpfs), the PostgreSQL server goes away (stopped, then started again on the same
-/// data). The one-credential config is written for it.
+/// A store that stops taking writes on cue, and takes them again. SQLite: the file's disk fills
+/// up (a 1 MiB tmpfs). PostgreSQL, two ways: the server goes away (stopped, then started again on
+/// the same data), or the node's role loses its right to update the credentials (reads still
+/// work, as on a full disk; the right given back later). The one-credential config is written
+/// for it.
 enum WriteFault {
     DiskFull(Tmpfs),
     ServerDown,
+    RightsRevoked,
 }
 
+/// The PostgreSQL role of a node whose rights the test takes away (not a superuser, who has them
+/// all whatever is revoked).
+const NODE_ROLE: &str = "node";
+
 impl WriteFault {
-    /// `None` when the SQLite variant cannot mount its tmpfs here (said and recorded).
-    fn prepare(w: &World, test: &str) -> Option<WriteFault> {
+    /// `on_postgres` is the PostgreSQL fault wanted; `None` when the SQLite variant cannot mount
+    /// its tmpfs here (said and recorded).
+    async fn prepare(w: &World, test: &str, on_postgres: WriteFault) -> Option<WriteFault> {
         match w.backend {
             Backend::Sqlite => {
                 let disk = Tmpfs::mount(&w.path("db"), "1m", test)?;
@@ -88,31 +97,61 @@ impl WriteFault {
             }
             Backend::Postgres => {
                 w.write_config(ONE);
-                Some(WriteFault::ServerDown)
+                if let WriteFault::RightsRevoked = on_postgres {
+                    w.pg_client()
+                        .await
+                        .batch_execute(&format!(
+                            "CREATE ROLE {NODE_ROLE} LOGIN PASSWORD '{PG_PASSWORD}';
+                             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {NODE_ROLE};
+                             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {NODE_ROLE};"
+                        ))
+                        .await
+                        .unwrap();
+                    let text = std::fs::read_to_string(w.config_path()).unwrap();
+                    assert!(text.contains(&format!(" user={PG_USER} ")), "{text}");
+                    std::fs::write(
+                        w.config_path(),
+                        text.replace(&format!(" user={PG_USER} "), &format!(" user={NODE_ROLE} ")),
+                    )
+                    .unwrap();
+                }
+                Some(on_postgres)
             }
         }
     }
 
-    fn inject(&self, w: &World) {
+    async fn inject(&self, w: &World) {
         match self {
             WriteFault::DiskFull(disk) => fill(&disk.0),
             WriteFault::ServerDown => w.pg_stop(),
+            WriteFault::RightsRevoked => w
+                .pg_client()
+                .await
+                .batch_execute(&format!("REVOKE UPDATE ON tokend_credential FROM {NODE_ROLE}"))
+                .await
+                .unwrap(),
         }
     }
 
-    fn repair(&self, w: &World) {
+    async fn repair(&self, w: &World) {
         match self {
             WriteFault::DiskFull(disk) => std::fs::remove_file(disk.0.join("filler")).unwrap(),
             WriteFault::ServerDown => w.pg_restart(),
+            WriteFault::RightsRevoked => w
+                .pg_client()
+                .await
+                .batch_execute(&format!("GRANT UPDATE ON tokend_credential TO {NODE_ROLE}"))
+                .await
+                .unwrap(),
         }
     }
 
     /// Where the rescue file must land: the temp dir when the database's own disk is full, beside
-    /// the store's node-local files when only the server is gone.
+    /// the store's node-local files when the database is elsewhere.
     fn rescue_dir(&self, w: &World, tmp: &Path) -> PathBuf {
         match self {
             WriteFault::DiskFull(_) => tmp.to_path_buf(),
-            WriteFault::ServerDown => w.path(support::backend::PG_STATE_DIR),
+            WriteFault::ServerDown | WriteFault::RightsRevoked => w.path(support::backend::PG_STATE_DIR),
         }
     }
 }
@@ -127,7 +166,7 @@ on_both_backends!(
 
 async fn the_store_refusing_writes_after_the_provider_rotated_rescues_the_token(backend: Backend) {
     let w = World::on(backend, MockSettings { delay: Duration::from_millis(1500), ..MockSettings::default() }).await;
-    let Some(fault) = WriteFault::prepare(&w, "disk_full") else { return };
+    let Some(fault) = WriteFault::prepare(&w, "disk_full", WriteFault::RightsRevoked).await else { return };
     std::fs::create_dir(w.path("tmp")).unwrap();
     w.authorize_and_import("c").await;
     let tmp = w.path("tmp");
@@ -135,11 +174,14 @@ async fn the_store_refusing_writes_after_the_provider_rotated_rescues_the_token(
     let refresh = w.tokend_env(&["refresh", "c"], None, &env);
     let fault_when_sent = async {
         assert!(wait_for(Duration::from_secs(5), || !w.mock.requests().is_empty()).await);
-        fault.inject(&w);
+        fault.inject(&w).await;
     };
     let (run, ()) = tokio::join!(refresh, fault_when_sent);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("the provider issued a new token but it could not be stored"), "{}", run.stderr);
+    if let WriteFault::RightsRevoked = fault {
+        assert!(run.stderr.contains("permission denied for table tokend_credential"), "{}", run.stderr);
+    }
     let rescue = run
         .stderr
         .split("the answer was saved to ")
@@ -156,7 +198,7 @@ async fn the_store_refusing_writes_after_the_provider_rotated_rescues_the_token(
     assert!(!run.stderr.contains(&live), "the token itself is not printed");
 
     // The store comes back; the operator follows the message.
-    fault.repair(&w);
+    fault.repair(&w).await;
     let import = w.tokend(&["import", "c"], Some(&std::fs::read_to_string(rescue).unwrap())).await;
     assert_eq!(import.code, 0, "{}", import.stderr);
     assert_eq!(w.tokend(&["refresh", "c"], None).await.code, 0);
@@ -209,12 +251,12 @@ async fn an_encrypted_store_writes_its_rescue_file_sealed() {
 
 async fn the_daemon_keeps_the_token_while_its_store_refuses_writes_and_commits_it_later(backend: Backend) {
     let w = World::on(backend, MockSettings { delay: Duration::from_millis(1500), ..MockSettings::default() }).await;
-    let Some(fault) = WriteFault::prepare(&w, "daemon_disk_full") else { return };
+    let Some(fault) = WriteFault::prepare(&w, "daemon_disk_full", WriteFault::ServerDown).await else { return };
     w.authorize_and_import("c").await;
     let daemon = w.start_daemon_env(&[("TMPDIR", w.dir.path().to_str().unwrap())]).await;
     daemon.signal(Signal::SIGUSR1);
     assert!(wait_for(Duration::from_secs(5), || !w.mock.requests().is_empty()).await);
-    fault.inject(&w);
+    fault.inject(&w).await;
     assert!(
         wait_for(Duration::from_secs(5), || daemon.log_text().contains("ROTATED TOKEN NOT STORED")).await,
         "{}",
@@ -225,7 +267,7 @@ async fn the_daemon_keeps_the_token_while_its_store_refuses_writes_and_commits_i
     daemon.signal(Signal::SIGUSR1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(w.mock.requests().len(), 1, "a refresh was sent while the store could not commit");
-    fault.repair(&w);
+    fault.repair(&w).await;
     assert!(
         wait_for(Duration::from_secs(15), || daemon
             .log_text()
@@ -238,7 +280,7 @@ async fn the_daemon_keeps_the_token_while_its_store_refuses_writes_and_commits_i
         WriteFault::DiskFull(_) => {
             tokend::store::Store::open(&w.path("db/tokend.db")).unwrap().get("c").unwrap().unwrap()
         }
-        WriteFault::ServerDown => w.store().get("c").unwrap().unwrap(),
+        WriteFault::ServerDown | WriteFault::RightsRevoked => w.store().get("c").unwrap().unwrap(),
     };
     assert_eq!(state.refresh_token.unwrap().expose(), w.mock.live_refresh_token("c").unwrap());
     assert_eq!(state.generation, 2, "committed once, on the generation that was spent");
