@@ -1,20 +1,22 @@
 //! `tokend refresh` from the CLI racing the daemon, hundreds of times: never a double-spent
-//! refresh token, never a `database is locked` error reaching the user.
+//! refresh token, never a `database is locked` error reaching the user — on SQLite and on
+//! PostgreSQL (tests/support/backend.rs).
 
 mod support;
 
 use nix::sys::signal::Signal;
 use std::time::Duration;
-use support::World;
+use support::{Backend, World};
 use tokend::dev::mock::MockSettings;
 
 const RACES: usize = 200;
 const PARALLEL: usize = 4;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_refreshes_racing_the_daemon_never_double_spend() {
+on_both_backends!(cli_refreshes_racing_the_daemon_never_double_spend);
+
+async fn cli_refreshes_racing_the_daemon_never_double_spend(backend: Backend) {
     // 2 s tokens: the daemon itself refreshes every second while the CLI hammers.
-    let w = World::new(MockSettings { expires_in: 2, ..MockSettings::default() }).await;
+    let w = World::on(backend, MockSettings { expires_in: 2, ..MockSettings::default() }).await;
     w.write_config(
         "[[credential]]\nname = \"c\"\nprovider = \"oauth2\"\ntoken_url = \"{mock}/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
     );
@@ -41,11 +43,12 @@ async fn cli_refreshes_racing_the_daemon_never_double_spend() {
     assert_eq!(state.refresh_token.unwrap().expose(), w.mock.live_refresh_token("c").unwrap());
     assert_eq!((state.generation - 1) as u64, w.mock.refreshes(), "one generation per provider rotation");
     let figures = format!(
-        "concurrency: {RACES} CLI refreshes ({PARALLEL} at a time) racing the daemon in {:.1} s: {outcomes:?}; \
+        "concurrency on {}: {RACES} CLI refreshes ({PARALLEL} at a time) racing the daemon in {:.1} s: {outcomes:?}; \
          {} rotations at the provider, 0 reuses of a spent token, 0 errors",
+        backend.name(),
         elapsed.as_secs_f64(),
         w.mock.refreshes()
     );
     println!("{figures}");
-    support::record_figures("concurrency", &figures);
+    support::record_figures(&backend.figures_name("concurrency"), &figures);
 }

@@ -7,34 +7,55 @@
 //! The same churn against a provider with a reuse grace period (django-oauth-toolkit's
 //! `REFRESH_TOKEN_GRACE_PERIOD_SECONDS`) must lose nothing at all: the interrupted attempt is
 //! retried first thing at the next start, within the grace.
+//!
+//! Both run on SQLite and on PostgreSQL (tests/support/backend.rs), the PostgreSQL churn shorter
+//! (each life connects to a server, and CI's budget is shared): [`Budget`].
 
 mod support;
 
 use nix::sys::signal::Signal;
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
-use support::World;
+use support::{Backend, World};
 use tokend::clock::now_ms;
 use tokend::dev::mock::MockSettings;
 
 const CREDENTIALS: usize = 8;
-const MAX_KILLS: usize = 200;
-const MAX_CHURN: Duration = Duration::from_secs(150);
 /// A request sent just before a kill may be processed by the provider just after it.
 const IN_FLIGHT_SLACK_MS: i64 = 200;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_never_loses_a_chain_silently() {
-    let run = churn("crash", Duration::ZERO).await;
-    assert!(run.kills >= 150, "only {} kills in {MAX_CHURN:?}", run.kills);
+/// How long one backend's churn goes on: up to `max_kills` lives or `max_churn`, and how many kills
+/// a run without a grace must reach to count (each life is a random 20–700 ms).
+struct Budget {
+    max_kills: usize,
+    min_kills: usize,
+    max_churn: Duration,
+}
+
+fn budget(backend: Backend) -> Budget {
+    match backend {
+        Backend::Sqlite => Budget { max_kills: 200, min_kills: 150, max_churn: Duration::from_secs(150) },
+        Backend::Postgres => Budget { max_kills: 60, min_kills: 45, max_churn: Duration::from_secs(50) },
+    }
+}
+
+on_both_backends!(
+    sigkill_at_random_moments_never_loses_a_chain_silently,
+    with_a_reuse_grace_period_sigkills_lose_no_chain
+);
+
+async fn sigkill_at_random_moments_never_loses_a_chain_silently(backend: Backend) {
+    let run = churn(backend, "crash", Duration::ZERO).await;
+    let Budget { min_kills, max_churn, .. } = budget(backend);
+    assert!(run.kills >= min_kills, "only {} kills in {max_churn:?}", run.kills);
     assert!(run.silently_lost.is_empty(), "chains lost silently: {:?}\n{}", run.silently_lost, run.figures);
     assert_eq!(run.intact + run.lost_in_crash_window, CREDENTIALS);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_reuse_grace_period_sigkills_lose_no_chain() {
-    let run = churn("crash-grace", Duration::from_secs(10)).await;
-    assert!(run.kills >= MAX_KILLS, "only {} kills in {MAX_CHURN:?}", run.kills);
+async fn with_a_reuse_grace_period_sigkills_lose_no_chain(backend: Backend) {
+    let run = churn(backend, "crash-grace", Duration::from_secs(10)).await;
+    let Budget { max_kills, max_churn, .. } = budget(backend);
+    assert!(run.kills >= max_kills, "only {} kills in {max_churn:?}", run.kills);
     assert!(run.silently_lost.is_empty(), "chains lost silently: {:?}\n{}", run.silently_lost, run.figures);
     assert_eq!(
         run.intact, CREDENTIALS,
@@ -54,12 +75,13 @@ struct Churn {
     figures: String,
 }
 
-/// Starts and SIGKILLs `tokend run` up to [`MAX_KILLS`] times against the mock with `reuse_grace`,
-/// then runs it once cleanly and judges every chain; `label` names the figures.
-async fn churn(label: &str, reuse_grace: Duration) -> Churn {
+/// Starts and SIGKILLs `tokend run` up to [`Budget::max_kills`] times against the mock with
+/// `reuse_grace`, then runs it once cleanly and judges every chain; `label` names the figures.
+async fn churn(backend: Backend, label: &str, reuse_grace: Duration) -> Churn {
+    let Budget { max_kills, max_churn, .. } = budget(backend);
     let seed: u64 = std::env::var("TOKEND_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_123);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let w = World::new(MockSettings { expires_in: 2, reuse_grace, ..MockSettings::default() }).await;
+    let w = World::on(backend, MockSettings { expires_in: 2, reuse_grace, ..MockSettings::default() }).await;
     std::fs::create_dir(w.path("out")).unwrap();
     let mut config = String::new();
     for i in 0..CREDENTIALS {
@@ -74,8 +96,8 @@ async fn churn(label: &str, reuse_grace: Duration) -> Churn {
 
     // (start, kill) of every killed daemon, unix ms.
     let mut lives: Vec<(i64, i64)> = Vec::new();
-    let churn_until = tokio::time::Instant::now() + MAX_CHURN;
-    while lives.len() < MAX_KILLS && tokio::time::Instant::now() < churn_until {
+    let churn_until = tokio::time::Instant::now() + max_churn;
+    while lives.len() < max_kills && tokio::time::Instant::now() < churn_until {
         // With a grace, the first life dies exactly in the crash window (after the provider's
         // answer, before the commit: the debug build's abort), so the run cannot pass without the
         // start-up retry having been needed at least once; random kills add more such windows.
@@ -132,8 +154,12 @@ async fn churn(label: &str, reuse_grace: Duration) -> Churn {
             continue;
         }
         let rotated = w.mock.rotated_at(&held);
+        // The life the rotation happened in; failing that, one it may have been in flight at the
+        // end of (lives follow each other closely, so the slack overlaps the next one's start).
         let in_window = rotated.and_then(|r| {
-            lives.iter().find(|(start, kill)| *start <= r && r <= kill + IN_FLIGHT_SLACK_MS).map(|(_, kill)| kill - r)
+            let life = lives.iter().find(|(start, kill)| *start <= r && r <= *kill);
+            life.or_else(|| lives.iter().find(|(start, kill)| *start <= r && r <= kill + IN_FLIGHT_SLACK_MS))
+                .map(|(_, kill)| kill - r)
         });
         match (state.status, in_window) {
             (tokend::store::Status::NeedsReauth, Some(gap)) => {
@@ -149,10 +175,11 @@ async fn churn(label: &str, reuse_grace: Duration) -> Churn {
     }
     let log = std::fs::read_to_string(w.path("crash.log")).unwrap_or_default() + &daemon.log_text();
     let figures = format!(
-        "{label}: reuse grace {reuse_grace:?}, seed {seed}, {} SIGKILLs, {refreshes_during_churn} refreshes during the churn, {} in total; \
+        "{label} on {}: reuse grace {reuse_grace:?}, seed {seed}, {} SIGKILLs, {refreshes_during_churn} refreshes during the churn, {} in total; \
          {CREDENTIALS} chains: {intact} intact, {lost_in_crash_window} lost in the crash window (flagged needs_reauth, confirmed by the provider), \
          {} lost silently; provider saw {} reuse(s) of a spent token refused (the retries that revealed those losses) \
          and honoured {} within the grace (interrupted attempts retried at start-up){}",
+        backend.name(),
         lives.len(),
         w.mock.refreshes(),
         silently_lost.len(),
@@ -161,7 +188,7 @@ async fn churn(label: &str, reuse_grace: Duration) -> Churn {
         if window_evidence.is_empty() { String::new() } else { format!(" [{}]", window_evidence.join("; ")) }
     );
     println!("{figures}");
-    support::record_figures(label, &figures);
+    support::record_figures(&backend.figures_name(label), &figures);
     assert!(!log.contains("panicked"), "a daemon panicked:\n{log}");
     Churn {
         kills: lives.len(),

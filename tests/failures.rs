@@ -1,15 +1,29 @@
-//! ARCHITECTURE.md "Failure classes": what each kind of answer does to the stored state and the exit code.
+//! ARCHITECTURE.md "Failure classes": what each kind of answer does to the stored state and the
+//! exit code — on either store (tests/support/backend.rs): every body runs on SQLite and on
+//! PostgreSQL.
 
 mod support;
 
-use support::World;
+use support::{Backend, World};
 use tokend::dev::mock::{Fault, MockSettings};
 
 const TEMPORARY: i32 = 7;
 const NEEDS_REAUTH: i32 = 5;
 
-async fn world() -> (World, String) {
-    let w = World::new(MockSettings::default()).await;
+on_both_backends!(
+    server_error_is_transient,
+    rate_limit_with_retry_after_is_transient,
+    connection_dropped_before_rotation_is_transient,
+    garbage_and_oversized_success_bodies_are_never_stored,
+    redirect_is_not_followed,
+    invalid_grant_marks_needs_reauth_and_stops_asking,
+    expired_token_is_not_shown_as_valid,
+    slow_loris_answer_is_cut_off_by_the_request_timeout,
+    answer_lost_after_rotation_is_flagged_not_hidden,
+);
+
+async fn world(backend: Backend) -> (World, String) {
+    let w = World::on(backend, MockSettings::default()).await;
     w.write_config(
         r#"
 [[credential]]
@@ -43,9 +57,8 @@ async fn state_kept_and_recovers(w: &World, access: &str) {
     assert_eq!(w.row("c").await["generation"], 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_error_is_transient() {
-    let (w, access) = world().await;
+async fn server_error_is_transient(backend: Backend) {
+    let (w, access) = world(backend).await;
     w.mock.push_fault(answer(503, "maintenance", &[]));
     let run = w.tokend(&["refresh", "c"], None).await;
     assert_eq!(run.code, TEMPORARY, "{}", run.stderr);
@@ -54,9 +67,8 @@ async fn server_error_is_transient() {
     state_kept_and_recovers(&w, &access).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_with_retry_after_is_transient() {
-    let (w, access) = world().await;
+async fn rate_limit_with_retry_after_is_transient(backend: Backend) {
+    let (w, access) = world(backend).await;
     w.mock.push_fault(answer(429, r#"{"error":"slow_down"}"#, &[("Retry-After", "120")]));
     let run = w.tokend(&["refresh", "c"], None).await;
     assert_eq!(run.code, TEMPORARY, "{}", run.stderr);
@@ -64,18 +76,16 @@ async fn rate_limit_with_retry_after_is_transient() {
     state_kept_and_recovers(&w, &access).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_dropped_before_rotation_is_transient() {
-    let (w, access) = world().await;
+async fn connection_dropped_before_rotation_is_transient(backend: Backend) {
+    let (w, access) = world(backend).await;
     w.mock.push_fault(Fault::DropBeforeRotate);
     let run = w.tokend(&["refresh", "c"], None).await;
     assert_eq!(run.code, TEMPORARY, "{}", run.stderr);
     state_kept_and_recovers(&w, &access).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_and_oversized_success_bodies_are_never_stored() {
-    let (w, access) = world().await;
+async fn garbage_and_oversized_success_bodies_are_never_stored(backend: Backend) {
+    let (w, access) = world(backend).await;
     for (fault, expect) in [
         (answer(200, "<html>proxy error</html>", &[("Content-Type", "text/html")]), "not a JSON token object"),
         (answer(200, r#"{"token_type":"Bearer"}"#, &[]), "no \"access_token\""),
@@ -91,9 +101,8 @@ async fn garbage_and_oversized_success_bodies_are_never_stored() {
     state_kept_and_recovers(&w, &access).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redirect_is_not_followed() {
-    let (w, access) = world().await;
+async fn redirect_is_not_followed(backend: Backend) {
+    let (w, access) = world(backend).await;
     w.mock.push_fault(answer(307, "", &[("Location", "http://127.0.0.1:9/elsewhere")]));
     let run = w.tokend(&["refresh", "c"], None).await;
     assert_eq!(run.code, TEMPORARY, "{}", run.stderr);
@@ -102,9 +111,8 @@ async fn redirect_is_not_followed() {
     state_kept_and_recovers(&w, &access).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_grant_marks_needs_reauth_and_stops_asking() {
-    let (w, _) = world().await;
+async fn invalid_grant_marks_needs_reauth_and_stops_asking(backend: Backend) {
+    let (w, _) = world(backend).await;
     w.mock.push_fault(answer(400, r#"{"error":"invalid_grant","error_description":"revoked"}"#, &[]));
     let run = w.tokend(&["refresh", "c"], None).await;
     assert_eq!(run.code, NEEDS_REAUTH, "{}", run.stderr);
@@ -124,9 +132,8 @@ async fn invalid_grant_marks_needs_reauth_and_stops_asking() {
     assert_eq!(w.tokend(&["refresh", "c"], None).await.code, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_token_is_not_shown_as_valid() {
-    let w = World::new(MockSettings::default()).await;
+async fn expired_token_is_not_shown_as_valid(backend: Backend) {
+    let w = World::on(backend, MockSettings::default()).await;
     w.write_config(
         "[[credential]]\nname = \"c\"\nprovider = \"oauth2\"\ntoken_url = \"{mock}/t\"\nclient_id = \"i\"\n",
     );
@@ -139,9 +146,8 @@ async fn expired_token_is_not_shown_as_valid() {
     assert_eq!(w.row("c").await["status"], "expired");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_loris_answer_is_cut_off_by_the_request_timeout() {
-    let w = World::new(MockSettings::default()).await;
+async fn slow_loris_answer_is_cut_off_by_the_request_timeout(backend: Backend) {
+    let w = World::on(backend, MockSettings::default()).await;
     w.write_config_with_daemon(
         "request_timeout = \"1s\"\n",
         "[[credential]]\nname = \"c\"\nprovider = \"oauth2\"\ntoken_url = \"{mock}/token\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
@@ -164,9 +170,8 @@ async fn slow_loris_answer_is_cut_off_by_the_request_timeout() {
     assert_ne!(access, "");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answer_lost_after_rotation_is_flagged_not_hidden() {
-    let (w, _) = world().await;
+async fn answer_lost_after_rotation_is_flagged_not_hidden(backend: Backend) {
+    let (w, _) = world(backend).await;
     w.mock.push_fault(Fault::DropAfterRotate);
     let run = w.tokend(&["refresh", "c"], None).await;
     assert_eq!(run.code, TEMPORARY, "{}", run.stderr);

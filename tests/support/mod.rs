@@ -8,11 +8,18 @@ use tempfile::TempDir;
 use tokend::dev::mock::{MockProvider, MockSettings};
 use tokio::io::AsyncWriteExt;
 
+pub mod backend;
 pub mod postgres;
+
+pub use backend::Backend;
 
 pub struct World {
     pub dir: TempDir,
     pub mock: MockProvider,
+    /// The store the config points at: the SQLite file in `dir`, or a database of this World's
+    /// own PostgreSQL server (`backend.rs`).
+    pub backend: Backend,
+    pg: Option<backend::PgDatabase>,
 }
 
 pub struct Run {
@@ -23,7 +30,7 @@ pub struct Run {
 
 impl World {
     pub async fn new(settings: MockSettings) -> World {
-        World { dir: tempfile::tempdir().unwrap(), mock: MockProvider::start(settings).await.unwrap() }
+        World::on(Backend::Sqlite, settings).await
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -46,10 +53,11 @@ impl World {
         std::fs::write(self.config_path(), text).unwrap();
     }
 
-    /// Same, with extra lines in the `[daemon]` table.
+    /// Same, with extra lines in the `[daemon]` table; the `database` line is this World's
+    /// backend's.
     pub fn write_config_with_daemon(&self, daemon: &str, body: &str) {
         let text =
-            format!("[daemon]\ndatabase = \"tokend.db\"\n{daemon}\n{}", body.replace("{mock}", &self.mock.url("")));
+            format!("[daemon]\n{}{daemon}\n{}", self.database_lines(), body.replace("{mock}", &self.mock.url("")));
         std::fs::write(self.config_path(), text).unwrap();
     }
 
@@ -167,14 +175,6 @@ impl World {
             wait_for(std::time::Duration::from_secs(20), || daemon.log_text().contains("tokend running")).await;
         assert!(started, "daemon did not start: {}", daemon.log_text());
         daemon
-    }
-
-    pub fn store(&self) -> tokend::store::Store {
-        tokend::store::Store::open(&self.path("tokend.db")).unwrap()
-    }
-
-    pub fn generation(&self, name: &str) -> i64 {
-        self.store().get(name).unwrap().map_or(0, |s| s.generation)
     }
 }
 

@@ -233,6 +233,11 @@ async fn connect(target: &PgTarget) -> Result<Client, String> {
     Ok(client)
 }
 
+/// The server refused a write because this session is read-only (SQLSTATE 25006).
+fn read_only_session(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+}
+
 /// The server's own message for database errors (tokio-postgres prints only "db error"), the
 /// cause for connection errors. Neither ever holds the password.
 pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
@@ -356,14 +361,16 @@ impl PgStore {
         let job: PlainJob = Box::new(move |session: &mut Session| {
             Box::pin(async move {
                 let outcome = tokio::time::timeout(OPERATION_TIMEOUT, async {
-                    let client = session.client().await?;
-                    op(client).await.map_err(|e| describe(&e))
+                    let client = session.client().await.map_err(|message| (message, false))?;
+                    op(client).await.map_err(|e| (describe(&e), read_only_session(&e)))
                 })
                 .await;
                 let result = match outcome {
                     Ok(Ok(value)) => Ok(value),
-                    Ok(Err(message)) => {
-                        if session.client.as_ref().is_some_and(Client::is_closed) {
+                    Ok(Err((message, read_only))) => {
+                        // A session that began read-only (a standby, `default_transaction_read_only`)
+                        // stays so while it lasts: the next operation gets a new one.
+                        if read_only || session.client.as_ref().is_some_and(Client::is_closed) {
                             session.drop_connection();
                         }
                         Err(fail(message))
