@@ -98,6 +98,15 @@ pub async fn refresh(
     let holder = LeaseHolder::new();
     let lease_ttl = http.limits().lease_length();
 
+    // A fleet node planned this refresh from a generation another node may have spent already
+    // (a catch-up raced by every node): then the stored token is taken as it is, after one read
+    // and before any lease or attempt is written. The lease below decides in every other case.
+    if let Some(planned) = expected_generation
+        && let Some(state) = store.moved_on(name, planned).await?
+    {
+        return Ok(Outcome::AlreadyRefreshed(state));
+    }
+
     // Steps 1 + 2: lease and attempt record, one durable transaction.
     let give_up = tokio::time::Instant::now() + lease_wait;
     let (state, attempt_id, asked_for_lease) = loop {

@@ -1340,3 +1340,24 @@ async fn sslmode_require_speaks_tls_and_checks_the_servers_certificate() {
     node.signal(Signal::SIGTERM);
     assert_eq!(node.wait_exit(Duration::from_secs(15)).await, 0, "{}", node.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_learns_that_a_credential_moved_on_from_one_read() {
+    let pg = PgServer::start();
+    let db = pg.create_database("moved").await;
+    let (a, b, _local) = two_nodes(&pg, &db).await;
+    a.import("c", "oauth2", &token("a1", "r1"), 1).unwrap();
+    assert!(b.moved_on("c", 1).await.unwrap().is_none(), "still at the planned generation");
+    let now = tokend::clock::now_ms();
+    let attempt = leased(&a, "c", &holder("a"), Duration::from_secs(60), now).await;
+    a.commit_rotation("c", "oauth2", attempt, 1, &token("a2", "r2"), now).await.unwrap();
+    a.release_lease("c", &holder("a")).await.unwrap();
+    let client = pg.client(&db).await;
+    let writes_before: i64 = client.query_one("SELECT count(*) FROM tokend_attempt", &[]).await.unwrap().get(0);
+    let moved = b.moved_on("c", 1).await.unwrap().expect("moved on to generation 2");
+    assert_eq!((moved.generation, moved.access_token.expose()), (2, "a2"));
+    let writes_after: i64 = client.query_one("SELECT count(*) FROM tokend_attempt", &[]).await.unwrap().get(0);
+    assert_eq!(writes_before, writes_after, "the look wrote an attempt");
+    let lease: i64 = client.query_one("SELECT count(*) FROM tokend_lease", &[]).await.unwrap().get(0);
+    assert_eq!(lease, 0, "the look took a lease");
+}

@@ -234,6 +234,13 @@ impl RefreshStore for AnyRefreshStore {
         }
     }
 
+    async fn moved_on(&self, name: &str, generation: i64) -> Result<Option<TokenState>, StoreError> {
+        match self {
+            AnyRefreshStore::Sqlite(c) => c.moved_on(name, generation).await,
+            AnyRefreshStore::Postgres(p) => p.moved_on(name, generation).await,
+        }
+    }
+
     async fn begin_refresh(
         &self,
         name: &str,

@@ -271,6 +271,17 @@ pub trait RefreshStore: Clone + Send + Sync + 'static {
         crate::seal::Sealer::plaintext()
     }
 
+    /// A fleet store's look before racing for a lease: the stored state if `name` moved on from
+    /// `generation` (another node refreshed it meanwhile), read without writing anything. Stores
+    /// with one refresher per machine have no such race to lose: `None`, and the lease decides.
+    fn moved_on(
+        &self,
+        _name: &str,
+        _generation: i64,
+    ) -> impl Future<Output = Result<Option<TokenState>, StoreError>> + Send {
+        std::future::ready(Ok(None))
+    }
+
     /// Steps 1 and 2 in one transaction: take `name`'s lease and record the attempt to spend its
     /// current refresh token.
     fn begin_refresh(

@@ -678,6 +678,12 @@ impl super::RefreshStore for PgStore {
         &self.local
     }
 
+    /// On the reader connection: a node that lost the race for a whole catch-up learns it from
+    /// one read per credential, instead of a lease, an attempt, a cancel and a release.
+    async fn moved_on(&self, name: &str, generation: i64) -> Result<Option<TokenState>, StoreError> {
+        Ok(super::RefreshStore::get(self, name).await?.filter(|s| s.generation != generation))
+    }
+
     async fn begin_refresh(
         &self,
         name: &str,
