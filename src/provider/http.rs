@@ -99,8 +99,7 @@ impl HttpClient {
     /// discard it. So the exchange gets [`LATE_ANSWER_GRACE`] more to be read out before it is
     /// given up: within the lease, whose margin is at least a second.
     pub async fn send(&self, request: &TokenRequest) -> Result<RawAnswer, Failure> {
-        let exchange = std::pin::pin!(self.exchange(request));
-        let mut exchange = exchange;
+        let mut exchange = std::pin::pin!(self.exchange(request));
         if let Ok(answer) = tokio::time::timeout(self.limits.total_timeout, &mut exchange).await {
             return answer;
         }
