@@ -70,12 +70,16 @@ const ATTEMPT_OPEN: &str =
     "INSERT INTO tokend_attempt (credential, from_generation, spent_fp, holder, node, backend_pid, started_at_ms)
      VALUES ($1, $2, $3, $4, $5, coalesce(nullif($7, 0), pg_backend_pid()), $6) RETURNING id";
 /// See [`probed_rival`]; this process's own attempts (its listener's session) are no rivals.
+/// Both sub-queries refer to the open attempt `r` found through the partial index of open
+/// attempts, so they run only when there is one: as a filter of its own, the search for a
+/// deferred rejection would scan every attempt ever recorded at every `begin`.
 const PROBED_RIVAL: &str = "SELECT r.holder FROM tokend_attempt r
      WHERE r.credential = $1 AND r.finished_at_ms IS NULL AND r.from_generation = $2
        AND r.backend_pid <> coalesce(nullif($3, 0), pg_backend_pid())
        AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = r.backend_pid)
        AND EXISTS (SELECT 1 FROM tokend_attempt d
-                   WHERE d.credential = $1 AND d.from_generation = $2 AND d.result = 'rejected, deferred')
+                   WHERE d.credential = r.credential AND d.from_generation = r.from_generation
+                     AND d.result = 'rejected, deferred')
      LIMIT 1";
 const ATTEMPT_CANCEL: &str =
     "UPDATE tokend_attempt SET finished_at_ms = $2, result = $3 WHERE id = $1 AND finished_at_ms IS NULL";
