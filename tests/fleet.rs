@@ -6,12 +6,12 @@ mod support;
 
 use nix::sys::signal::Signal;
 use std::time::Duration;
-use support::postgres::{PG_PASSWORD, PgServer, daemon_lines};
+use support::postgres::{PG_PASSWORD, PgServer, daemon_lines, token};
 use support::{World, wait_for};
 use tokend::dev::mock::MockSettings;
 use tokend::redact::Secret;
 use tokend::store::postgres::{PgStore, PgTarget};
-use tokend::store::{Begin, LeaseHolder, NewToken, RefreshStore, Status, StoreError};
+use tokend::store::{Begin, LeaseHolder, RefreshStore, Status, StoreError};
 
 const NUDGE_AND_NB: &str = "[[credential]]\nname = \"n\"\nprovider = \"nudge\"\nbase_url = \"{mock}\"\nclient_id = \"nid\"\nclient_secret = \"ns\"\n[[credential.sink]]\npath = \"out/n.token\"\n\n[[credential]]\nname = \"nb\"\nprovider = \"nationbuilder\"\nslug = \"x\"\ntoken_url = \"{mock}/oauth/token\"\nclient_id = \"i\"\nclient_secret = \"s\"\n[[credential.sink]]\npath = \"out/nb.json\"\nformat = \"json\"\n\n[[credential]]\nname = \"key\"\nprovider = \"wildapricot\"\ntoken_url = \"{mock}/auth/token\"\napi_key = \"k-1\"\n";
 
@@ -245,19 +245,6 @@ async fn two_nodes(pg: &PgServer, db: &str) -> (PgStore, PgStore, tempfile::Temp
     assert_eq!(a.migrate().unwrap(), (0, 3));
     let b = PgStore::open(&target, &local.path().join("fleet")).unwrap();
     (a, b, local)
-}
-
-fn token(access: &str, refresh: &str) -> NewToken {
-    NewToken {
-        access_token: Secret::new(access),
-        refresh_token: Some(Secret::new(refresh)),
-        token_type: "Bearer".into(),
-        scope: None,
-        expires_in: Some(3600),
-        created_at: tokend::clock::now_secs(),
-        extra: None,
-        refresh_token_expires_at: None,
-    }
 }
 
 fn holder(tag: &str) -> LeaseHolder {

@@ -6,23 +6,10 @@
 mod support;
 
 use std::time::Duration;
-use support::postgres::{PG_PASSWORD, PgServer};
+use support::postgres::{PG_PASSWORD, PgServer, token};
 use tokend::redact::Secret;
 use tokend::store::postgres::{PgStore, PgTarget};
-use tokend::store::{Begin, LeaseHolder, NewToken, RefreshStore, StoreError, TokenState};
-
-fn token(access: &str, refresh: &str) -> NewToken {
-    NewToken {
-        access_token: Secret::new(access),
-        refresh_token: Some(Secret::new(refresh)),
-        token_type: "Bearer".into(),
-        scope: None,
-        expires_in: Some(3600),
-        created_at: tokend::clock::now_secs(),
-        extra: None,
-        refresh_token_expires_at: None,
-    }
-}
+use tokend::store::{Begin, LeaseHolder, RefreshStore, StoreError, TokenState};
 
 struct Fixture {
     pg: PgServer,

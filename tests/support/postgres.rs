@@ -196,3 +196,18 @@ pub fn daemon_lines(server: &PgServer, database: &str, world_dir: &Path, state_d
         pw.display()
     )
 }
+
+/// A token answer as a store receives it (store-level fleet tests): an hour's access token
+/// `access` and refresh token `refresh`.
+pub fn token(access: &str, refresh: &str) -> tokend::store::NewToken {
+    tokend::store::NewToken {
+        access_token: tokend::redact::Secret::new(access),
+        refresh_token: Some(tokend::redact::Secret::new(refresh)),
+        token_type: "Bearer".into(),
+        scope: None,
+        expires_in: Some(3600),
+        created_at: tokend::clock::now_secs(),
+        extra: None,
+        refresh_token_expires_at: None,
+    }
+}
