@@ -13,7 +13,7 @@ pub struct Disagreement {
     /// When the other node recorded its settings (unix seconds): a node that is gone for good
     /// keeps its last record until another node with its name starts.
     pub other_recorded_at: i64,
-    /// `field: ours -> theirs`, one per field that differs (secrets by fingerprint).
+    /// `field: X here, Y there`, one per field that differs (secrets by fingerprint).
     pub fields: Vec<String>,
 }
 
