@@ -592,7 +592,7 @@ fn fleet_agreement(config: &Config) -> Result<(), CliError> {
         return Ok(());
     }
     let compared = AnyStore::open(config)
-        .and_then(|store| store.settings_agreement(crate::daemon::shared_settings(config), false));
+        .and_then(|store| store.settings_agreement(crate::store::postgres::settings::of_config(config), false));
     match compared {
         Ok(found) if found.is_empty() => Ok(()),
         Ok(found) => {

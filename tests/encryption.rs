@@ -271,16 +271,7 @@ async fn key_rotation_killed_at_random_points_completes_on_rerun() {
         .iter()
         .map(|name| {
             let answer = w.mock.authorize(name);
-            NewToken {
-                access_token: tokend::redact::Secret::new(answer["access_token"].as_str().unwrap()),
-                refresh_token: Some(tokend::redact::Secret::new(answer["refresh_token"].as_str().unwrap())),
-                token_type: "Bearer".into(),
-                scope: None,
-                expires_in: Some(3600),
-                created_at: tokend::clock::now_secs(),
-                extra: None,
-                refresh_token_expires_at: None,
-            }
+            support::token(answer["access_token"].as_str().unwrap(), answer["refresh_token"].as_str().unwrap())
         })
         .collect();
     {

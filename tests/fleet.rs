@@ -6,7 +6,8 @@ mod support;
 
 use nix::sys::signal::Signal;
 use std::time::Duration;
-use support::postgres::{PG_PASSWORD, PgServer, daemon_lines, token};
+use support::postgres::{PG_PASSWORD, PgServer, daemon_lines};
+use support::token;
 use support::{World, wait_for};
 use tokend::dev::mock::MockSettings;
 use tokend::redact::Secret;
@@ -780,20 +781,7 @@ async fn holder_stopped_before_sending(kill: bool) {
 /// unreachable (exit 9, the server restarting) is tried again.
 async fn start_node(w: &World, config: &std::path::Path) -> support::DaemonProcess {
     for _ in 0..100 {
-        let log = w.path(&format!("daemon-{}.log", rand::random::<u32>()));
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
-            .args(["--log-level", "debug", "run"])
-            .env("TOKEND_CONFIG", config)
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .current_dir(w.dir.path())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut node = support::DaemonProcess { child, log };
+        let mut node = w.spawn_daemon(config, &[]);
         let until = tokio::time::Instant::now() + Duration::from_secs(20);
         while tokio::time::Instant::now() < until {
             if node.log_text().contains("tokend running") {
@@ -808,19 +796,6 @@ async fn start_node(w: &World, config: &std::path::Path) -> support::DaemonProce
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!("a node never came up");
-}
-
-/// A client of `db`, once the server accepts connections again after a restart.
-async fn client_once_up(pg: &PgServer, db: &str) -> tokio_postgres::Client {
-    let config: tokio_postgres::Config = format!("{} password={PG_PASSWORD}", pg.conninfo(db)).parse().unwrap();
-    for _ in 0..200 {
-        if let Ok((client, connection)) = config.connect(tokio_postgres::NoTls).await {
-            tokio::spawn(connection);
-            return client;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("PostgreSQL did not come back");
 }
 
 /// A node stopped while it had an attempt open, until its lease had ended.
@@ -989,7 +964,7 @@ async fn chaos_of_kills_pauses_and_server_restarts_loses_no_chain_and_fails_over
                     disturbances.push(tokend::clock::now_ms());
                     pg.restart();
                     server_restarts += 1;
-                    admin = client_once_up(&pg, &db).await;
+                    admin = pg.client(&db).await;
                     disturbances.push(tokend::clock::now_ms());
                 }
                 50 => {

@@ -6,7 +6,8 @@
 mod support;
 
 use std::time::Duration;
-use support::postgres::{PG_PASSWORD, PgServer, token};
+use support::postgres::{PG_PASSWORD, PgServer};
+use support::token;
 use tokend::redact::Secret;
 use tokend::store::postgres::{PgStore, PgTarget};
 use tokend::store::{Begin, LeaseHolder, RefreshStore, StoreError, TokenState};

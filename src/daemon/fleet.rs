@@ -21,15 +21,6 @@ pub(super) struct Fleet {
     disagreeing: usize,
 }
 
-/// Every credential's provider settings as recorded for the fleet (settings.rs).
-pub(crate) fn shared_settings(config: &Config) -> Vec<(String, String)> {
-    config
-        .credentials
-        .iter()
-        .map(|c| (c.name.to_string(), crate::store::postgres::settings::encode(&c.endpoint.shared_settings())))
-        .collect()
-}
-
 /// The next store event, or never for a store without notifications.
 pub(super) async fn next_event(events: &mut Option<UnboundedReceiver<StoreEvent>>) -> Option<StoreEvent> {
     match events {
@@ -70,7 +61,7 @@ impl Daemon {
         if self.fleet.listening.is_none() {
             return;
         }
-        let settings = shared_settings(&self.config);
+        let settings = crate::store::postgres::settings::of_config(&self.config);
         let compared = self.store().settings_agreement(settings, true);
         match compared {
             Ok(found) => {

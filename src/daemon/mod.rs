@@ -30,7 +30,6 @@ mod systemd;
 mod watch;
 
 use events::TriggerFloor;
-pub(crate) use fleet::shared_settings;
 use instance::lock_database;
 pub use instance::{
     ReloadOutcome, notify_store_changed, publish_imported, reload_outcome_path, running_daemon, store_changed_path,

@@ -107,14 +107,7 @@ impl World {
 
     /// A superuser session on this World's database, for faults the test injects.
     pub async fn pg_client(&self) -> tokio_postgres::Client {
-        let (client, connection) = format!("{} password={PG_PASSWORD}", self.pg().conninfo)
-            .parse::<tokio_postgres::Config>()
-            .unwrap()
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
+        super::postgres::owner_session(&self.pg().conninfo).await
     }
 
     pub fn pg_database(&self) -> &str {

@@ -156,6 +156,15 @@ impl World {
 
     /// A daemon on another configuration file (fleet tests: one per node).
     pub async fn start_daemon_with(&self, config: &std::path::Path, env: &[(&str, &str)]) -> DaemonProcess {
+        let daemon = self.spawn_daemon(config, env);
+        let started =
+            wait_for(std::time::Duration::from_secs(20), || daemon.log_text().contains("tokend running")).await;
+        assert!(started, "daemon did not start: {}", daemon.log_text());
+        daemon
+    }
+
+    /// `tokend run` on `config`, its log in the World's directory, without waiting for it.
+    pub fn spawn_daemon(&self, config: &std::path::Path, env: &[(&str, &str)]) -> DaemonProcess {
         let log = self.path(&format!("daemon-{}.log", rand::random::<u32>()));
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
             .args(["--log-level", "debug", "run"])
@@ -170,11 +179,7 @@ impl World {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let daemon = DaemonProcess { child, log };
-        let started =
-            wait_for(std::time::Duration::from_secs(20), || daemon.log_text().contains("tokend running")).await;
-        assert!(started, "daemon did not start: {}", daemon.log_text());
-        daemon
+        DaemonProcess { child, log }
     }
 }
 
@@ -198,4 +203,19 @@ pub fn record_figures(name: &str, text: &str) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("figures");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(format!("{name}.txt")), format!("{text}\n")).unwrap();
+}
+
+/// A token answer as a store receives it (store-level tests): an hour's access token
+/// `access` and refresh token `refresh`.
+pub fn token(access: &str, refresh: &str) -> tokend::store::NewToken {
+    tokend::store::NewToken {
+        access_token: tokend::redact::Secret::new(access),
+        refresh_token: Some(tokend::redact::Secret::new(refresh)),
+        token_type: "Bearer".into(),
+        scope: None,
+        expires_in: Some(3600),
+        created_at: tokend::clock::now_secs(),
+        extra: None,
+        refresh_token_expires_at: None,
+    }
 }

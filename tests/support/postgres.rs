@@ -108,6 +108,8 @@ impl PgServer {
     }
 
     fn launch(&mut self) {
+        // The log is appended to across restarts: only what this start writes says it is ready.
+        let earlier = self.log().len();
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
         let child = as_server_user(bin_dir().join("postgres"))
@@ -126,7 +128,8 @@ impl PgServer {
         self.child = Some(child);
         let socket = self.dir.path().join(format!(".s.PGSQL.{PG_PORT}"));
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !(socket.exists() && self.log().contains("ready to accept connections")) {
+        while !(socket.exists() && self.log().get(earlier..).is_some_and(|l| l.contains("ready to accept connections")))
+        {
             assert!(std::time::Instant::now() < deadline, "postgres did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -161,14 +164,7 @@ impl PgServer {
 
     /// A client for the test's own checks and set-up.
     pub async fn client(&self, database: &str) -> tokio_postgres::Client {
-        let (client, connection) = format!("{} password={PG_PASSWORD}", self.conninfo(database))
-            .parse::<tokio_postgres::Config>()
-            .unwrap()
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
+        owner_session(&self.conninfo(database)).await
     }
 
     /// Creates a fresh database and returns its name.
@@ -197,17 +193,14 @@ pub fn daemon_lines(server: &PgServer, database: &str, world_dir: &Path, state_d
     )
 }
 
-/// A token answer as a store receives it (store-level fleet tests): an hour's access token
-/// `access` and refresh token `refresh`.
-pub fn token(access: &str, refresh: &str) -> tokend::store::NewToken {
-    tokend::store::NewToken {
-        access_token: tokend::redact::Secret::new(access),
-        refresh_token: Some(tokend::redact::Secret::new(refresh)),
-        token_type: "Bearer".into(),
-        scope: None,
-        expires_in: Some(3600),
-        created_at: tokend::clock::now_secs(),
-        extra: None,
-        refresh_token_expires_at: None,
-    }
+/// A session as the databases' owner on `conninfo` (one of [`PgServer::conninfo`]'s).
+pub async fn owner_session(conninfo: &str) -> tokio_postgres::Client {
+    let (client, connection) = format!("{conninfo} password={PG_PASSWORD}")
+        .parse::<tokio_postgres::Config>()
+        .unwrap()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
 }

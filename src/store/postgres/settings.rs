@@ -30,8 +30,13 @@ impl std::fmt::Display for Disagreement {
     }
 }
 
+/// Every credential of `config` with its settings as recorded (name, encoded).
+pub fn of_config(config: &crate::config::Config) -> Vec<(String, String)> {
+    config.credentials.iter().map(|c| (c.name.to_string(), encode(&c.endpoint.shared_settings()))).collect()
+}
+
 /// One credential's settings as stored: `field=value` lines in a fixed order.
-pub fn encode(fields: &[(&'static str, String)]) -> String {
+fn encode(fields: &[(&'static str, String)]) -> String {
     fields.iter().map(|(k, v)| format!("{k}={}\n", v.replace('\n', " "))).collect()
 }
 
