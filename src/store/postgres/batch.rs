@@ -99,14 +99,17 @@ impl BatchStats {
     }
 }
 
-/// Runs `batch` in one transaction on `client`. Returns `Ok` once the transaction committed;
-/// each operation's own outcome is kept in it for [`BatchOp::settle`].
+/// Runs `batch` in one transaction on `client`. Returns `Ok` once the transaction committed —
+/// with whether an operation found the session read-only, which it stays while it lasts (see
+/// `read_only_session`): the caller then starts a new one. Each operation's own outcome is kept
+/// in it for [`BatchOp::settle`].
 pub async fn run(
     client: &tokio_postgres::Client,
     statements: &mut super::ops::Statements,
     batch: &mut [Box<dyn BatchOp>],
     stats: &BatchStats,
-) -> Result<(), String> {
+) -> Result<bool, String> {
+    let mut read_only = false;
     let mut prefix = "BEGIN; SAVEPOINT op";
     for op in batch.iter_mut() {
         let (opened, ran) =
@@ -117,6 +120,7 @@ pub async fn run(
             Ok(false) => "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op; SAVEPOINT op",
             Err(e) if client.is_closed() => return Err(super::describe(&e)),
             Err(e) => {
+                read_only |= super::read_only_session(&e);
                 tracing::warn!("a store operation failed alone, its batch goes on: {}", super::describe(&e));
                 "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op; SAVEPOINT op"
             }
@@ -126,5 +130,5 @@ pub async fn run(
     client.batch_execute(finish).await.map_err(|e| super::describe(&e))?;
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats.operations.fetch_add(batch.len() as u64, Ordering::Relaxed);
-    Ok(())
+    Ok(read_only)
 }

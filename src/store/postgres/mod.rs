@@ -138,7 +138,12 @@ impl Session {
         })
         .await;
         let outcome = match outcome {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(read_only)) => {
+                if read_only {
+                    self.drop_connection();
+                }
+                Ok(())
+            }
             Ok(Err((why, unusable))) => {
                 if unusable || self.client.as_ref().is_some_and(Client::is_closed) {
                     self.drop_connection();
