@@ -131,13 +131,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> R
 /// fsync'd at once (see [`FSYNC_THREADS`]), then renamed; every touched directory is fsync'd once
 /// for the whole batch. (An earlier version used one `syncfs(2)` per batch: it flushes everything
 /// on the file system, the store's own commits included, which then wait behind unrelated data.)
-pub fn write_many(items: &[(&SinkConfig, &TokenState)]) -> Vec<Result<(), SinkError>> {
+pub fn write_many(items: &[(&SinkConfig, &TokenState)], placements: &Placements) -> Vec<Result<(), SinkError>> {
     let mut results: Vec<Result<(), SinkError>> = Vec::with_capacity(items.len());
     let mut dirs = std::collections::BTreeSet::new();
     // Bounded so that a start-up with 100,000 sinks does not hold 100,000 descriptors open.
     for chunk_start in (0..items.len()).step_by(WRITE_MANY_OPEN_FILES) {
         let chunk = &items[chunk_start..items.len().min(chunk_start + WRITE_MANY_OPEN_FILES)];
-        place_chunk(chunk, chunk_start, &mut results, &mut dirs);
+        place_chunk(chunk, chunk_start, &mut results, &mut dirs, placements);
     }
     for dir in dirs {
         if let Err(m) = sync_dir(&dir) {
@@ -160,6 +160,7 @@ fn place_chunk(
     offset: usize,
     results: &mut Vec<Result<(), SinkError>>,
     dirs: &mut std::collections::BTreeSet<PathBuf>,
+    placements: &Placements,
 ) {
     let mut staged: Vec<(usize, PathBuf, File)> = Vec::with_capacity(chunk.len());
     for (i, (sink, state)) in chunk.iter().enumerate().map(|(i, item)| (offset + i, item)) {
@@ -182,8 +183,13 @@ fn place_chunk(
         let _ = nix::fcntl::posix_fadvise(file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     }
     let synced = fsync_in_parallel(&staged);
-    for ((i, tmp, _), synced) in staged.into_iter().zip(synced) {
+    for ((i, tmp, file), synced) in staged.into_iter().zip(synced) {
         let sink = chunk[i - offset].0;
+        // Before the rename, so that its event can never arrive first. A file that then fails
+        // to land is never at the path, so its record never matches anything.
+        if let Ok(meta) = file.metadata() {
+            placements.record(&sink.path, &meta);
+        }
         let placed = synced.and_then(|()| rename_into_place(&tmp, &sink.path));
         match placed {
             Ok(()) => {
@@ -257,39 +263,61 @@ const MAX_SINK_JOBS: usize = 512;
 #[derive(Clone)]
 pub struct SinkWriter {
     jobs: std::sync::mpsc::Sender<Job>,
+    placements: Placements,
 }
 
 impl SinkWriter {
     pub fn start() -> std::io::Result<SinkWriter> {
-        let jobs = crate::batcher::spawn("tokend-sinks", MAX_SINK_JOBS, |batch: Vec<Job>| {
+        let placements = Placements::default();
+        let placed = placements.clone();
+        let jobs = crate::batcher::spawn("tokend-sinks", MAX_SINK_JOBS, move |batch: Vec<Job>| {
             let mut writes = Vec::new();
             for job in batch {
                 match job {
                     Job::Write { sinks, state, reply } => writes.push((sinks, *state, reply)),
                     Job::Repair { items, reply } => {
-                        flush_writes(std::mem::take(&mut writes));
-                        let _ = reply.send(repair(&items));
+                        flush_writes(std::mem::take(&mut writes), &placed);
+                        let _ = reply.send(repair(&items, &placed));
                     }
                 }
             }
-            flush_writes(writes);
+            flush_writes(writes, &placed);
         })?;
-        Ok(SinkWriter { jobs })
+        Ok(SinkWriter { jobs, placements })
+    }
+
+    /// Whether `sink`'s path still holds the file this writer last placed there, untouched (see
+    /// [`Placements`]).
+    pub fn holds_placed(&self, sink: &SinkConfig) -> bool {
+        self.placements.holds_placed(sink)
     }
 
     /// Writes a refresh's sinks, batched with concurrent refreshes'; returns once the caller's
     /// files are in place.
     pub async fn write(&self, sinks: &[SinkConfig], state: &TokenState) -> Vec<Result<(), SinkError>> {
-        if sinks.is_empty() {
-            return Vec::new();
+        self.queue_write(sinks, state).await
+    }
+
+    /// [`Self::write`], queued before this returns: behind every write and repair asked for
+    /// earlier, ahead of every later one, whenever the caller gets round to awaiting it.
+    pub fn queue_write(
+        &self,
+        sinks: &[SinkConfig],
+        state: &TokenState,
+    ) -> impl std::future::Future<Output = Vec<Result<(), SinkError>>> + Send + 'static {
+        fn gone(paths: Vec<PathBuf>) -> Vec<Result<(), SinkError>> {
+            paths.iter().map(|p| Err(sink_error(p, "the sink writer thread is gone"))).collect()
         }
-        let gone = || sinks.iter().map(|s| Err(sink_error(&s.path, "the sink writer thread is gone"))).collect();
+        let paths: Vec<PathBuf> = sinks.iter().map(|s| s.path.clone()).collect();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Job::Write { sinks: sinks.to_vec(), state: Box::new(state.clone()), reply };
-        if self.jobs.send(job).is_err() {
-            return gone();
+        let queued = !sinks.is_empty()
+            && self.jobs.send(Job::Write { sinks: sinks.to_vec(), state: Box::new(state.clone()), reply }).is_ok();
+        async move {
+            match queued {
+                true => answer.await.unwrap_or_else(|_| gone(paths)),
+                false => gone(paths),
+            }
         }
-        answer.await.unwrap_or_else(|_| gone())
     }
 
     /// Checks `items` and rewrites those that do not hold their token; returns what was
@@ -309,20 +337,20 @@ impl SinkWriter {
 
 type WriteJob = (Vec<SinkConfig>, TokenState, tokio::sync::oneshot::Sender<Vec<Result<(), SinkError>>>);
 
-fn flush_writes(jobs: Vec<WriteJob>) {
+fn flush_writes(jobs: Vec<WriteJob>, placements: &Placements) {
     if jobs.is_empty() {
         return;
     }
     let items: Vec<(&SinkConfig, &TokenState)> =
         jobs.iter().flat_map(|(sinks, state, _)| sinks.iter().map(move |s| (s, state))).collect();
-    let mut results = write_many(&items).into_iter();
+    let mut results = write_many(&items, placements).into_iter();
     for (sinks, _, reply) in jobs {
         let mine: Vec<_> = results.by_ref().take(sinks.len()).collect();
         let _ = reply.send(mine);
     }
 }
 
-fn repair(items: &[(Arc<str>, SinkConfig, TokenState)]) -> Vec<Repaired> {
+fn repair(items: &[(Arc<str>, SinkConfig, TokenState)], placements: &Placements) -> Vec<Repaired> {
     let now = crate::clock::now_secs();
     let stale: Vec<&(Arc<str>, SinkConfig, TokenState)> = items
         .iter()
@@ -331,7 +359,7 @@ fn repair(items: &[(Arc<str>, SinkConfig, TokenState)]) -> Vec<Repaired> {
     let batch: Vec<(&SinkConfig, &TokenState)> = stale.iter().map(|(_, sink, state)| (sink, state)).collect();
     stale
         .iter()
-        .zip(write_many(&batch))
+        .zip(write_many(&batch, placements))
         .map(|((credential, sink, _), result)| Repaired {
             credential: credential.clone(),
             path: sink.path.clone(),
@@ -353,6 +381,50 @@ pub fn write_all(credential: &Credential, state: &TokenState) {
         if let Err(e) = write(s, state) {
             tracing::error!(credential = %credential.name, "{e}");
         }
+    }
+}
+
+/// The file tokend last placed at each sink path, by the path's hash: its inode, modification
+/// time and size, taken from the temp file just before it was renamed into place. The file watch reports
+/// tokend's own renames like anyone else's; a path whose entry is still that inode — unmodified,
+/// one link, tokend's owner, the sink's group and mode — holds what tokend wrote, and the event
+/// needs no store read and no file read. Anything else (another inode, a link, a FIFO, a file
+/// changed in place or re-moded) is checked in full. About 40 bytes per sink written.
+#[derive(Clone, Default)]
+pub struct Placements(Arc<std::sync::Mutex<rustc_hash::FxHashMap<u64, FileIdentity>>>);
+
+/// Inode, modification time (ns), size.
+type FileIdentity = (u64, i64, u64);
+
+impl Placements {
+    fn key(path: &Path) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = rustc_hash::FxHasher::default();
+        path.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn identity(meta: &std::fs::Metadata) -> FileIdentity {
+        (meta.ino(), meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()), meta.size())
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, rustc_hash::FxHashMap<u64, FileIdentity>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record(&self, path: &Path, meta: &std::fs::Metadata) {
+        self.map().insert(Self::key(path), Self::identity(meta));
+    }
+
+    /// One `lstat` of the path: never follows a link, never opens the file.
+    pub fn holds_placed(&self, sink: &SinkConfig) -> bool {
+        let Ok(meta) = std::fs::symlink_metadata(&sink.path) else { return false };
+        meta.file_type().is_file()
+            && meta.nlink() == 1
+            && meta.uid() == nix::unistd::geteuid().as_raw()
+            && meta.gid() == target_gid(sink.group.as_ref().map(|g| g.1))
+            && meta.permissions().mode() & 0o7777 == sink.mode
+            && self.map().get(&Self::key(&sink.path)) == Some(&Self::identity(&meta))
     }
 }
 
@@ -564,7 +636,7 @@ mod tests {
         let states: Vec<TokenState> =
             (0..count).map(|i| TokenState { access_token: Secret::new(format!("AT{i}")), ..state() }).collect();
         let items: Vec<(&SinkConfig, &TokenState)> = sinks.iter().zip(&states).collect();
-        let results = write_many(&items);
+        let results = write_many(&items, &Placements::default());
         assert_eq!(results.len(), count);
         for (i, result) in results.iter().enumerate() {
             if i == refused {
@@ -607,5 +679,40 @@ mod tests {
         assert_eq!(std::fs::read(&hard.path).unwrap(), b"AT$1");
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep", "nothing written through either");
         assert_eq!(replaced_total() - before, 2);
+    }
+
+    #[test]
+    fn only_the_file_the_writer_placed_counts_as_placed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = SinkConfig { path: dir.path().join("t"), format: SinkFormat::Raw, mode: 0o600, group: None };
+        let placements = Placements::default();
+        assert!(!placements.holds_placed(&sink), "nothing placed yet");
+        write_many(&[(&sink, &state())], &placements)[0].as_ref().unwrap();
+        assert!(placements.holds_placed(&sink));
+
+        // Someone else's file renamed over it: same content, mode and owner, another inode.
+        let planted = dir.path().join("planted");
+        std::fs::write(&planted, b"AT$1").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&planted, &sink.path).unwrap();
+        assert!(!placements.holds_placed(&sink), "a replaced file");
+
+        write_many(&[(&sink, &state())], &placements)[0].as_ref().unwrap();
+        std::fs::set_permissions(&sink.path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(!placements.holds_placed(&sink), "a re-moded file");
+
+        write_many(&[(&sink, &state())], &placements)[0].as_ref().unwrap();
+        std::fs::hard_link(&sink.path, dir.path().join("second")).unwrap();
+        assert!(!placements.holds_placed(&sink), "a file with a second link");
+
+        write_many(&[(&sink, &state())], &placements)[0].as_ref().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::OpenOptions::new().append(true).open(&sink.path).unwrap().write_all(b"x").unwrap();
+        assert!(!placements.holds_placed(&sink), "a file changed in place");
+
+        write_many(&[(&sink, &state())], &placements)[0].as_ref().unwrap();
+        std::fs::remove_file(&sink.path).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("second"), &sink.path).unwrap();
+        assert!(!placements.holds_placed(&sink), "a link");
     }
 }

@@ -6,7 +6,12 @@ use super::*;
 
 impl Daemon {
     pub(super) fn fire_due(&mut self, inflight: &mut JoinSet<RefreshResult>) {
-        for (name, job) in self.queue.pop_due(now_ms()) {
+        let mut due = self.queue.pop_due(now_ms());
+        if self.config.daemon.postgres.is_some() && due.len() > 1 {
+            let start = rand::random_range(0..due.len());
+            due.rotate_left(start);
+        }
+        for (name, job) in due {
             match job {
                 Job::Refresh => self.start_refresh(&name, inflight),
                 Job::Cron => {

@@ -65,6 +65,12 @@ impl Daemon {
             self.snapshot.forget_all();
             self.due.store_sync.get_or_insert(soon);
         } else if let Some(name) = self.watches.sink_owner.get(&path) {
+            let entry = self.entries.get(name);
+            let sink = entry.and_then(|e| e.credential.sinks.iter().find(|s| s.path == path));
+            if sink.is_some_and(|s| self.sinks.holds_placed(s)) {
+                // The sink thread's own rename, coming back through the watch.
+                return;
+            }
             self.watches.dirty_sinks.insert(name.clone());
             self.due.fs.get_or_insert(soon);
         } else if let Some(name) = self.watches.trigger_owner.get(&path)
@@ -157,6 +163,7 @@ impl Daemon {
         self.snapshot.forget_all();
         let mut by_name: HashMap<String, Lifetime> = lifetimes.into_iter().collect();
         let names: Vec<Arc<str>> = self.entries.keys().cloned().collect();
+        let mut changed_sinks = Vec::new();
         for name in names {
             let Some(entry) = self.entries.get_mut(&name) else { continue };
             let new = by_name.remove(&*name);
@@ -177,13 +184,16 @@ impl Daemon {
                     // A human re-authorized (or another process refreshed a failing credential).
                     self.recovered(&name);
                 }
-                self.sync_sinks(&name);
+                changed_sinks.push(name.clone());
                 self.plan(&name);
                 // STATUS= and the metrics file speak for the state just picked up, not for the
                 // one before the import.
                 self.publish_soon();
             }
         }
+        // One read and one batch of writes for all of them (a fleet node reconnecting after
+        // others rotated thousands).
+        self.sync_sinks_of(changed_sinks);
     }
 }
 

@@ -19,7 +19,13 @@ pub(super) struct Fleet {
     heard_in_flight: FxHashMap<Arc<str>, i64>,
     /// Credentials whose provider settings differ from another node's, at the last comparison.
     disagreeing: usize,
+    /// Changes heard in this turn of the loop, picked up together.
+    heard: Vec<(Arc<str>, i64)>,
 }
+
+/// Store events handled in one turn of the daemon's loop; the rest wait for the next turn, so
+/// that a burst cannot hold off timers, signals and finished refreshes for long.
+const MAX_EVENTS_AT_ONCE: usize = 2048;
 
 /// The next store event, or never for a store without notifications.
 pub(super) async fn next_event(events: &mut Option<UnboundedReceiver<StoreEvent>>) -> Option<StoreEvent> {
@@ -30,7 +36,7 @@ pub(super) async fn next_event(events: &mut Option<UnboundedReceiver<StoreEvent>
 }
 
 impl Daemon {
-    pub(super) fn store_event(&mut self, event: StoreEvent) {
+    fn store_event(&mut self, event: StoreEvent) {
         match event {
             StoreEvent::Listening => {
                 if self.fleet.listening == Some(false) {
@@ -50,8 +56,28 @@ impl Daemon {
                 self.fleet.lost_since.get_or_insert_with(crate::clock::now_secs);
                 self.publish_soon();
             }
-            StoreEvent::Changed { name, generation } => self.pick_up(&name, generation),
+            StoreEvent::Changed { name, generation } => self.fleet.heard.push((name.into(), generation)),
         }
+    }
+
+    /// `first` and whatever else the listener has queued, at most [`MAX_EVENTS_AT_ONCE`]: while
+    /// another node catches up, thousands of changes arrive in a burst, and taken together their
+    /// states are read in one query and their files written in one batch. Changes are taken in
+    /// the order heard, before a reconnection's full re-read.
+    pub(super) fn store_events(&mut self, first: StoreEvent, more: &mut Option<UnboundedReceiver<StoreEvent>>) {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(event) = next.take() {
+            if !matches!(event, StoreEvent::Changed { .. }) {
+                self.pick_up_changes();
+            }
+            self.store_event(event);
+            taken += 1;
+            if taken < MAX_EVENTS_AT_ONCE {
+                next = more.as_mut().and_then(|rx| rx.try_recv().ok());
+            }
+        }
+        self.pick_up_changes();
     }
 
     /// Records this node's provider settings and says, one ERROR line per credential and node,
@@ -140,58 +166,83 @@ impl Daemon {
             .filter(|(name, _)| self.entries.get(&***name).is_none_or(|e| !e.in_flight))
             .map(|(name, generation)| (name.clone(), *generation))
             .collect();
-        for (name, generation) in settled {
-            self.fleet.heard_in_flight.remove(&name);
-            self.pick_up(&name, generation);
+        for (name, _) in &settled {
+            self.fleet.heard_in_flight.remove(name);
         }
+        self.pick_up(settled);
     }
 
-    /// `name` is at `generation` in the store: if that is news (another node's rotation, an
-    /// import anywhere), take its state and rewrite its sinks.
-    fn pick_up(&mut self, name: &str, generation: i64) {
-        let Some(entry) = self.entries.get(name) else { return };
-        if entry.lifetime.is_some_and(|l| l.generation == generation) {
-            tracing::debug!(credential = name, generation, "heard a change already known here");
+    /// Takes the changes heard so far (see [`Self::store_events`]).
+    fn pick_up_changes(&mut self) {
+        let heard = std::mem::take(&mut self.fleet.heard);
+        self.pick_up(heard);
+    }
+
+    /// Each credential is at the given generation in the store: those for which that is news
+    /// (another node's rotation, an import anywhere) take their stored state, read in one query,
+    /// and their sinks are rewritten in one batch on the sink thread.
+    fn pick_up(&mut self, changes: Vec<(Arc<str>, i64)>) {
+        let mut news: Vec<Arc<str>> = Vec::with_capacity(changes.len());
+        for (name, generation) in changes {
+            let Some(entry) = self.entries.get(&*name) else { continue };
+            if entry.lifetime.is_some_and(|l| l.generation == generation) {
+                tracing::debug!(credential = &*name, generation, "heard a change already known here");
+                continue;
+            }
+            if entry.in_flight {
+                tracing::debug!(
+                    credential = &*name,
+                    generation,
+                    "heard a change while refreshing it here; looking again after"
+                );
+                self.fleet.heard_in_flight.insert(entry.credential.name.clone(), generation);
+                continue;
+            }
+            news.push(entry.credential.name.clone());
+        }
+        news.sort_unstable();
+        news.dedup();
+        if news.is_empty() {
             return;
         }
-        if entry.in_flight {
-            tracing::debug!(
-                credential = name,
-                generation,
-                "heard a change while refreshing it here; looking again after"
-            );
-            self.fleet.heard_in_flight.insert(entry.credential.name.clone(), generation);
-            return;
-        }
-        let stored = match self.store().get(name) {
-            Ok(stored) => stored,
+        let names: Vec<&str> = news.iter().map(|n| &**n).collect();
+        let read = self.store().get_many(&names);
+        let mut stored: FxHashMap<String, TokenState> = match read {
+            Ok(states) => states.into_iter().map(|s| (s.name.clone(), s)).collect(),
             Err(e) => {
-                tracing::warn!(credential = name, "cannot read a credential another node changed: {e}");
+                tracing::warn!(credentials = news.len(), "cannot read credentials another node changed: {e}");
                 return;
             }
         };
-        let Some(entry) = self.entries.get_mut(name) else { return };
-        let lifetime = stored.as_ref().map(TokenState::lifetime);
-        if lifetime == entry.lifetime {
-            tracing::debug!(credential = name, generation, "heard a change the store does not show");
-            return;
+        let mut fresh = Vec::with_capacity(news.len());
+        for name in news {
+            let state = stored.remove(&*name);
+            let Some(entry) = self.entries.get_mut(&name) else { continue };
+            let lifetime = state.as_ref().map(TokenState::lifetime);
+            if lifetime == entry.lifetime {
+                tracing::debug!(credential = &*name, "heard a change the store does not show");
+                continue;
+            }
+            tracing::debug!(
+                credential = &*name,
+                generation = lifetime.map(|l| l.generation),
+                "changed by another node; picked up"
+            );
+            entry.lifetime = lifetime;
+            entry.failures = 0;
+            entry.retry_at = None.into();
+            // In the line for a refresh slot, it would be refreshed again when its turn comes.
+            entry.waiting = false;
+            let credential = entry.credential.clone();
+            // The socket API must not answer with the token this change replaced.
+            self.snapshot.forget(&name);
+            match state {
+                Some(state) if !state.status.is_dead() => fresh.push((credential, state)),
+                _ => self.sync_sinks(&name),
+            }
+            self.plan(&name);
         }
-        tracing::debug!(
-            credential = name,
-            generation = lifetime.map(|l| l.generation),
-            "changed by another node; picked up"
-        );
-        entry.lifetime = lifetime;
-        entry.failures = 0;
-        entry.retry_at = None.into();
-        // In the line for a refresh slot, it would be refreshed again when its turn comes.
-        entry.waiting = false;
-        let credential = entry.credential.clone();
-        match &stored {
-            Some(state) if !state.status.is_dead() => sink::write_all(&credential, state),
-            _ => self.sync_sinks(name),
-        }
-        self.plan(name);
+        self.write_sinks_queued(fresh);
         self.publish_soon();
     }
 }

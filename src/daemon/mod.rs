@@ -307,7 +307,7 @@ pub async fn run(config_path: &Path, mut control: UnboundedReceiver<Control>) ->
             }
             Some(path) = fs_rx.recv() => daemon.fs_event(path),
             Some(ask) = on_demand::next_ask(&mut asks) => daemon.ask(ask, &mut inflight),
-            Some(event) = fleet::next_event(&mut store_events) => daemon.store_event(event),
+            Some(event) = fleet::next_event(&mut store_events) => daemon.store_events(event, &mut store_events),
             () = sleep_until_opt(fs_due) => daemon.fs_settled(&mut inflight),
             () = sleep_until_opt(next_ping) => {
                 // Pinged from the loop itself, and only while the store answers: a wedged loop

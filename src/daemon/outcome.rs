@@ -241,7 +241,7 @@ impl Daemon {
             Ok(Outcome::AlreadyRefreshed(state)) => {
                 tracing::info!(credential = %name, generation = state.generation, "refreshed by another process meanwhile");
                 self.snapshot.forget(&name);
-                sink::write_all(&credential, &state);
+                self.write_sinks_queued(vec![(credential.clone(), state)]);
             }
             Ok(Outcome::Failed { failure, .. }) => {
                 if let Some(at) = decision.retry_at {
@@ -266,11 +266,10 @@ impl Daemon {
         // A busy lease or a failure re-read the store. If another holder (another fleet node,
         // `tokend refresh`) committed meanwhile, the sinks take its token now: the lifetime just
         // picked up would otherwise hide the change until the next one.
-        if let Some(state) = fresh_state
-            .as_ref()
-            .filter(|s| !s.status.is_dead() && held.lifetime.map(|l| l.generation) != Some(s.generation))
+        if let Some(state) =
+            fresh_state.filter(|s| !s.status.is_dead() && held.lifetime.map(|l| l.generation) != Some(s.generation))
         {
-            sink::write_all(&credential, state);
+            self.write_sinks_queued(vec![(credential, state)]);
         }
         if self.watches.dirty_sinks.contains(&name) {
             self.due.fs.get_or_insert(Instant::now() + FS_DEBOUNCE);

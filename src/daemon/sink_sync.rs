@@ -72,17 +72,40 @@ impl Daemon {
         })
     }
 
+    /// Writes tokens another holder committed (another node, `tokend refresh`) into their
+    /// credentials' sinks on the sink thread: queued now, so that this node's own next token for
+    /// a credential is written after them, and written off this loop; failures are logged.
+    pub(super) fn write_sinks_queued(&self, tokens: Vec<(Arc<config::Credential>, TokenState)>) {
+        let writes: Vec<_> = tokens
+            .iter()
+            .filter(|(credential, _)| !credential.sinks.is_empty())
+            .map(|(credential, state)| (credential.name.clone(), self.sinks.queue_write(&credential.sinks, state)))
+            .collect();
+        if writes.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for (name, written) in writes {
+                for result in written.await {
+                    if let Err(e) = result {
+                        tracing::error!(credential = %name, "{e}");
+                    }
+                }
+            }
+        });
+    }
+
     /// The stored states of `names` (tokens included): one pass over the table when they are a
-    /// good part of it (start-up, reload), else one lookup each — a catch-up of 100,000 checks
-    /// its sinks in batches of a few hundred, and reading every row for each batch cost more
-    /// than the refreshes themselves.
+    /// good part of it (start-up, reload), else a lookup of just those — a catch-up of 100,000
+    /// checks its sinks in batches of a few hundred, and reading every row for each batch cost
+    /// more than the refreshes themselves.
     pub(super) fn stored_states(&self, names: Vec<Arc<str>>) -> Vec<TokenState> {
         let store = self.store();
         let read = if names.len() > 256 && names.len() * 4 > self.entries.len() {
             let wanted: HashSet<Arc<str>> = names.into_iter().collect();
             store.list().map(|all| all.into_iter().filter(|s| wanted.contains(s.name.as_str())).collect())
         } else {
-            names.iter().filter_map(|name| store.get(name).transpose()).collect::<Result<Vec<_>, _>>()
+            store.get_many(&names.iter().map(|n| &**n).collect::<Vec<_>>())
         };
         read.unwrap_or_else(|e| {
             tracing::error!("cannot read tokens from the store to check their sinks: {e}");

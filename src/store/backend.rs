@@ -99,6 +99,14 @@ impl AnyStore {
         }
     }
 
+    /// The states of those of `names` that exist, in any order: one query on PostgreSQL.
+    pub fn get_many(&self, names: &[&str]) -> Result<Vec<TokenState>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.get_many(names),
+            AnyStore::Postgres(p) => p.get_many(names),
+        }
+    }
+
     pub fn list(&self) -> Result<Vec<TokenState>, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.list(),

@@ -105,10 +105,6 @@ struct Session {
 }
 
 impl Session {
-    async fn client(&mut self) -> Result<&mut Client, String> {
-        self.connection().await.map(|(client, _)| client)
-    }
-
     async fn connection(&mut self) -> Result<(&mut Client, &mut ops::Statements), String> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.drop_connection();
@@ -361,13 +357,26 @@ impl PgStore {
             + Send
             + 'static,
     {
+        self.submit_prepared(read, move |conn: ops::Conn<'_>| op(conn.client), reply);
+    }
+
+    /// [`Self::submit`] for an operation that uses the connection's prepared statements (the
+    /// reads every refresh and every heard change make: parsed and planned once per connection,
+    /// not at each call).
+    fn submit_prepared<T, F>(&self, read: bool, op: F, reply: impl FnOnce(Result<T, StoreError>) + Send + 'static)
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(ops::Conn<'c>) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
+            + Send
+            + 'static,
+    {
         let shown = self.shown.clone();
         let fail = move |message: String| StoreError::Postgres { target: shown.to_string(), message };
         let job: PlainJob = Box::new(move |session: &mut Session| {
             Box::pin(async move {
                 let outcome = tokio::time::timeout(OPERATION_TIMEOUT, async {
-                    let client = session.client().await.map_err(|message| (message, false))?;
-                    op(client).await.map_err(|e| (describe(&e), read_only_session(&e)))
+                    let (client, statements) = session.connection().await.map_err(|message| (message, false))?;
+                    op(ops::Conn { client, statements }).await.map_err(|e| (describe(&e), read_only_session(&e)))
                 })
                 .await;
                 let result = match outcome {
@@ -452,6 +461,21 @@ impl PgStore {
         self.call_on(true, op)
     }
 
+    /// [`Self::read`] with the connection's prepared statements.
+    fn read_prepared<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(ops::Conn<'c>) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
+            + Send
+            + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit_prepared(true, op, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or_else(|_| Err(self.error("the database thread is gone".into())))
+    }
+
     fn call_on<T, F>(&self, read: bool, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -472,14 +496,12 @@ impl PgStore {
     async fn read_async<T, F>(&self, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(
-                &'c mut Client,
-            ) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
+        F: for<'c> FnOnce(ops::Conn<'c>) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
             + Send
             + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(true, op, move |r| {
+        self.submit_prepared(true, op, move |r| {
             let _ = tx.send(r);
         });
         rx.await.unwrap_or_else(|_| Err(self.error("the database thread is gone".into())))
@@ -544,7 +566,13 @@ impl PgStore {
 
     pub fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
         let name = name.to_string();
-        self.read(move |c| Box::pin(async move { ops::get(c, &name).await }))
+        self.read_prepared(move |c| Box::pin(async move { ops::get(c.db(), &name).await }))
+    }
+
+    /// The states of those of `names` that exist, in one query (any order).
+    pub fn get_many(&self, names: &[&str]) -> Result<Vec<TokenState>, StoreError> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        self.read_prepared(move |c| Box::pin(async move { ops::get_many(c.db(), &names).await }))
     }
 
     pub fn list(&self) -> Result<Vec<TokenState>, StoreError> {
@@ -777,6 +805,6 @@ impl super::RefreshStore for PgStore {
 
     async fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
         let name = name.to_string();
-        self.read_async(move |c| Box::pin(async move { ops::get(c, &name).await })).await
+        self.read_async(move |c| Box::pin(async move { ops::get(c.db(), &name).await })).await
     }
 }

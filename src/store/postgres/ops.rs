@@ -22,6 +22,18 @@ pub struct Db<'c> {
     pub statements: &'c mut Statements,
 }
 
+/// A store thread's connection with its prepared statements, for an operation of its own.
+pub struct Conn<'c> {
+    pub client: &'c mut Client,
+    pub statements: &'c mut Statements,
+}
+
+impl<'c> Conn<'c> {
+    pub fn db(self) -> Db<'c> {
+        Db { client: self.client, statements: self.statements }
+    }
+}
+
 impl Db<'_> {
     async fn prepared(&mut self, sql: &'static str) -> Result<Statement, Error> {
         if let Some(statement) = self.statements.get(sql) {
@@ -40,6 +52,11 @@ impl Db<'_> {
     async fn query_one(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
         let statement = self.prepared(sql).await?;
         self.client.query_one(&statement, params).await
+    }
+
+    async fn query(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error> {
+        let statement = self.prepared(sql).await?;
+        self.client.query(&statement, params).await
     }
 
     async fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error> {
@@ -97,6 +114,7 @@ macro_rules! state_columns {
 }
 const STATE_BY_NAME: &str = concat!("SELECT ", state_columns!(), " FROM tokend_credential c WHERE name = $1");
 const STATE_ALL: &str = concat!("SELECT ", state_columns!(), " FROM tokend_credential c ORDER BY name");
+const STATE_OF_NAMES: &str = concat!("SELECT ", state_columns!(), " FROM tokend_credential c WHERE name = ANY($1)");
 
 fn status_from_text(text: &str) -> Status {
     match text {
@@ -129,8 +147,13 @@ fn state_from_row(r: &Row) -> Result<TokenState, Error> {
     })
 }
 
-pub async fn get(c: &Client, name: &str) -> Result<Option<TokenState>, Error> {
-    c.query_opt(STATE_BY_NAME, &[&name]).await?.as_ref().map(state_from_row).transpose()
+pub async fn get(mut db: Db<'_>, name: &str) -> Result<Option<TokenState>, Error> {
+    db.query_opt(STATE_BY_NAME, &[&name]).await?.as_ref().map(state_from_row).transpose()
+}
+
+/// The stored states of `names` (those that exist), in one round trip.
+pub async fn get_many(mut db: Db<'_>, names: &[String]) -> Result<Vec<TokenState>, Error> {
+    db.query(STATE_OF_NAMES, &[&names]).await?.iter().map(state_from_row).collect()
 }
 
 pub async fn list(c: &Client) -> Result<Vec<TokenState>, Error> {

@@ -330,6 +330,11 @@ impl Store {
         ops::get(&self.conn, &self.sealer, name).map_err(|e| self.err(e))
     }
 
+    /// The states of those of `names` that exist.
+    pub fn get_many(&self, names: &[&str]) -> Result<Vec<TokenState>, StoreError> {
+        names.iter().filter_map(|name| self.get(name).transpose()).collect()
+    }
+
     /// Every credential's [`Lifetime`], by name, without reading the tokens.
     pub fn list_lifetimes(&self) -> Result<Vec<(String, Lifetime)>, StoreError> {
         let mut stmt = self.conn.prepare(LIFETIMES_ALL).map_err(|e| self.err(e))?;
