@@ -162,7 +162,7 @@ fn place_chunk(
     dirs: &mut std::collections::BTreeSet<PathBuf>,
     placements: &Placements,
 ) {
-    let mut staged: Vec<(usize, PathBuf, File)> = Vec::with_capacity(chunk.len());
+    let mut staged: Vec<(usize, PathBuf, Arc<File>)> = Vec::with_capacity(chunk.len());
     for (i, (sink, state)) in chunk.iter().enumerate().map(|(i, item)| (offset + i, item)) {
         let created = render(sink.format, state).map_err(|m| sink_error(&sink.path, m)).and_then(|bytes| {
             let tmp = temp_path(&sink.path)?;
@@ -172,7 +172,7 @@ fn place_chunk(
         });
         match created {
             Ok((tmp, file)) => {
-                staged.push((i, tmp, file));
+                staged.push((i, tmp, Arc::new(file)));
                 results.push(Ok(()));
             }
             Err(e) => results.push(Err(e)),
@@ -180,7 +180,7 @@ fn place_chunk(
     }
     for (_, _, file) in &staged {
         // Only a hint (Linux starts writeback of the dirty pages); the fsync below is the guarantee.
-        let _ = nix::fcntl::posix_fadvise(file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+        let _ = nix::fcntl::posix_fadvise(&**file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     }
     let synced = fsync_in_parallel(&staged);
     for ((i, tmp, file), synced) in staged.into_iter().zip(synced) {
@@ -206,30 +206,67 @@ fn place_chunk(
 /// Threads that fsync a batch's files at the same time, so the disk gets many files' writes and
 /// flushes at once instead of one round trip each: on this project's VM, `benches/fsync_probe.py`
 /// measured about 3,000 files/s fsync'd one after another and 6,600–8,200/s with the writeback hint
-/// and 16 threads (BENCHMARKS.md). The threads only wait on the disk.
+/// and 16 threads (BENCHMARKS.md). The threads only wait on the disk. They are started once, on the
+/// first batch, and then wait on their queue: starting them for every batch (a fleet node writes
+/// many small batches) cost more CPU than the fsyncs' own system calls.
 const FSYNC_THREADS: usize = 16;
 
-fn fsync_in_parallel(staged: &[(usize, PathBuf, File)]) -> Vec<Result<(), String>> {
-    fn fsync_all(files: &[(usize, PathBuf, File)]) -> Vec<Result<(), String>> {
-        files.iter().map(|(_, _, f)| f.sync_all().map_err(|e| format!("cannot fsync: {e}"))).collect()
+type FsyncTask = (Arc<File>, usize, std::sync::mpsc::Sender<(usize, Result<(), String>)>);
+
+fn fsync(file: &File) -> Result<(), String> {
+    file.sync_all().map_err(|e| format!("cannot fsync: {e}"))
+}
+
+/// The fsync threads' queue; `None` if not one of them could be started.
+fn fsync_threads() -> Option<&'static std::sync::Mutex<std::sync::mpsc::Sender<FsyncTask>>> {
+    static QUEUE: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<FsyncTask>>>> =
+        std::sync::OnceLock::new();
+    QUEUE
+        .get_or_init(|| {
+            let (queue, tasks) = std::sync::mpsc::channel::<FsyncTask>();
+            let tasks = Arc::new(std::sync::Mutex::new(tasks));
+            let started = (0..FSYNC_THREADS)
+                .filter(|_| {
+                    let tasks = tasks.clone();
+                    std::thread::Builder::new()
+                        .name("tokend-fsync".into())
+                        .stack_size(64 * 1024)
+                        .spawn(move || {
+                            loop {
+                                let next = tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
+                                let Ok((file, index, done)) = next else { return };
+                                let _ = done.send((index, fsync(&file)));
+                            }
+                        })
+                        .is_ok()
+                })
+                .count();
+            (started > 0).then(|| std::sync::Mutex::new(queue))
+        })
+        .as_ref()
+}
+
+fn fsync_in_parallel(staged: &[(usize, PathBuf, Arc<File>)]) -> Vec<Result<(), String>> {
+    let inline = || staged.iter().map(|(_, _, f)| fsync(f)).collect();
+    if staged.len() < 2 {
+        return inline();
     }
-    let per_thread = staged.len().div_ceil(FSYNC_THREADS).max(1);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = staged
-            .chunks(per_thread)
-            .map(|files| (files, std::thread::Builder::new().spawn_scoped(scope, move || fsync_all(files))))
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|(files, worker)| match worker {
-                Ok(worker) => {
-                    worker.join().unwrap_or_else(|_| vec![Err("the fsync thread failed".into()); files.len()])
-                }
-                // No thread to spare: do this share here.
-                Err(_) => fsync_all(files),
-            })
-            .collect()
-    })
+    let Some(queue) = fsync_threads() else { return inline() };
+    let (done, results) = std::sync::mpsc::channel();
+    {
+        let queue = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (index, (_, _, file)) in staged.iter().enumerate() {
+            if queue.send((file.clone(), index, done.clone())).is_err() {
+                return inline();
+            }
+        }
+    }
+    drop(done);
+    let mut synced: Vec<Result<(), String>> = vec![Err("the fsync thread failed".into()); staged.len()];
+    for (index, result) in results.iter().take(staged.len()) {
+        synced[index] = result;
+    }
+    synced
 }
 
 /// Work for the sink thread. Writes and repairs share one queue, so they happen in the order they
@@ -542,12 +579,19 @@ fn create_temp(tmp: &Path, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<
 
 fn fill_temp(file: &mut File, bytes: &[u8], mode: u32, gid: Option<u32>) -> Result<(), String> {
     let gid = target_gid(gid);
-    nix::unistd::fchown(&*file, None, Some(nix::unistd::Gid::from_raw(gid)))
-        .map_err(|e| format!("cannot give the file to group {gid}: {e}"))?;
+    // Changed only where they differ: each change is a metadata write the journal carries, and
+    // a catch-up writes thousands of files.
+    let created = file.metadata().map_err(|e| format!("cannot stat the new file: {e}"))?;
+    if created.gid() != gid {
+        nix::unistd::fchown(&*file, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| format!("cannot give the file to group {gid}: {e}"))?;
+    }
     // The umask may have taken bits away from `mode`; set it exactly (after chown, which may
     // clear set-id bits).
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("cannot set mode {mode:04o}: {e}"))?;
+    if created.gid() != gid || created.permissions().mode() & 0o7777 != mode {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot set mode {mode:04o}: {e}"))?;
+    }
     file.write_all(bytes).map_err(|e| format!("cannot write: {e}"))
 }
 

@@ -234,7 +234,8 @@ impl Daemon {
             // In the line for a refresh slot, it would be refreshed again when its turn comes.
             entry.waiting = false;
             let credential = entry.credential.clone();
-            // The socket API must not answer with the token this change replaced.
+            // The socket API (not offered on fleet nodes yet) must never answer with the token
+            // this change replaced.
             self.snapshot.forget(&name);
             match state {
                 Some(state) if !state.status.is_dead() => fresh.push((credential, state)),
