@@ -211,7 +211,8 @@ fn place_chunk(
 /// many small batches) cost more CPU than the fsyncs' own system calls.
 const FSYNC_THREADS: usize = 16;
 
-type FsyncTask = (Arc<File>, usize, std::sync::mpsc::Sender<(usize, Result<(), String>)>);
+/// One thread's share of a batch: the files (with their place in the batch) and where to report.
+type FsyncTask = (Vec<(usize, Arc<File>)>, std::sync::mpsc::Sender<Vec<(usize, Result<(), String>)>>);
 
 fn fsync(file: &File) -> Result<(), String> {
     file.sync_all().map_err(|e| format!("cannot fsync: {e}"))
@@ -234,8 +235,8 @@ fn fsync_threads() -> Option<&'static std::sync::Mutex<std::sync::mpsc::Sender<F
                         .spawn(move || {
                             loop {
                                 let next = tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
-                                let Ok((file, index, done)) = next else { return };
-                                let _ = done.send((index, fsync(&file)));
+                                let Ok((files, done)) = next else { return };
+                                let _ = done.send(files.iter().map(|(index, file)| (*index, fsync(file))).collect());
                             }
                         })
                         .is_ok()
@@ -246,24 +247,30 @@ fn fsync_threads() -> Option<&'static std::sync::Mutex<std::sync::mpsc::Sender<F
         .as_ref()
 }
 
+/// Each fsync thread gets one contiguous share of the batch (one hand-off per thread, not per
+/// file).
 fn fsync_in_parallel(staged: &[(usize, PathBuf, Arc<File>)]) -> Vec<Result<(), String>> {
     let inline = || staged.iter().map(|(_, _, f)| fsync(f)).collect();
     if staged.len() < 2 {
         return inline();
     }
     let Some(queue) = fsync_threads() else { return inline() };
+    let per_thread = staged.len().div_ceil(FSYNC_THREADS).max(1);
     let (done, results) = std::sync::mpsc::channel();
+    let mut shares = 0;
     {
         let queue = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (index, (_, _, file)) in staged.iter().enumerate() {
-            if queue.send((file.clone(), index, done.clone())).is_err() {
+        for (first, share) in staged.chunks(per_thread).enumerate().map(|(n, share)| (n * per_thread, share)) {
+            let files = share.iter().enumerate().map(|(i, (_, _, file))| (first + i, file.clone())).collect();
+            if queue.send((files, done.clone())).is_err() {
                 return inline();
             }
+            shares += 1;
         }
     }
     drop(done);
     let mut synced: Vec<Result<(), String>> = vec![Err("the fsync thread failed".into()); staged.len()];
-    for (index, result) in results.iter().take(staged.len()) {
+    for (index, result) in results.iter().take(shares).flatten() {
         synced[index] = result;
     }
     synced
