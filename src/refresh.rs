@@ -98,15 +98,6 @@ pub async fn refresh(
     let holder = LeaseHolder::new();
     let lease_ttl = http.limits().lease_length();
 
-    // A fleet node planned this refresh from a generation another node may have spent already
-    // (a catch-up raced by every node): then the stored token is taken as it is, after one read
-    // and before any lease or attempt is written. The lease below decides in every other case.
-    if let Some(planned) = expected_generation
-        && let Some(state) = store.moved_on(name, planned).await?
-    {
-        return Ok(Outcome::AlreadyRefreshed(state));
-    }
-
     // Steps 1 + 2: lease and attempt record, one durable transaction.
     let give_up = tokio::time::Instant::now() + lease_wait;
     let (state, attempt_id, asked_for_lease) = loop {
@@ -114,9 +105,13 @@ pub async fn refresh(
         // lease ends no earlier than `asked_for_lease + lease_ttl`, on a clock that keeps running
         // while the process is stopped.
         let asked_for_lease = std::time::Instant::now();
-        let begin = store.begin_refresh(name, &holder, lease_ttl, now_ms()).await?;
+        // A fleet node planned this refresh from a generation another node may have spent
+        // already (a catch-up raced by every node): then the store answers with the stored
+        // token before any lease or attempt is kept. The lease decides in every other case.
+        let begin = store.begin_refresh_planned(name, &holder, lease_ttl, now_ms(), expected_generation).await?;
         match begin {
             Begin::Leased { state, attempt_id } => break (state, attempt_id, asked_for_lease),
+            Begin::MovedOn(state) => return Ok(Outcome::AlreadyRefreshed(state)),
             Begin::Busy { pid, lease_left_ms } if tokio::time::Instant::now() >= give_up => {
                 return Err(RefreshError::Busy { name: name.to_string(), pid, lease_left_ms });
             }

@@ -256,6 +256,7 @@ async fn leased(store: &PgStore, name: &str, who: &LeaseHolder, ttl: Duration, n
     match store.begin_refresh(name, who, ttl, now_ms).await.unwrap() {
         Begin::Leased { attempt_id, .. } => attempt_id,
         Begin::Busy { .. } => panic!("{name}: lease busy for {}", who.id),
+        Begin::MovedOn(_) => panic!("{name}: moved on without a planned generation"),
     }
 }
 
@@ -1304,22 +1305,28 @@ async fn sslmode_require_speaks_tls_and_checks_the_servers_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_behind_learns_that_a_credential_moved_on_from_one_read() {
+async fn a_node_behind_learns_that_a_credential_moved_on_without_keeping_a_lease_or_an_attempt() {
     let pg = PgServer::start();
     let db = pg.create_database("moved").await;
     let (a, b, _local) = two_nodes(&pg, &db).await;
     a.import("c", "oauth2", &token("a1", "r1"), 1).unwrap();
-    assert!(b.moved_on("c", 1).await.unwrap().is_none(), "still at the planned generation");
+    let client = pg.client(&db).await;
+    let count = |table: &'static str| {
+        let client = &client;
+        async move { client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get::<_, i64>(0) }
+    };
     let now = tokend::clock::now_ms();
     let attempt = leased(&a, "c", &holder("a"), Duration::from_secs(60), now).await;
     a.commit_rotation("c", "oauth2", attempt, 1, &token("a2", "r2"), now).await.unwrap();
     a.release_lease("c", &holder("a")).await.unwrap();
-    let client = pg.client(&db).await;
-    let writes_before: i64 = client.query_one("SELECT count(*) FROM tokend_attempt", &[]).await.unwrap().get(0);
-    let moved = b.moved_on("c", 1).await.unwrap().expect("moved on to generation 2");
+    let attempts_before = count("tokend_attempt").await;
+    let begin = b.begin_refresh_planned("c", &holder("b"), Duration::from_secs(60), now, Some(1)).await.unwrap();
+    let Begin::MovedOn(moved) = begin else { panic!("planned from generation 1, stored 2: {begin:?}") };
     assert_eq!((moved.generation, moved.access_token.expose()), (2, "a2"));
-    let writes_after: i64 = client.query_one("SELECT count(*) FROM tokend_attempt", &[]).await.unwrap().get(0);
-    assert_eq!(writes_before, writes_after, "the look wrote an attempt");
-    let lease: i64 = client.query_one("SELECT count(*) FROM tokend_lease", &[]).await.unwrap().get(0);
-    assert_eq!(lease, 0, "the look took a lease");
+    assert_eq!(count("tokend_attempt").await, attempts_before, "the look wrote an attempt");
+    assert_eq!(count("tokend_lease").await, 0, "the look kept a lease");
+    // Planned from the stored generation: an ordinary lease.
+    let begin = b.begin_refresh_planned("c", &holder("b"), Duration::from_secs(60), now, Some(2)).await.unwrap();
+    assert!(matches!(begin, Begin::Leased { .. }), "{begin:?}");
+    assert_eq!(count("tokend_lease").await, 1);
 }

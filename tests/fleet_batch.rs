@@ -40,7 +40,7 @@ async fn begin(store: &PgStore, name: &str) -> (LeaseHolder, i64) {
             assert_eq!(state.map(|s| s.generation), Some(1), "{name}");
             (holder, attempt_id)
         }
-        Begin::Busy { .. } => panic!("{name}: lease busy"),
+        other => panic!("{name}: {other:?}"),
     }
 }
 

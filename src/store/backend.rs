@@ -242,10 +242,17 @@ impl RefreshStore for AnyRefreshStore {
         }
     }
 
-    async fn moved_on(&self, name: &str, generation: i64) -> Result<Option<TokenState>, StoreError> {
+    async fn begin_refresh_planned(
+        &self,
+        name: &str,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now_ms: i64,
+        planned: Option<i64>,
+    ) -> Result<Begin, StoreError> {
         match self {
-            AnyRefreshStore::Sqlite(c) => c.moved_on(name, generation).await,
-            AnyRefreshStore::Postgres(p) => p.moved_on(name, generation).await,
+            AnyRefreshStore::Sqlite(c) => c.begin_refresh_planned(name, holder, lease_ttl, now_ms, planned).await,
+            AnyRefreshStore::Postgres(p) => p.begin_refresh_planned(name, holder, lease_ttl, now_ms, planned).await,
         }
     }
 

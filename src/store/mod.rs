@@ -246,6 +246,9 @@ pub enum Begin {
     /// Another live holder is refreshing this credential. `lease_left_ms` is how long its lease
     /// still runs, by the store's clock (the database server's, for a fleet).
     Busy { pid: u32, lease_left_ms: i64 },
+    /// Only from [`RefreshStore::begin_refresh_planned`]: the stored generation is no longer the
+    /// planned one; here is the stored state. No lease is held and no attempt recorded.
+    MovedOn(TokenState),
 }
 
 /// An attempt that never got a result (its process died mid-refresh).
@@ -271,17 +274,6 @@ pub trait RefreshStore: Clone + Send + Sync + 'static {
         crate::seal::Sealer::plaintext()
     }
 
-    /// A fleet store's look before racing for a lease: the stored state if `name` moved on from
-    /// `generation` (another node refreshed it meanwhile), read without writing anything. Stores
-    /// with one refresher per machine have no such race to lose: `None`, and the lease decides.
-    fn moved_on(
-        &self,
-        _name: &str,
-        _generation: i64,
-    ) -> impl Future<Output = Result<Option<TokenState>, StoreError>> + Send {
-        std::future::ready(Ok(None))
-    }
-
     /// Steps 1 and 2 in one transaction: take `name`'s lease and record the attempt to spend its
     /// current refresh token.
     fn begin_refresh(
@@ -291,6 +283,22 @@ pub trait RefreshStore: Clone + Send + Sync + 'static {
         lease_ttl: Duration,
         now_ms: i64,
     ) -> impl Future<Output = Result<Begin, StoreError>> + Send;
+
+    /// [`Self::begin_refresh`] for a refresh planned from generation `planned`. A fleet store
+    /// answers [`Begin::MovedOn`] when another node already spent that generation (a catch-up
+    /// raced by every node), keeping nothing of the lease it looked at and writing no attempt:
+    /// the check rides on the lease's own statements instead of costing a read before them.
+    /// Stores with one refresher per machine have no such race to lose: the lease decides.
+    fn begin_refresh_planned(
+        &self,
+        name: &str,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now_ms: i64,
+        _planned: Option<i64>,
+    ) -> impl Future<Output = Result<Begin, StoreError>> + Send {
+        self.begin_refresh(name, holder, lease_ttl, now_ms)
+    }
 
     /// Step 4: new tokens, lifetime, generation + 1, status active, attempt closed.
     fn commit_rotation(

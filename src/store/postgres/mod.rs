@@ -711,12 +711,6 @@ impl super::RefreshStore for PgStore {
         &self.local
     }
 
-    /// On the reader connection: a node that lost the race for a whole catch-up learns it from
-    /// one read per credential, instead of a lease, an attempt, a cancel and a release.
-    async fn moved_on(&self, name: &str, generation: i64) -> Result<Option<TokenState>, StoreError> {
-        Ok(super::RefreshStore::get(self, name).await?.filter(|s| s.generation != generation))
-    }
-
     async fn begin_refresh(
         &self,
         name: &str,
@@ -724,9 +718,22 @@ impl super::RefreshStore for PgStore {
         lease_ttl: Duration,
         now_ms: i64,
     ) -> Result<Begin, StoreError> {
+        self.begin_refresh_planned(name, holder, lease_ttl, now_ms, None).await
+    }
+
+    /// A node that lost the race for a whole catch-up learns it inside `begin`, from the state
+    /// `begin` reads anyway: the lease it took is rolled back with the operation's savepoint.
+    async fn begin_refresh_planned(
+        &self,
+        name: &str,
+        holder: &LeaseHolder,
+        lease_ttl: Duration,
+        now_ms: i64,
+        planned: Option<i64>,
+    ) -> Result<Begin, StoreError> {
         let (name, holder) = (name.to_string(), holder.clone());
         self.batched(move |mut db| {
-            Box::pin(async move { ops::begin(&mut db, &name, &holder, lease_ttl, now_ms).await })
+            Box::pin(async move { ops::begin(&mut db, &name, &holder, lease_ttl, now_ms, planned).await })
         })
         .await
     }

@@ -202,6 +202,7 @@ pub async fn begin(
     holder: &LeaseHolder,
     lease_ttl: std::time::Duration,
     now_ms: i64,
+    planned: Option<i64>,
 ) -> Result<(Begin, bool), Error> {
     let node = node_identity();
     let pid = i32::try_from(holder.pid).unwrap_or(i32::MAX);
@@ -235,6 +236,10 @@ pub async fn begin(
     }
     let state = db.query_opt(STATE_BY_NAME, &[&name]).await?.as_ref().map(state_from_row).transpose()?;
     let generation = state.as_ref().map_or(0, |s| s.generation);
+    if let Some(state) = state.as_ref().filter(|s| planned.is_some_and(|p| p != s.generation)) {
+        // `false`: the savepoint is rolled back, the lease just written with it.
+        return Ok((Begin::MovedOn(state.clone()), false));
+    }
     if let Some(rival) = probed_rival(db, name, generation).await? {
         tracing::debug!(credential = name, rival_holder = %rival, "not sending: the grant was already probed while this holder's attempt is unresolved");
         return Ok((Begin::Busy { pid: 0, lease_left_ms: PROBED_RIVAL_RECHECK_MS }, false));
