@@ -1152,6 +1152,14 @@ fn fleet_idle(rt: &tokio::runtime::Runtime, n: usize, settle: Duration, window: 
     (per_min, woken, srv1.saturating_sub(srv0) as f64 / minutes, backends.len())
 }
 
+/// Three rounds of `round`: the median by `rate`, and every round's rate in the order run.
+fn median_of_three<T>(mut round: impl FnMut() -> T, rate: impl Fn(&T) -> f64) -> (T, String) {
+    let mut rounds: Vec<T> = (0..3).map(|_| round()).collect();
+    let every = rounds.iter().map(|r| format!("{:.0}", rate(r))).collect::<Vec<_>>().join(", ");
+    rounds.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    (rounds.swap_remove(1), every)
+}
+
 /// `only_nodes`: just the PostgreSQL row with that many nodes (a quicker look while working on it).
 fn fleet_report(rt: &tokio::runtime::Runtime, n: usize, only_nodes: Option<usize>) {
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
@@ -1164,38 +1172,21 @@ fn fleet_report(rt: &tokio::runtime::Runtime, n: usize, only_nodes: Option<usize
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     // As in the catch-up part: the run-to-run spread on this shared VM is wider than the effects
     // measured, so each row is the median of three rounds (by rotations/s), every round beside it.
-    const ROUNDS: usize = 3;
-    let every = |rates: &[f64]| rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ");
     let before = load();
     if only_nodes.is_none() {
-        let mut rounds: Vec<CatchUp> = (0..ROUNDS).map(|_| catch_up(rt, n)).collect();
-        let rates: Vec<f64> = rounds.iter().map(|c| c.per_sec).collect();
-        rounds.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
-        let c = rounds.swap_remove(ROUNDS / 2);
+        let (c, every) = median_of_three(|| catch_up(rt, n), |c| c.per_sec);
         println!(
             "| SQLite | 1 | - | {:.2} | {:.0} | {:.2} | {n} | {before} | {} |",
-            c.secs,
-            c.per_sec,
-            c.cpu_secs,
-            every(&rates)
+            c.secs, c.per_sec, c.cpu_secs, every
         );
     }
     let mut attempts = Vec::new();
     for nodes in only_nodes.map_or(vec![1, 3], |n| vec![n]) {
         let before = load();
-        let mut rounds: Vec<FleetCatchUp> = (0..ROUNDS).map(|_| fleet_catch_up(rt, n, nodes)).collect();
-        let rates: Vec<f64> = rounds.iter().map(|f| f.per_sec).collect();
-        rounds.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
-        let f = rounds.swap_remove(ROUNDS / 2);
+        let (f, every) = median_of_three(|| fleet_catch_up(rt, n, nodes), |f| f.per_sec);
         println!(
             "| PostgreSQL 15 | {} | {:.2} | {:.2} | {:.0} | {:.2} | {:?} | {before} | {} |",
-            f.nodes,
-            f.committed_secs,
-            f.sinks_secs,
-            f.per_sec,
-            f.cpu_secs,
-            f.by_node,
-            every(&rates)
+            f.nodes, f.committed_secs, f.sinks_secs, f.per_sec, f.cpu_secs, f.by_node, every
         );
         attempts.push(format!("{} node(s), median round, attempts by node and result: {}", f.nodes, f.attempts));
     }
