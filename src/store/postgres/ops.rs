@@ -209,6 +209,7 @@ pub async fn begin(
     let ttl = millis(lease_ttl);
     // SKIP LOCKED: a lease row another node is taking right now is busy, not waited for.
     let current = db.query_opt(LEASE_OF, &[&name]).await?;
+    let mut reclaimed = None;
     match current {
         Some(row) => {
             let (other, other_node, other_pid, live, lease_left_ms): (String, String, i32, bool, i64) =
@@ -223,7 +224,7 @@ pub async fn begin(
                 return Ok((Begin::Busy { pid: other_pid.unsigned_abs(), lease_left_ms }, false));
             }
             if !ours {
-                tracing::warn!(credential = name, stale_holder = %other, stale_node = %other_node, "reclaiming a stale lease (holder gone or past its deadline on the database's clock)");
+                reclaimed = Some((other, other_node));
             }
         }
         None => {
@@ -239,6 +240,9 @@ pub async fn begin(
     if let Some(state) = state.as_ref().filter(|s| planned.is_some_and(|p| p != s.generation)) {
         // `false`: the savepoint is rolled back, the lease just written with it.
         return Ok((Begin::MovedOn(state.clone()), false));
+    }
+    if let Some((other, other_node)) = reclaimed {
+        tracing::warn!(credential = name, stale_holder = %other, stale_node = %other_node, "reclaiming a stale lease (holder gone or past its deadline on the database's clock)");
     }
     if let Some(rival) = probed_rival(db, name, generation).await? {
         tracing::debug!(credential = name, rival_holder = %rival, "not sending: the grant was already probed while this holder's attempt is unresolved");
