@@ -347,23 +347,10 @@ impl PgStore {
     }
 
     /// Runs `op` on the writer's (or with `read`, the reader's) connection, within
-    /// [`OPERATION_TIMEOUT`], and hands its result to `reply`.
+    /// [`OPERATION_TIMEOUT`], and hands its result to `reply`. `op` gets the connection's
+    /// prepared statements too: the reads every refresh and every heard change make are parsed
+    /// and planned once per connection, not at each call.
     fn submit<T, F>(&self, read: bool, op: F, reply: impl FnOnce(Result<T, StoreError>) + Send + 'static)
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(
-                &'c mut Client,
-            ) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
-            + Send
-            + 'static,
-    {
-        self.submit_prepared(read, move |conn: ops::Conn<'_>| op(conn.client), reply);
-    }
-
-    /// [`Self::submit`] for an operation that uses the connection's prepared statements (the
-    /// reads every refresh and every heard change make: parsed and planned once per connection,
-    /// not at each call).
-    fn submit_prepared<T, F>(&self, read: bool, op: F, reply: impl FnOnce(Result<T, StoreError>) + Send + 'static)
     where
         T: Send + 'static,
         F: for<'c> FnOnce(ops::Conn<'c>) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
@@ -461,27 +448,23 @@ impl PgStore {
         self.call_on(true, op)
     }
 
-    /// [`Self::read`] with the connection's prepared statements.
-    fn read_prepared<T, F>(&self, op: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(ops::Conn<'c>) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
-            + Send
-            + 'static,
-    {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.submit_prepared(true, op, move |r| {
-            let _ = tx.send(r);
-        });
-        rx.recv().unwrap_or_else(|_| Err(self.error("the database thread is gone".into())))
-    }
-
     fn call_on<T, F>(&self, read: bool, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(
                 &'c mut Client,
             ) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
+            + Send
+            + 'static,
+    {
+        self.call_with_statements(read, move |conn: ops::Conn<'_>| op(conn.client))
+    }
+
+    /// [`Self::submit`], waited for synchronously (the CLI, the daemon's loop).
+    fn call_with_statements<T, F>(&self, read: bool, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(ops::Conn<'c>) -> Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>
             + Send
             + 'static,
     {
@@ -501,7 +484,7 @@ impl PgStore {
             + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit_prepared(true, op, move |r| {
+        self.submit(true, op, move |r| {
             let _ = tx.send(r);
         });
         rx.await.unwrap_or_else(|_| Err(self.error("the database thread is gone".into())))
@@ -566,13 +549,13 @@ impl PgStore {
 
     pub fn get(&self, name: &str) -> Result<Option<TokenState>, StoreError> {
         let name = name.to_string();
-        self.read_prepared(move |c| Box::pin(async move { ops::get(c.db(), &name).await }))
+        self.call_with_statements(true, move |c| Box::pin(async move { ops::get(c.db(), &name).await }))
     }
 
     /// The states of those of `names` that exist, in one query (any order).
     pub fn get_many(&self, names: &[&str]) -> Result<Vec<TokenState>, StoreError> {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        self.read_prepared(move |c| Box::pin(async move { ops::get_many(c.db(), &names).await }))
+        self.call_with_statements(true, move |c| Box::pin(async move { ops::get_many(c.db(), &names).await }))
     }
 
     pub fn list(&self) -> Result<Vec<TokenState>, StoreError> {
