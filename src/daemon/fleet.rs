@@ -19,8 +19,6 @@ pub(super) struct Fleet {
     heard_in_flight: FxHashMap<Arc<str>, i64>,
     /// Credentials whose provider settings differ from another node's, at the last comparison.
     disagreeing: usize,
-    /// Changes heard in this turn of the loop, picked up together.
-    heard: Vec<(Arc<str>, i64)>,
 }
 
 /// Store events handled in one turn of the daemon's loop; the rest wait for the next turn, so
@@ -56,7 +54,7 @@ impl Daemon {
                 self.fleet.lost_since.get_or_insert_with(crate::clock::now_secs);
                 self.publish_soon();
             }
-            StoreEvent::Changed { name, generation } => self.fleet.heard.push((name.into(), generation)),
+            StoreEvent::Changed { name, generation } => self.pick_up(vec![(name.into(), generation)]),
         }
     }
 
@@ -65,19 +63,23 @@ impl Daemon {
     /// states are read in one query and their files written in one batch. Changes are taken in
     /// the order heard, before a reconnection's full re-read.
     pub(super) fn store_events(&mut self, first: StoreEvent, more: &mut Option<UnboundedReceiver<StoreEvent>>) {
+        let mut heard = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(event) = next.take() {
-            if !matches!(event, StoreEvent::Changed { .. }) {
-                self.pick_up_changes();
+            match event {
+                StoreEvent::Changed { name, generation } => heard.push((name.into(), generation)),
+                other => {
+                    self.pick_up(std::mem::take(&mut heard));
+                    self.store_event(other);
+                }
             }
-            self.store_event(event);
             taken += 1;
             if taken < MAX_EVENTS_AT_ONCE {
                 next = more.as_mut().and_then(|rx| rx.try_recv().ok());
             }
         }
-        self.pick_up_changes();
+        self.pick_up(heard);
     }
 
     /// Records this node's provider settings and says, one ERROR line per credential and node,
@@ -170,12 +172,6 @@ impl Daemon {
             self.fleet.heard_in_flight.remove(name);
         }
         self.pick_up(settled);
-    }
-
-    /// Takes the changes heard so far (see [`Self::store_events`]).
-    fn pick_up_changes(&mut self) {
-        let heard = std::mem::take(&mut self.fleet.heard);
-        self.pick_up(heard);
     }
 
     /// Each credential is at the given generation in the store: those for which that is news
