@@ -464,10 +464,7 @@ impl Placements {
     pub fn holds_placed(&self, sink: &SinkConfig) -> bool {
         let Ok(meta) = std::fs::symlink_metadata(&sink.path) else { return false };
         meta.file_type().is_file()
-            && meta.nlink() == 1
-            && meta.uid() == nix::unistd::geteuid().as_raw()
-            && meta.gid() == target_gid(sink.group.as_ref().map(|g| g.1))
-            && meta.permissions().mode() & 0o7777 == sink.mode
+            && as_tokend_writes_it(&meta, sink)
             && self.map().get(&Self::key(&sink.path)) == Some(&Self::identity(&meta))
     }
 }
@@ -499,11 +496,15 @@ pub fn remove_all(credential: &Credential, why: &str) -> (Vec<PathBuf>, Vec<Sink
 pub fn is_current(sink: &SinkConfig, state: &TokenState) -> bool {
     let Ok(want) = render(sink.format, state) else { return false };
     let Ok(Found::Regular { meta, bytes }) = untrusted::read_regular(&sink.path, want.len()) else { return false };
+    as_tokend_writes_it(&meta, sink) && bytes == want
+}
+
+/// Owner, group, mode and link count as [`write`] leaves a sink file.
+fn as_tokend_writes_it(meta: &std::fs::Metadata, sink: &SinkConfig) -> bool {
     meta.uid() == nix::unistd::geteuid().as_raw()
         && meta.gid() == target_gid(sink.group.as_ref().map(|g| g.1))
         && meta.nlink() == 1
         && meta.permissions().mode() & 0o7777 == sink.mode
-        && bytes == want
 }
 
 /// The group a sink file is given: the configured one, else tokend's own (set explicitly: in a
